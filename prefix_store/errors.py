@@ -1,0 +1,18 @@
+"""The one exception root of ``prefix_store``; foreign exceptions are translated into these at its edge."""
+
+
+class PrefixStoreError(Exception):
+    """Root of every error raised by ``prefix_store``."""
+
+
+class PrefixValidationError(PrefixStoreError):
+    """An uploaded or loaded prefix is malformed or does not fit the base model.
+
+    ``status`` is the HTTP status the API layer answers with (400 bad content, 413 too large).
+    The message names what is wrong precisely and never contains paths or stack traces.
+    """
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status

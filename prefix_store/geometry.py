@@ -1,0 +1,43 @@
+"""The attention-cache geometry of a base model, which every prefix must match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """Shape of one layer's key/value cache entry, for every attention layer of a causal LM."""
+
+    model_type: str  # e.g. "llama", "gpt2"
+    num_layers: int  # attention layers, each of which gets its own prefix K/V
+    num_kv_heads: int  # key/value heads (fewer than query heads under grouped-query attention)
+    head_dim: int  # features per head
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelGeometry:
+        """Derive the geometry from a Hugging Face model config (Llama/Mistral/Qwen2-style or GPT-2)."""
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        num_heads = text_config.num_attention_heads
+        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+        return cls(
+            model_type=str(text_config.model_type),
+            num_layers=int(text_config.num_hidden_layers),
+            num_kv_heads=int(num_kv_heads),
+            head_dim=int(head_dim),
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """A short string naming the architecture; stored in every native prefix and checked on upload."""
+        return f"{self.model_type}/layers={self.num_layers}/kv_heads={self.num_kv_heads}/head_dim={self.head_dim}"
+
+    def prefix_shape(self, num_virtual_tokens: int) -> tuple[int, int, int, int]:
+        """Shape of a native ``keys`` or ``values`` tensor: ``[layers, kv_heads, P, head_dim]``."""
+        return (self.num_layers, self.num_kv_heads, num_virtual_tokens, self.head_dim)
+
+    def bytes_per_virtual_token(self, element_size: int) -> int:
+        """Bytes one virtual token costs in the device cache (keys and values of every layer)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size

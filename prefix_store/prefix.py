@@ -1,0 +1,37 @@
+"""The in-memory value of one task's prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prefix_store.geometry import ModelGeometry
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """Learned key/value vectors prepended to the attention cache of every layer.
+
+    Keys are stored as the model's cache stores them (after any rotary embedding: prefix keys are
+    never rotated), so they can be copied into the cache as they are.
+    """
+
+    keys: torch.Tensor  # [layers, kv_heads, P, head_dim]
+    values: torch.Tensor  # [layers, kv_heads, P, head_dim]
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.keys.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def fits(self, geometry: ModelGeometry) -> bool:
+        expected = geometry.prefix_shape(self.num_virtual_tokens)
+        return tuple(self.keys.shape) == expected and tuple(self.values.shape) == expected
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Prefix:
+        """A copy placed on ``device`` in ``dtype`` (the model's), ready to enter the cache."""
+        return Prefix(self.keys.to(device=device, dtype=dtype), self.values.to(device=device, dtype=dtype))

@@ -1,0 +1,1 @@
+"""PrefixServe server: engine (batching, model runner, sampling), HTTP API, configuration and CLI."""

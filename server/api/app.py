@@ -1,0 +1,57 @@
+"""The FastAPI application. Heavy objects (model, store, engine) are built in the lifespan, not at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from prefix_store import PrefixLimits
+from prefix_store.registry import PrefixRegistry
+from prefix_store.store import open_store
+from server.api.errors import install_error_handlers
+from server.api.routes import admin, generate, health
+from server.api.state import AppState
+from server.config import ServeSettings
+from server.demo_model import ensure_demo_model
+from server.engine.base_model import load_base_model
+from server.engine.service import GenerationService
+
+log = logging.getLogger(__name__)
+
+
+def build_state(settings: ServeSettings) -> AppState:
+    """Load the model, open the store and start the engine."""
+    model_path = settings.model or str(ensure_demo_model())
+    base = load_base_model(model_path, device=settings.device, dtype=settings.dtype)
+    store = open_store(settings.store)
+    limits = PrefixLimits(
+        max_file_bytes=settings.max_upload_bytes, max_virtual_tokens=settings.max_virtual_tokens
+    )
+    registry = PrefixRegistry(store, base.geometry, device=base.device, dtype=base.dtype, limits=limits)
+    return AppState(settings, base, store, registry, GenerationService(base), limits)
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        safe = settings.model_dump(exclude={"api_keys"})
+        log.info("effective configuration: %s", safe)
+        if settings.api_keys is None:
+            log.warning(
+                "AUTH IS OFF: no --api-keys given; every caller is tenant 'default' with the admin role"
+            )
+        state = build_state(settings)
+        app.state.prefix_serve = state
+        try:
+            yield
+        finally:
+            state.engine.close()
+
+    app = FastAPI(title="PrefixServe", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    for router in (health.router, generate.router, admin.router):
+        app.include_router(router)
+    return app

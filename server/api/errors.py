@@ -1,0 +1,100 @@
+"""Exceptions become HTTP here and only here, with the error body of API.md; never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prefix_store import PrefixValidationError
+from prefix_store.names import InvalidName
+from prefix_store.store import PrefixNotFound, StoreUnavailable, VersionMismatch
+from server.engine.generation import RequestTooLong
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error the API answers with ``status`` and ``{"error": {"type", "message"}}``."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error_type, self.message = status, error_type, message
+
+
+def error_response(status: int, error_type: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"type": error_type, "message": message}}, status_code=status)
+
+
+_STATUS_TYPES = {
+    400: "invalid_request",
+    401: "authentication_error",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    412: "precondition_failed",
+    413: "payload_too_large",
+    422: "validation_error",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def _translate(exc: Exception) -> ApiError | None:
+    match exc:
+        case ApiError():
+            return exc
+        case PrefixValidationError():
+            return ApiError(
+                exc.status, "invalid_prefix" if exc.status == 400 else "payload_too_large", exc.message
+            )
+        case InvalidName():
+            return ApiError(400, "invalid_request", str(exc))
+        case PrefixNotFound():
+            return ApiError(404, "not_found", str(exc))
+        case VersionMismatch():
+            return ApiError(412, "precondition_failed", str(exc))
+        case StoreUnavailable():
+            return ApiError(503, "store_unavailable", "the prefix store is unavailable; try again later")
+        case RequestTooLong():
+            return ApiError(413, "payload_too_large", str(exc))
+    return None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def known(_: Request, exc: Exception) -> JSONResponse:
+        error = _translate(exc)
+        assert error is not None
+        return error_response(error.status, error.error_type, error.message)
+
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return error_response(exc.status_code, _STATUS_TYPES.get(exc.status_code, "error"), message)
+
+    async def schema_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        return error_response(422, "validation_error", problems[:2000])
+
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal server error")
+
+    for exc_type in (
+        ApiError,
+        PrefixValidationError,
+        InvalidName,
+        PrefixNotFound,
+        VersionMismatch,
+        StoreUnavailable,
+        RequestTooLong,
+    ):
+        app.add_exception_handler(exc_type, known)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, schema_error)
+    app.add_exception_handler(Exception, unexpected)

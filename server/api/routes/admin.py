@@ -1,0 +1,128 @@
+"""Admin routes: upload, list, inspect, download and delete the caller tenant's prefixes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Header, Request, Response
+from starlette.datastructures import UploadFile
+
+from prefix_store import encode_native
+from prefix_store.names import validate_task_id
+from prefix_store.native_format import decode_native
+from prefix_store.peft_format import decode_peft
+from prefix_store.store import PrefixRecord
+from server.api.errors import ApiError
+from server.api.schemas import PrefixInfo, PrefixList, UploadResult
+from server.api.state import AppState, CallerDep, StateDep
+
+router = APIRouter(prefix="/v1/admin/prefixes", tags=["admin"])
+
+
+def _info(state: AppState, record: PrefixRecord) -> PrefixInfo:
+    return PrefixInfo(
+        task_id=record.task_id,
+        version=record.version,
+        num_virtual_tokens=record.num_virtual_tokens,
+        bytes=record.bytes,
+        created_at=record.created_at,
+        resident=state.registry.is_resident(record),
+    )
+
+
+async def _read_capped(upload: UploadFile, cap: int, field: str) -> bytes:
+    data = await upload.read(cap + 1)
+    if len(data) > cap:
+        raise ApiError(413, "payload_too_large", f"{field} is over the limit of {cap} bytes")
+    return data
+
+
+@router.put("/{task_id}", response_model=UploadResult, status_code=201)
+async def upload_prefix(
+    task_id: str,
+    request: Request,
+    response: Response,
+    state: StateDep,
+    who: CallerDep,
+    if_match: str | None = Header(None),
+) -> UploadResult:
+    validate_task_id(task_id)
+    cap = state.limits.max_file_bytes
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > cap + state.limits.max_config_bytes + 64 * 1024:
+        raise ApiError(413, "payload_too_large", f"the upload is over the limit of {cap} bytes")
+    form = await request.form(max_files=2, max_fields=4)
+    file, config, model = form.get("file"), form.get("adapter_config"), form.get("adapter_model")
+    geometry, limits = state.base.geometry, state.limits
+    if isinstance(file, UploadFile) and config is None and model is None:
+        blob = await _read_capped(file, cap, "file")
+        prefix = await asyncio.to_thread(decode_native, blob, geometry, limits)
+        source_format = "native"
+    elif isinstance(config, UploadFile) and isinstance(model, UploadFile) and file is None:
+        config_bytes = await _read_capped(config, limits.max_config_bytes, "adapter_config")
+        model_bytes = await _read_capped(model, cap, "adapter_model")
+        prefix = await asyncio.to_thread(decode_peft, config_bytes, model_bytes, geometry, limits)
+        blob, source_format = encode_native(prefix, geometry), "peft"
+    else:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "send multipart field 'file' (a native prefix) or both "
+            "'adapter_config' and 'adapter_model' (a PEFT PREFIX_TUNING adapter)",
+        )
+    record, replaced = await asyncio.to_thread(
+        state.store.put,
+        who.tenant,
+        task_id,
+        blob,
+        num_virtual_tokens=prefix.num_virtual_tokens,
+        source_format=source_format,
+        if_match=if_match,
+    )
+    response.status_code = 200 if replaced else 201
+    return UploadResult(
+        task_id=task_id,
+        version=record.version,
+        num_virtual_tokens=record.num_virtual_tokens,
+        bytes=record.bytes,
+        sha256=record.sha256,
+        source_format=source_format,
+    )
+
+
+@router.get("", response_model=PrefixList)
+async def list_prefixes(state: StateDep, who: CallerDep) -> PrefixList:
+    records = await asyncio.to_thread(state.store.list, who.tenant)
+    return PrefixList(prefixes=[_info(state, record) for record in records])
+
+
+@router.get("/{task_id}", response_model=PrefixInfo)
+async def get_prefix(task_id: str, state: StateDep, who: CallerDep) -> PrefixInfo:
+    record = await asyncio.to_thread(state.store.head, who.tenant, validate_task_id(task_id))
+    return _info(state, record)
+
+
+@router.get("/{task_id}/download")
+async def download_prefix(task_id: str, state: StateDep, who: CallerDep) -> Response:
+    record = await asyncio.to_thread(state.store.head, who.tenant, validate_task_id(task_id))
+    blob = await asyncio.to_thread(state.store.get_blob, record)
+    return Response(
+        blob,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{task_id}.safetensors"',
+            "ETag": f'"{record.version}"',
+        },
+    )
+
+
+@router.delete("/{task_id}", status_code=204)
+async def delete_prefix(
+    task_id: str,
+    state: StateDep,
+    who: CallerDep,
+    if_match: str | None = Header(None),
+) -> Response:
+    await asyncio.to_thread(state.store.delete, who.tenant, validate_task_id(task_id), if_match=if_match)
+    state.registry.forget(who.tenant, task_id)
+    return Response(status_code=204)

@@ -1,0 +1,36 @@
+"""Configuration, read at the process edge only: command-line options over ``PREFIX_SERVE_*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_store_url() -> str:
+    return (Path.cwd() / "prefix-data").resolve().as_uri()
+
+
+class ServeSettings(BaseSettings):
+    """Options of ``prefix-serve serve``; each also reads ``PREFIX_SERVE_<OPTION>``."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFIX_SERVE_", frozen=True, extra="ignore")
+
+    model: str | None = Field(None, description="local model folder or hub id; none = the offline demo model")
+    store: str = Field(
+        default_factory=default_store_url, description="file:///abs/path or redis://host:port/db"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: Path | None = Field(None, description="keys file (hashes only); none = auth off, single tenant")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_virtual_tokens: int = Field(512, ge=1)
+    max_stop_sequences: int = Field(8, ge=0)
+    max_stop_sequence_chars: int = Field(64, ge=1)
+    log_level: str = "info"

@@ -1,0 +1,90 @@
+"""Loading the one frozen base model that every task shares."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from prefix_store import ModelGeometry
+
+log = logging.getLogger(__name__)
+
+DeviceOption = Literal["auto", "cpu", "cuda"]
+DtypeOption = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The resident base model, its tokenizer and the facts the engine needs about it."""
+
+    model_id: str  # the name clients use for "no prefix" (the folder name or hub id)
+    model: PreTrainedModel  # frozen, eval mode, on `device`
+    tokenizer: PreTrainedTokenizerBase
+    geometry: ModelGeometry
+    device: torch.device
+    dtype: torch.dtype
+    max_positions: int | None  # prefix + prompt + new tokens must fit (a hard limit for GPT-2's table)
+    eos_token_ids: frozenset[int]
+
+
+def resolve_device(option: DeviceOption) -> torch.device:
+    if option == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if option == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(option)
+
+
+def resolve_dtype(option: DtypeOption, device: torch.device) -> torch.dtype:
+    if option != "auto":
+        return getattr(torch, option)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(i) for i in eos)
+    return frozenset(ids)
+
+
+def load_base_model(
+    model_path: str | Path, *, device: DeviceOption = "auto", dtype: DtypeOption = "auto"
+) -> BaseModel:
+    """Load a Hugging Face causal LM folder (or hub id) once, frozen, in eval mode."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+    model.to(torch_device).eval().requires_grad_(False)
+    config = model.config.get_text_config()
+    max_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    base = BaseModel(
+        model_id=Path(str(model_path)).name or str(model_path),
+        model=model,
+        tokenizer=tokenizer,
+        geometry=ModelGeometry.from_config(config),
+        device=torch_device,
+        dtype=torch_dtype,
+        max_positions=int(max_positions) if max_positions else None,
+        eos_token_ids=_eos_token_ids(model, tokenizer),
+    )
+    log.info(
+        "loaded base model %s (%s) on %s in %s",
+        base.model_id,
+        base.geometry.fingerprint,
+        torch_device,
+        torch_dtype,
+    )
+    return base

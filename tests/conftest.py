@@ -1,0 +1,54 @@
+"""Shared fixtures: the offline demo model (tiny Llama with GQA) and a tiny GPT-2, both on the CPU in float32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from server.demo_model import build_demo_model, build_demo_tokenizer
+from server.engine.base_model import BaseModel, load_base_model
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture(scope="session")
+def gpt2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 (absolute positions, no GQA) with the demo tokenizer."""
+    out = tmp_path_factory.mktemp("models") / "tiny-gpt2"
+    tokenizer = build_demo_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(7)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_base(demo_model_dir: Path) -> BaseModel:
+    return load_base_model(demo_model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def gpt2_base(gpt2_model_dir: Path) -> BaseModel:
+    return load_base_model(gpt2_model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def base(request: pytest.FixtureRequest) -> BaseModel:
+    """Each engine test runs on both architectures."""
+    return request.getfixturevalue(f"{request.param}_base")

@@ -1,0 +1,64 @@
+"""PEFT as the reference implementation of prefix tuning, for tests of any Hugging Face causal LM.
+
+Stock ``PeftModel.generate`` silently ignores prefix-tuning adapters with transformers 5.24 (it passes
+its own empty cache; the prefix PEFT passes under the deprecated ``past_key_values`` name is dropped),
+so the reference decoder is a greedy loop over ``PeftModelForCausalLM.forward`` with full recompute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from transformers import PreTrainedModel
+
+
+def make_peft_adapter(
+    base_model: PreTrainedModel,
+    out_dir: Path,
+    *,
+    num_virtual_tokens: int,
+    prefix_projection: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised PEFT ``PREFIX_TUNING`` adapter for ``base_model`` into ``out_dir``.
+
+    The initialisation depends on ``seed`` only (the global RNG is left as it was). With
+    ``prefix_projection`` the saved prefix is the reparameterisation MLP's output (PEFT initialises
+    the MLP randomly, not to zero). PEFT freezes ``base_model``'s parameters (``requires_grad=False``)
+    but changes none of its weights, so the same model can serve as the base of the adapter afterwards.
+    """
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, prefix_projection=prefix_projection
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(base_model, config)
+    peft_model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def peft_greedy_tokens(
+    peft_model: PeftModel, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id: int | None = None
+) -> list[int]:
+    """The greedy continuation of ``prompt_ids`` under ``peft_model`` (new tokens only).
+
+    Every step recomputes the whole sequence through ``peft_model.forward``, which puts the prefix in
+    the cache itself. Stops early after ``eos_token_id`` (included) when given. The model must be in
+    eval mode (dropout would make the reference random).
+    """
+    if peft_model.training:
+        raise ValueError("peft_greedy_tokens needs a model in eval mode")
+    device = next(peft_model.parameters()).device
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, T]
+    new_tokens: list[int] = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = peft_model(input_ids=ids).logits[:, -1]  # [1, vocab]
+            next_id = int(logits.argmax(dim=-1))
+            new_tokens.append(next_id)
+            if next_id == eos_token_id:
+                break
+            ids = torch.cat([ids, ids.new_tensor([[next_id]])], dim=1)
+    return new_tokens
