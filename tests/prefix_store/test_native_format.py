@@ -104,13 +104,14 @@ def test_keys_and_values_of_different_dtypes_are_promoted_to_a_common_one() -> N
     assert torch.equal(decoded.values, prefix.values.to(torch.float16).float())
 
 
-def test_encode_accepts_views_that_share_storage() -> None:
+def test_encode_accepts_views_that_share_storage_or_are_not_contiguous() -> None:
     both = torch.randn(2, *GEOMETRY.prefix_shape(3))  # [key|value, layers, kv_heads, P, head_dim]
-    prefix = Prefix(keys=both[0].transpose(1, 2).transpose(1, 2), values=both[1])
+    transposed = torch.randn(2, 2, 4, 3).transpose(2, 3)  # [layers, kv_heads, P, head_dim], not contiguous
 
-    decoded = decode_native(encode_native(prefix, GEOMETRY), GEOMETRY, LIMITS)
+    for prefix in (Prefix(keys=both[0], values=both[1]), Prefix(keys=transposed, values=both[1])):
+        decoded = decode_native(encode_native(prefix, GEOMETRY), GEOMETRY, LIMITS)
 
-    assert torch.equal(decoded.keys, both[0]) and torch.equal(decoded.values, both[1])
+        assert torch.equal(decoded.keys, prefix.keys) and torch.equal(decoded.values, prefix.values)
 
 
 def test_encode_refuses_a_prefix_of_another_geometry() -> None:
