@@ -18,7 +18,9 @@ from server.demo_model import ensure_demo_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path)
     parser.add_argument("--model", help="model folder (default: the demo model)")
     parser.add_argument("--num-virtual-tokens", type=int, default=8)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefix_store.errors import PrefixValidationError
 from prefix_store.geometry import ModelGeometry
 
 
@@ -33,5 +34,13 @@ class Prefix:
         return tuple(self.keys.shape) == expected and tuple(self.values.shape) == expected
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Prefix:
-        """A copy placed on ``device`` in ``dtype`` (the model's), ready to enter the cache."""
-        return Prefix(self.keys.to(device=device, dtype=dtype), self.values.to(device=device, dtype=dtype))
+        """A copy placed on ``device`` in ``dtype`` (the model's), ready to enter the cache.
+
+        Raises ``PrefixValidationError`` when a value does not survive the cast (a float32 value over
+        65504 becomes Inf in float16), since a non-finite prefix would poison every row it shares a
+        kernel with.
+        """
+        placed = Prefix(self.keys.to(device=device, dtype=dtype), self.values.to(device=device, dtype=dtype))
+        if not (torch.isfinite(placed.keys).all() and torch.isfinite(placed.values).all()):
+            raise PrefixValidationError(f"the prefix has values too large for the server's dtype {dtype}")
+        return placed

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from server.demo_model import build_demo_model, build_demo_tokenizer
 from server.engine.base_model import BaseModel, load_base_model
@@ -39,6 +39,30 @@ def gpt2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2 (RoPE, GQA, biased q/k/v projections) with the demo tokenizer."""
+    out = tmp_path_factory.mktemp("models") / "tiny-qwen2"
+    tokenizer = build_demo_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(11)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def llama_base(demo_model_dir: Path) -> BaseModel:
     return load_base_model(demo_model_dir, device="cpu", dtype="float32")
 
@@ -48,7 +72,12 @@ def gpt2_base(gpt2_model_dir: Path) -> BaseModel:
     return load_base_model(gpt2_model_dir, device="cpu", dtype="float32")
 
 
-@pytest.fixture(scope="session", params=["llama", "gpt2"])
+@pytest.fixture(scope="session")
+def qwen2_base(qwen2_model_dir: Path) -> BaseModel:
+    return load_base_model(qwen2_model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2", "qwen2"])
 def base(request: pytest.FixtureRequest) -> BaseModel:
-    """Each engine test runs on both architectures."""
+    """Each engine test runs on every architecture: Llama (GQA), GPT-2 (absolute positions), Qwen2 (biases)."""
     return request.getfixturevalue(f"{request.param}_base")

@@ -521,3 +521,11 @@ def test_limits_refuse_inconsistent_settings() -> None:
         PrefixLimits(min_virtual_tokens=3, max_virtual_tokens=2)
     with pytest.raises(ValueError, match=r"max_header_bytes must be at least 1"):
         PrefixLimits(max_header_bytes=0)
+
+
+def test_values_that_overflow_the_server_dtype_are_refused_at_placement() -> None:
+    prefix = random_prefix()
+    big = Prefix(prefix.keys * 1e6, prefix.values)
+    assert torch.isfinite(big.to("cpu", torch.float32).keys).all()
+    with pytest.raises(PrefixValidationError, match=r"too large for the server's dtype torch\.float16"):
+        big.to("cpu", torch.float16)

@@ -70,6 +70,7 @@ async def upload_prefix(
             "send multipart field 'file' (a native prefix) or both "
             "'adapter_config' and 'adapter_model' (a PEFT PREFIX_TUNING adapter)",
         )
+    prefix.to("cpu", state.base.dtype)  # refuse values the server's dtype cannot hold, before storing
     record, replaced = await asyncio.to_thread(
         state.store.put,
         who.tenant,
