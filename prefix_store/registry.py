@@ -20,9 +20,10 @@ from prefix_store.prefix import Prefix
 from prefix_store.store import PrefixRecord, PrefixStore
 
 
-@dataclass(frozen=True)
-class ResidentPrefix:
-    """A prefix of one fixed version, on the device in the model dtype."""
+@dataclass(frozen=True, eq=False)
+class PrefixHandle:
+    """A pinned prefix of one fixed version, on the device in the model dtype. Give it back with
+    ``PrefixRegistry.release`` exactly once, however the request that holds it ends."""
 
     record: PrefixRecord
     prefix: Prefix
@@ -47,10 +48,10 @@ class PrefixRegistry:
         self.dtype = dtype
         self.limits = limits
         self.max_resident = max_resident
-        self._resident: OrderedDict[tuple[str, str], ResidentPrefix] = OrderedDict()
+        self._resident: OrderedDict[tuple[str, str], PrefixHandle] = OrderedDict()
         self._lock = threading.Lock()
 
-    def acquire(self, tenant: str, task_id: str) -> ResidentPrefix:
+    def acquire(self, tenant: str, task_id: str) -> PrefixHandle:
         """The task's current version, loading it if needed. Raises ``PrefixNotFound``, ``StoreUnavailable``."""
         record = self.store.head(tenant, task_id)
         key = (tenant, task_id)
@@ -61,13 +62,16 @@ class PrefixRegistry:
                 return resident
         blob = self.store.get_blob(record)
         prefix = decode_native(blob, self.geometry, self.limits).to(self.device, self.dtype)
-        resident = ResidentPrefix(record, prefix)
+        resident = PrefixHandle(record, prefix)
         with self._lock:
             self._resident[key] = resident
             self._resident.move_to_end(key)
             while len(self._resident) > self.max_resident:
                 self._resident.popitem(last=False)
         return resident
+
+    def release(self, handle: PrefixHandle) -> None:
+        """Unpin ``handle`` (this simple registry keeps no pin counts yet)."""
 
     def is_resident(self, record: PrefixRecord) -> bool:
         with self._lock:
