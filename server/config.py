@@ -33,4 +33,11 @@ class ServeSettings(BaseSettings):
     max_virtual_tokens: int = Field(512, ge=1)
     max_stop_sequences: int = Field(8, ge=0)
     max_stop_sequence_chars: int = Field(64, ge=1)
+    max_batch_size: int = Field(32, ge=1, description="rows in the running batch")
+    max_batch_tokens: int = Field(
+        32_768, ge=64, description="prefix + prompt + max_new_tokens over running rows"
+    )
+    max_queue: int = Field(256, ge=1, description="waiting requests; more get 429")
+    request_timeout_s: float = Field(300.0, gt=0, description="a request still unfinished after this ends")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="time running requests get to finish at shutdown")
     log_level: str = "info"

@@ -16,8 +16,10 @@ from server.api.routes import admin, generate, health
 from server.api.state import AppState
 from server.config import ServeSettings
 from server.demo_model import ensure_demo_model
+from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import load_base_model
-from server.engine.service import GenerationService
+from server.engine.core import EngineCore
+from server.engine.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,14 @@ def build_state(settings: ServeSettings) -> AppState:
         max_file_bytes=settings.max_upload_bytes, max_virtual_tokens=settings.max_virtual_tokens
     )
     registry = PrefixRegistry(store, base.geometry, device=base.device, dtype=base.dtype, limits=limits)
-    return AppState(settings, base, store, registry, GenerationService(base), limits)
+    scheduler = SchedulerConfig(
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_waiting=settings.max_queue,
+    )
+    engine = AsyncEngine(EngineCore(base, scheduler), registry)
+    engine.start()
+    return AppState(settings, base, store, registry, engine, limits)
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -48,7 +57,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         try:
             yield
         finally:
-            state.engine.close()
+            await state.engine.shutdown(settings.shutdown_grace_s)
 
     app = FastAPI(title="PrefixServe", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,7 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prefix_store import PrefixValidationError
 from prefix_store.names import InvalidName
 from prefix_store.store import PrefixNotFound, StoreUnavailable, VersionMismatch
-from server.engine.generation import RequestTooLong
+from server.engine.async_engine import EngineStopped
+from server.engine.request import RequestTooLong
+from server.engine.scheduler import QueueFull, RequestTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +23,19 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error the API answers with ``status`` and ``{"error": {"type", "message"}}``."""
 
-    def __init__(self, status: int, error_type: str, message: str) -> None:
+    def __init__(
+        self, status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.error_type, self.message = status, error_type, message
+        self.status, self.error_type, self.message, self.headers = status, error_type, message, headers
 
 
-def error_response(status: int, error_type: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"type": error_type, "message": message}}, status_code=status)
+def error_response(
+    status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": error_type, "message": message}}, status_code=status, headers=headers
+    )
 
 
 _STATUS_TYPES = {
@@ -60,8 +69,13 @@ def _translate(exc: Exception) -> ApiError | None:
             return ApiError(412, "precondition_failed", str(exc))
         case StoreUnavailable():
             return ApiError(503, "store_unavailable", "the prefix store is unavailable; try again later")
-        case RequestTooLong():
+        case RequestTooLong() | RequestTooLarge():
             return ApiError(413, "payload_too_large", str(exc))
+        case QueueFull():
+            retry_after = str(max(1, math.ceil(exc.retry_after)))
+            return ApiError(429, "rate_limited", str(exc), headers={"Retry-After": retry_after})
+        case EngineStopped():
+            return ApiError(503, "unavailable", "the server is shutting down")
     return None
 
 
@@ -69,7 +83,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def known(_: Request, exc: Exception) -> JSONResponse:
         error = _translate(exc)
         assert error is not None
-        return error_response(error.status, error.error_type, error.message)
+        return error_response(error.status, error.error_type, error.message, error.headers)
 
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
@@ -93,6 +107,9 @@ def install_error_handlers(app: FastAPI) -> None:
         VersionMismatch,
         StoreUnavailable,
         RequestTooLong,
+        RequestTooLarge,
+        QueueFull,
+        EngineStopped,
     ):
         app.add_exception_handler(exc_type, known)
     app.add_exception_handler(StarletteHTTPException, http_error)

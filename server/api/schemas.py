@@ -32,7 +32,7 @@ class GenerateResponse(BaseModel):
     prefix_version: str | None
     text: str
     token_ids: list[int]
-    finish_reason: Literal["length", "stop", "eos"]
+    finish_reason: Literal["length", "stop", "eos"]  # deadline/error are answered as 504/500
     usage: Usage
 
 

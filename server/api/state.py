@@ -11,8 +11,8 @@ from prefix_store import PrefixLimits
 from prefix_store.registry import PrefixRegistry
 from prefix_store.store import PrefixStore
 from server.config import ServeSettings
+from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import BaseModel
-from server.engine.service import GenerationService
 
 
 @dataclass
@@ -21,7 +21,7 @@ class AppState:
     base: BaseModel
     store: PrefixStore
     registry: PrefixRegistry
-    engine: GenerationService
+    engine: AsyncEngine
     limits: PrefixLimits
 
 

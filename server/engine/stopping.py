@@ -13,6 +13,9 @@ class FinishReason(StrEnum):
     LENGTH = "length"  # max_new_tokens reached
     STOP = "stop"  # a stop sequence appeared in the text
     EOS = "eos"  # the model produced an end-of-sequence token
+    ABORTED = "aborted"  # the client went away or cancelled
+    DEADLINE = "deadline"  # the request's deadline passed before it finished
+    ERROR = "error"  # the engine failed while running it (the message is logged)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import torch
 
 from prefix_store import Prefix
 from server.engine.base_model import BaseModel
-from server.engine.generation import GenerationRequest
+from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.engine.base_model import BaseModel, load_base_model
-from server.engine.generation import RequestTooLong, check_fits
+from server.engine.request import RequestTooLong, check_fits
 from tests.server.engine.helpers import random_prefix, request
 
 
@@ -21,9 +21,9 @@ def test_gpt2_geometry_and_position_limit(gpt2_base: BaseModel) -> None:
     assert gpt2_base.geometry.fingerprint == "gpt2/layers=3/kv_heads=4/head_dim=16"
     assert gpt2_base.max_positions == 256
     prefix = random_prefix(gpt2_base, 20, seed=0)
-    check_fits(gpt2_base, request(gpt2_base, "ok", "hello", prefix, max_new_tokens=200))
+    check_fits(gpt2_base, request(gpt2_base, "ok", "hello", prefix, max_new_tokens=200), 20)
     with pytest.raises(RequestTooLong, match=r"prefix \(20\) \+ prompt \(\d+\) \+ max_new_tokens \(240\)"):
-        check_fits(gpt2_base, request(gpt2_base, "too-long", "hello", prefix, max_new_tokens=240))
+        check_fits(gpt2_base, request(gpt2_base, "too-long", "hello", prefix, max_new_tokens=240), 20)
 
 
 def test_dtype_option_is_applied(demo_model_dir) -> None:

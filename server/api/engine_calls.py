@@ -1,0 +1,104 @@
+"""The one path from an API request to the engine and back, shared by the native and OpenAI routes:
+limits, building the engine request, waiting for the result (aborting if the client goes away) and
+streaming outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+
+from fastapi import Request
+
+from server.api.errors import ApiError
+from server.api.state import AppState, Caller
+from server.engine.async_engine import RequestStream
+from server.engine.request import GenerationRequest, GenerationResult
+from server.engine.sampling import SamplingParams
+from server.engine.stopping import FinishReason
+
+_DISCONNECT_POLL_S = 0.25
+
+
+def check_generation_limits(state: AppState, *, max_new_tokens: int, stop: Sequence[str]) -> None:
+    """Server-wide limits on what a request may make big (the schema bounds the rest)."""
+    settings = state.settings
+    if max_new_tokens > settings.max_new_tokens:
+        raise ApiError(
+            422, "validation_error", f"max_new_tokens is over the limit of {settings.max_new_tokens}"
+        )
+    if len(stop) > settings.max_stop_sequences or any(
+        not s or len(s) > settings.max_stop_sequence_chars for s in stop
+    ):
+        raise ApiError(
+            422,
+            "validation_error",
+            f"stop takes at most {settings.max_stop_sequences} non-empty sequences of at most "
+            f"{settings.max_stop_sequence_chars} characters",
+        )
+
+
+def tokenize_prompt(state: AppState, prompt: str) -> list[int]:
+    prompt_ids = state.base.tokenizer(prompt).input_ids
+    if not prompt_ids:
+        raise ApiError(400, "invalid_request", "the prompt encodes to no tokens")
+    if len(prompt_ids) > state.settings.max_prompt_tokens:
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"the prompt has {len(prompt_ids)} tokens, over the limit of {state.settings.max_prompt_tokens}",
+        )
+    return prompt_ids
+
+
+async def submit(
+    state: AppState,
+    who: Caller,
+    *,
+    prompt_ids: list[int],
+    task_id: str | None,
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    stop: Sequence[str],
+    id_prefix: str = "gen",
+) -> RequestStream:
+    """Check limits, then queue the request (loading and pinning its prefix). Errors raise before any output."""
+    check_generation_limits(state, max_new_tokens=max_new_tokens, stop=stop)
+    request = GenerationRequest(
+        request_id=f"{id_prefix}-{uuid.uuid4().hex}",
+        prompt_ids=prompt_ids,
+        prefix=None,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        stop_sequences=tuple(stop),
+        tenant=who.tenant,
+        task_id=task_id,
+        deadline=time.monotonic() + state.settings.request_timeout_s,
+    )
+    return await state.engine.add_request(request)
+
+
+async def result_unless_disconnected(
+    http_request: Request, stream: RequestStream, timeout_s: float
+) -> GenerationResult:
+    """The finished result; aborts the engine request if the client disconnects first.
+
+    Deadline and engine errors become API errors (504, 500) since a non-streaming client has no
+    other way to learn of them.
+    """
+    collecting = asyncio.ensure_future(stream.result())
+    try:
+        while not collecting.done():
+            await asyncio.wait({collecting}, timeout=_DISCONNECT_POLL_S)
+            if not collecting.done() and await http_request.is_disconnected():
+                stream.abort()
+                raise ApiError(499, "client_closed", "the client closed the connection")
+        result = collecting.result()
+    finally:
+        collecting.cancel()
+    if result.finish_reason is FinishReason.DEADLINE:
+        raise ApiError(504, "deadline_exceeded", f"the request did not finish within {timeout_s:g} s")
+    if result.finish_reason is FinishReason.ERROR:
+        raise ApiError(500, "internal_error", "the engine failed while generating; see the server log")
+    return result

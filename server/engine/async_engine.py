@@ -1,0 +1,207 @@
+"""The engine as asyncio code sees it: ``add_request`` returns a stream of outputs; one background thread
+owns the model and runs ``EngineCore.step`` in a loop; prefixes are acquired (loaded and pinned) on a
+separate pool of loader threads, so the loop never waits on storage, and released exactly once when
+their request ends, however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from prefix_store.registry import PrefixHandle
+from server.engine.core import EngineCore
+from server.engine.generation import merge_outputs
+from server.engine.request import GenerationRequest, GenerationResult, RequestOutput
+
+log = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05  # how long an idle loop sleeps before re-checking deadlines
+
+
+class PrefixPins(Protocol):
+    """What the engine needs of the prefix registry."""
+
+    def acquire(self, tenant: str, task_id: str) -> PrefixHandle: ...
+
+    def release(self, handle: PrefixHandle) -> None: ...
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and admits no new requests."""
+
+
+@dataclass
+class _Route:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput]
+    handle: PrefixHandle | None = None
+
+
+class RequestStream:
+    """The outputs of one request, as they come. Closing it before the end aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request: GenerationRequest, route: _Route) -> None:
+        self._engine = engine
+        self.request = request
+        self._route = route
+        self.prefix_version = route.handle.record.version if route.handle else None
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._outputs()
+
+    async def _outputs(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                output = await self._route.queue.get()
+                self.finished = output.finish_reason is not None
+                yield output
+        finally:
+            self.abort()  # a no-op after the end; else the consumer left early (client gone, cancelled)
+
+    def abort(self) -> None:
+        """End the request now (its final output says ``aborted``)."""
+        if not self.finished:
+            self._engine.abort(self.request.request_id)
+
+    async def result(self) -> GenerationResult:
+        """Wait for the end; all outputs merged."""
+        return merge_outputs([output async for output in self])
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, pins: PrefixPins | None, *, loader_threads: int = 4) -> None:
+        self.core = core
+        self.pins = pins
+        self._loader = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="prefix-loader")
+        self._routes: dict[str, _Route] = {}
+        self._routes_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self.last_step_at = time.monotonic()  # liveness: the loop updates it every iteration
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    # -- requests ---------------------------------------------------------------------------------
+    async def add_request(self, request: GenerationRequest) -> RequestStream:
+        """Queue ``request``, loading and pinning its task's prefix first (``request.task_id``).
+
+        Raises ``EngineStopped``, ``QueueFull``, ``RequestTooLong``/``RequestTooLarge`` and the
+        registry's errors (unknown task, store unavailable) before any output is produced.
+        """
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down")
+        route = _Route(asyncio.get_running_loop(), asyncio.Queue())
+        with self._routes_lock:
+            self._routes[request.request_id] = route
+        try:
+            self.core.add_request(request, prefix_ready=request.task_id is None)
+        except BaseException:
+            self._unroute(request.request_id)
+            raise
+        if request.task_id is not None:
+            await self._attach_prefix(request, route)
+        self._wake.set()
+        return RequestStream(self, request, route)
+
+    async def _attach_prefix(self, request: GenerationRequest, route: _Route) -> None:
+        assert self.pins is not None and request.task_id is not None
+        loading = route.loop.run_in_executor(self._loader, self.pins.acquire, request.tenant, request.task_id)
+        try:
+            handle = await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            loading.add_done_callback(self._release_when_loaded)  # the pin arrives later: give it back
+            self.core.discard(request.request_id)
+            self._unroute(request.request_id)
+            raise
+        except BaseException:
+            self.core.discard(request.request_id)
+            self._unroute(request.request_id)
+            raise
+        route.handle = handle
+        try:
+            accepted = self.core.set_prefix(request.request_id, handle.prefix)
+        except BaseException:
+            self._unroute(request.request_id)
+            self.pins.release(handle)
+            raise
+        if not accepted:  # aborted or expired while loading: its final output is already queued
+            self._finish_route(request.request_id)
+
+    def _release_when_loaded(self, loading: Future[PrefixHandle] | asyncio.Future[PrefixHandle]) -> None:
+        if not loading.cancelled() and loading.exception() is None and self.pins is not None:
+            self.pins.release(loading.result())
+
+    def abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+        self._wake.set()
+
+    # -- the loop thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self.last_step_at = time.monotonic()
+            self._wake.clear()
+            try:
+                outputs = self.core.step()
+            except Exception:
+                log.exception("engine step failed")
+                outputs = []
+            for output in outputs:
+                self._deliver(output)
+            if not outputs and self.core.counts()["running"] == 0:
+                self._wake.wait(_IDLE_WAIT_S)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        with self._routes_lock:
+            route = self._routes.get(output.request_id)
+        if route is None:
+            return
+        route.loop.call_soon_threadsafe(route.queue.put_nowait, output)
+        if output.finish_reason is not None:
+            self._finish_route(output.request_id)
+
+    def _finish_route(self, request_id: str) -> None:
+        route = self._unroute(request_id)
+        if route is not None and route.handle is not None and self.pins is not None:
+            self.pins.release(route.handle)
+
+    def _unroute(self, request_id: str) -> _Route | None:
+        with self._routes_lock:
+            return self._routes.pop(request_id, None)
+
+    @property
+    def num_pinned(self) -> int:
+        """Requests holding a prefix pin (for tests and gauges)."""
+        with self._routes_lock:
+            return sum(route.handle is not None for route in self._routes.values())
+
+    # -- shutdown ------------------------------------------------------------------------------
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop admitting, let running requests finish within ``grace_s``, abort the rest, stop the loop."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self.core.has_work and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with self._routes_lock:
+            remaining = list(self._routes)
+        for request_id in remaining:
+            self.abort(request_id)
+        while self._routes and time.monotonic() < deadline + 2.0:
+            await asyncio.sleep(0.02)
+        self._stopping.set()
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join, 5.0)
+        self._loader.shutdown(wait=False, cancel_futures=True)

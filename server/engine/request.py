@@ -1,0 +1,66 @@
+"""What goes into the engine (a request) and what comes out (outputs, results)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from prefix_store import Prefix
+from server.engine.base_model import BaseModel
+from server.engine.sampling import SamplingParams
+from server.engine.stopping import FinishReason
+
+
+class RequestTooLong(ValueError):
+    """Prefix + prompt + max_new_tokens exceed the positions the model supports."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request as the engine sees it: already tokenised."""
+
+    request_id: str
+    prompt_ids: Sequence[int]
+    prefix: Prefix | None  # device-resident, model dtype; None = the base model (or not loaded yet)
+    sampling: SamplingParams
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks, reference checks)
+    tenant: str = "default"
+    task_id: str | None = None
+    deadline: float | None = None  # time.monotonic() by which it must finish; None = no deadline
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]  # tokens new in this output
+    text: str  # text new in this output (held back while it could still start a stop sequence)
+    finish_reason: FinishReason | None  # set on the request's last output
+    prompt_tokens: int
+    completion_tokens: int  # generated so far
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A finished request, all outputs together."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+
+
+def check_fits(base: BaseModel, request: GenerationRequest, prefix_length: int) -> None:
+    """Raise ``RequestTooLong`` unless prefix + prompt + new tokens fit the model's positions."""
+    if not request.prompt_ids:
+        raise ValueError("the prompt must contain at least one token")
+    needed = prefix_length + len(request.prompt_ids) + request.max_new_tokens
+    if base.max_positions is not None and needed > base.max_positions:
+        raise RequestTooLong(
+            f"prefix ({prefix_length}) + prompt ({len(request.prompt_ids)}) + max_new_tokens "
+            f"({request.max_new_tokens}) = {needed} positions, but the model supports {base.max_positions}"
+        )
