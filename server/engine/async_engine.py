@@ -169,9 +169,9 @@ class AsyncEngine:
             route = self._routes.get(output.request_id)
         if route is None:
             return
-        route.loop.call_soon_threadsafe(route.queue.put_nowait, output)
         if output.finish_reason is not None:
-            self._finish_route(output.request_id)
+            self._finish_route(output.request_id)  # the pin is gone before anyone sees the end
+        route.loop.call_soon_threadsafe(route.queue.put_nowait, output)
 
     def _finish_route(self, request_id: str) -> None:
         route = self._unroute(request_id)

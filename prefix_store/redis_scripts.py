@@ -1,0 +1,84 @@
+"""Lua scripts of the Redis store: each version bump or delete is one atomic step on the server.
+
+Each script also publishes the change (in the same step, so a writer that dies after it cannot lose
+the event) and keeps blob reference counts: a blob no record references gets a time-to-live (the
+grace period) instead of being deleted at once; a record that references it again removes the TTL.
+A script first looks for the result of its operation id, so a client that retries after losing the
+reply (transport errors are retried) gets the first outcome instead of a second version bump.
+
+Keys the scripts touch beyond ``KEYS`` (old blobs) are built from the blob prefix: this requires a
+standalone Redis (or one hash slot), which is what the store supports.
+"""
+
+from __future__ import annotations
+
+_COMMON = """
+local function unreference(refs_key, blob_prefix, sha, grace)
+  if redis.call('HINCRBY', refs_key, sha, -1) <= 0 then
+    redis.call('HDEL', refs_key, sha)
+    if grace > 0 then
+      redis.call('EXPIRE', blob_prefix .. sha, grace)
+    else
+      redis.call('DEL', blob_prefix .. sha)
+    end
+  end
+end
+local function finish(op_key, result)
+  redis.call('SET', op_key, cjson.encode(result), 'EX', 600)
+  return result
+end
+"""
+
+# KEYS: record, tenant index, refs hash, sequence hash, new blob, operation id
+# ARGV: if_match ('' = none), tenant, task_id, sha256, num_virtual_tokens, bytes, created_at,
+#       source_format, blob key prefix, grace seconds, channel, origin
+PUT = (
+    _COMMON
+    + """
+local done = redis.call('GET', KEYS[6])
+if done then return cjson.decode(done) end
+local old = redis.call('GET', KEYS[1])
+local old_record = nil
+if old then old_record = cjson.decode(old) end
+if ARGV[1] ~= '' and (old_record == nil or old_record['version'] ~= ARGV[1]) then
+  return {'MISMATCH', old_record and old_record['version'] or ''}
+end
+if redis.call('EXISTS', KEYS[5]) == 0 then return {'NOBLOB'} end
+local sequence = redis.call('HINCRBY', KEYS[4], ARGV[2] .. '/' .. ARGV[3], 1)
+local version = sequence .. '-' .. string.sub(ARGV[4], 1, 12)
+local record = cjson.encode({
+  tenant = ARGV[2], task_id = ARGV[3], version = version, sha256 = ARGV[4],
+  num_virtual_tokens = tonumber(ARGV[5]), bytes = tonumber(ARGV[6]),
+  created_at = tonumber(ARGV[7]), source_format = ARGV[8]})
+redis.call('SET', KEYS[1], record)
+redis.call('ZADD', KEYS[2], 0, ARGV[3])
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+redis.call('PERSIST', KEYS[5])
+if old_record then unreference(KEYS[3], ARGV[9], old_record['sha256'], tonumber(ARGV[10])) end
+redis.call('PUBLISH', ARGV[11], cjson.encode({
+  tenant = ARGV[2], task_id = ARGV[3], version = version, deleted = false, origin = ARGV[12]}))
+return finish(KEYS[6], {'OK', record, old_record and 1 or 0})
+"""
+)
+
+# KEYS: record, tenant index, refs hash, operation id
+# ARGV: if_match ('' = none), tenant, task_id, blob key prefix, grace seconds, channel, origin
+DELETE = (
+    _COMMON
+    + """
+local done = redis.call('GET', KEYS[4])
+if done then return cjson.decode(done) end
+local old = redis.call('GET', KEYS[1])
+if not old then return {'NOTFOUND'} end
+local old_record = cjson.decode(old)
+if ARGV[1] ~= '' and old_record['version'] ~= ARGV[1] then
+  return {'MISMATCH', old_record['version']}
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[3])
+unreference(KEYS[3], ARGV[4], old_record['sha256'], tonumber(ARGV[5]))
+redis.call('PUBLISH', ARGV[6], cjson.encode({
+  tenant = ARGV[2], task_id = ARGV[3], version = old_record['version'], deleted = true, origin = ARGV[7]}))
+return finish(KEYS[4], {'OK', old_record['version']})
+"""
+)
