@@ -1,14 +1,14 @@
-"""A batch of rows, each with its own prefix (any length, or none), prompt length and positions.
+"""A prefill batch: new rows, each with its own prefix (any length, or none), prompt and positions.
 
-Layout of one row's cache slots, everything left-padded so the newest token of every row sits in
-the last column:
+Layout of one row's cache slots, left-padded so every row's last prompt token sits in the last
+column:
 
-    [ pad | prefix (P_i) | pad | prompt (L_i) | generated ... ]
+    [ pad | prefix (P_i) | pad | prompt (L_i) ]
 
 Padding slots hold zeros and are masked out. Every row carries explicit position ids: prompt token
 ``k`` of a row with a ``P``-token prefix has position ``P + k`` (PEFT's convention), so a row's
-numbers never depend on its neighbours. The batch owns the cache, the attention mask and the
-positions; ``filter`` and ``concatenate`` keep them consistent as rows leave and join.
+numbers never depend on its neighbours. After its forward pass the rows join the ``RunningBatch``,
+which takes only their valid slots.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from prefix_store import ModelGeometry, Prefix
 
@@ -36,7 +36,7 @@ class PrefixBatch:
     """Rows that advance together, one forward pass per step."""
 
     request_ids: list[str]
-    cache: DynamicCache  # per layer keys and values: [B, kv_heads, S, head_dim], S = cached slots
+    cache: Cache  # per layer keys and values: [B, kv_heads, S, head_dim], S = cached slots
     cache_mask: torch.Tensor  # [B, S] bool: slot holds a real prefix vector or token
     input_ids: torch.Tensor  # [B, Q] long: tokens fed by the next forward
     input_mask: torch.Tensor  # [B, Q] bool: False for left padding of shorter prompts
@@ -126,71 +126,13 @@ class PrefixBatch:
         self.input_mask = torch.ones_like(self.input_ids, dtype=torch.bool)
         self.input_positions = next_positions
 
-    def filter(self, keep: Sequence[int]) -> PrefixBatch:
-        """A batch of the rows at indices ``keep``, compacted: each row's valid cache slots move to the
-        right end (attention ignores slot order: positions are explicit and keys already rotated), so
-        the padding between a prefix and a shorter prompt, and the width of rows that left, go away."""
-        index = torch.tensor(list(keep), dtype=torch.long, device=self.cache_mask.device)
-        cache_mask = self.cache_mask[index]  # [B', S]
-        width = int(cache_mask.sum(dim=1).max())
-        order = torch.sort(cache_mask.to(torch.int8), dim=1, stable=True).indices  # padding slots first
-        order = order[:, self.cache_length - width :]  # [B', width]
 
-        def compact(tensor: torch.Tensor) -> torch.Tensor:  # [B, H, S, D] -> [B', H, width, D]
-            rows = tensor[index]
-            return rows.gather(2, order[:, None, :, None].expand(-1, rows.shape[1], -1, rows.shape[3]))
-
-        return PrefixBatch(
-            request_ids=[self.request_ids[i] for i in keep],
-            cache=_cache_of([compact(k) for k in self.layer_keys], [compact(v) for v in self.layer_values]),
-            cache_mask=cache_mask.gather(1, order),
-            input_ids=self.input_ids[index],
-            input_mask=self.input_mask[index],
-            input_positions=self.input_positions[index],
-        )
-
-    @classmethod
-    def concatenate(cls, batches: Sequence[PrefixBatch]) -> PrefixBatch:
-        """Merge batches that are all decoding (one input token per row) into one.
-
-        Shorter caches are left-padded with masked zero slots to the longest.
-        """
-        if any(batch.input_ids.shape[1] != 1 for batch in batches):
-            raise ValueError("only batches past their prefill (one input token per row) can be merged")
-        length = max(batch.cache_length for batch in batches)
-
-        def left_pad(tensor: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
-            if pad == 0:
-                return tensor
-            shape = list(tensor.shape)
-            shape[dim] = pad
-            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-        num_layers = len(batches[0].layer_keys)
-        pads = [length - batch.cache_length for batch in batches]
-        return cls(
-            request_ids=[rid for batch in batches for rid in batch.request_ids],
-            cache=_cache_of(
-                [
-                    torch.cat(
-                        [left_pad(b.layer_keys[layer], 2, p) for b, p in zip(batches, pads, strict=True)]
-                    )
-                    for layer in range(num_layers)
-                ],
-                [
-                    torch.cat(
-                        [left_pad(b.layer_values[layer], 2, p) for b, p in zip(batches, pads, strict=True)]
-                    )
-                    for layer in range(num_layers)
-                ],
-            ),
-            cache_mask=torch.cat([left_pad(b.cache_mask, 1, p) for b, p in zip(batches, pads, strict=True)]),
-            input_ids=torch.cat([b.input_ids for b in batches]),
-            input_mask=torch.cat([b.input_mask for b in batches]),
-            input_positions=torch.cat([b.input_positions for b in batches]),
-        )
-
-
-def _cache_of(layer_keys: list[torch.Tensor], layer_values: list[torch.Tensor]) -> DynamicCache:
-    """A transformers cache holding these per-layer tensors ``[B, kv_heads, S, head_dim]``."""
-    return DynamicCache(ddp_cache_data=list(zip(layer_keys, layer_values, strict=True)))
+def _cache_of(layer_keys: list[torch.Tensor], layer_values: list[torch.Tensor]) -> Cache:
+    """A transformers cache holding these per-layer tensors ``[B, kv_heads, S, head_dim]`` (not copied)."""
+    layers = []
+    for keys, values in zip(layer_keys, layer_values, strict=True):
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        layers.append(layer)
+    return Cache(layers=layers)

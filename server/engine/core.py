@@ -21,7 +21,8 @@ from server.engine.base_model import BaseModel
 from server.engine.batch import BatchRow, PrefixBatch
 from server.engine.request import GenerationRequest, RequestOutput, check_fits
 from server.engine.request_state import RequestStatus
-from server.engine.runner import ModelRunner
+from server.engine.runner import ModelInputs, ModelRunner
+from server.engine.running_batch import RunningBatch
 from server.engine.sampling import sample_next_tokens
 from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from server.engine.stopping import CompletionTracker, FinishReason, StopCriteria
@@ -57,8 +58,9 @@ class EngineCore:
         self._clock = clock
         self._lock = threading.Lock()
         self._waiting: dict[str, _Sequence] = {}
-        self._running: list[_Sequence] = []  # in the batch's row order
-        self._batch: PrefixBatch | None = None
+        self._running: RunningBatch[_Sequence] = RunningBatch(
+            base.geometry, self.scheduler.config.max_batch_size, base.device, base.dtype
+        )
 
     # -- called from any thread ---------------------------------------------------------------
     def add_request(self, request: GenerationRequest, *, prefix_ready: bool = True) -> None:
@@ -122,7 +124,7 @@ class EngineCore:
     @property
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._running) or self.scheduler.num_waiting > 0
+            return len(self._running) > 0 or self.scheduler.num_waiting > 0
 
     def counts(self) -> dict[str, int]:
         """Rows running and requests waiting (for gauges and tests)."""
@@ -135,21 +137,28 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         admitted = self._schedule(outputs)
         self._drop_finished()  # aborted and expired rows leave before the forward pass
-        if self._batch is not None:
-            self._run(self._batch, self._running, outputs)
+        if len(self._running):
+            self._running.prepare_step()
+            tokens = self._run(self._running, self._running.rows, outputs)
+            if tokens is not None:
+                self._running.advance(tokens)
         if admitted:
             rows = [BatchRow(s.request.request_id, s.request.prompt_ids, s.prefix) for s in admitted]
-            new_batch = PrefixBatch.from_rows(rows, self.base.geometry, self.base.device, self.base.dtype)
-            if self._run(new_batch, admitted, outputs):
-                batches = [self._batch, new_batch] if self._batch is not None else [new_batch]
-                self._batch = PrefixBatch.concatenate(batches)
-                self._running.extend(admitted)
+            prefill = PrefixBatch.from_rows(rows, self.base.geometry, self.base.device, self.base.dtype)
+            tokens = self._run(prefill, admitted, outputs)
+            if tokens is not None:
+                prefill.advance(tokens)
+                self._running.add(prefill, admitted, tokens)
+            else:
+                with self._lock:
+                    for sequence in admitted:
+                        self.scheduler.finish(sequence.request.request_id)
         self._drop_finished()
         return outputs
 
     def _schedule(self, outputs: list[RequestOutput]) -> list[_Sequence]:
         with self._lock:
-            if self.static_batching and self._running:
+            if self.static_batching and len(self._running):
                 decision = self.scheduler.schedule(self._clock(), admit=False)
             else:
                 decision = self.scheduler.schedule(self._clock())
@@ -159,7 +168,7 @@ class EngineCore:
             ):
                 for request_id in request_ids:
                     sequence = self._waiting.get(request_id) or next(
-                        (s for s in self._running if s.request.request_id == request_id), None
+                        (s for s in self._running.rows if s.request.request_id == request_id), None
                     )
                     if sequence is not None and sequence.tracker.finish_reason is None:
                         sequence.tracker.finish_reason = reason
@@ -168,9 +177,10 @@ class EngineCore:
                         self._forget(request_id)
             return [self._waiting.pop(request_id) for request_id in decision.admitted]
 
-    def _run(self, batch: PrefixBatch, sequences: Sequence[_Sequence], outputs: list[RequestOutput]) -> bool:
-        """One forward pass + sampling for ``batch``; False (rows ended with an error) if it failed."""
-        live = [s.tracker.finish_reason is None for s in sequences]
+    def _run(
+        self, batch: ModelInputs, sequences: Sequence[_Sequence], outputs: list[RequestOutput]
+    ) -> torch.Tensor | None:
+        """One forward pass and sampling; the sampled tokens ``[B]``, or None (rows ended with an error)."""
         try:
             logits = self.runner.forward(batch)  # [B, V]
             tokens = sample_next_tokens(
@@ -178,17 +188,14 @@ class EngineCore:
             )
         except Exception:
             log.exception("forward pass failed; ending its %d rows", len(sequences))
-            for sequence, alive in zip(sequences, live, strict=True):
-                if alive:
-                    sequence.tracker.finish_reason = FinishReason.ERROR
-                    outputs.append(self._output(sequence))
-            return False
-        batch.advance(tokens)
-        for sequence, token, alive in zip(sequences, tokens.tolist(), live, strict=True):
-            if alive:  # rows ended this step (abort, deadline) are dropped, not extended
-                progress = sequence.tracker.append(token)
-                outputs.append(self._output(sequence, progress.delta))
-        return True
+            for sequence in sequences:
+                sequence.tracker.finish_reason = FinishReason.ERROR
+                outputs.append(self._output(sequence))
+            return None
+        for sequence, token in zip(sequences, tokens.tolist(), strict=True):
+            progress = sequence.tracker.append(token)
+            outputs.append(self._output(sequence, progress.delta))
+        return tokens
 
     def _generator(self, sequence: _Sequence) -> torch.Generator | None:
         if sequence.generator is None and not sequence.request.sampling.greedy:
@@ -196,15 +203,13 @@ class EngineCore:
         return sequence.generator
 
     def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._running) if s.tracker.finish_reason is None]
-        if len(keep) == len(self._running):
+        ended = [i for i, s in enumerate(self._running.rows) if s.tracker.finish_reason is not None]
+        if not ended:
             return
         with self._lock:
-            for sequence in self._running:
-                if sequence.tracker.finish_reason is not None:
-                    self.scheduler.finish(sequence.request.request_id)
-        self._running = [self._running[i] for i in keep]
-        self._batch = self._batch.filter(keep) if keep and self._batch is not None else None
+            for i in ended:
+                self.scheduler.finish(self._running.rows[i].request.request_id)
+        self._running.remove(ended)
 
     def _forget(self, request_id: str) -> None:
         self._waiting.pop(request_id, None)

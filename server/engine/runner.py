@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+from transformers.cache_utils import Cache
 
 from server.engine.base_model import BaseModel
-from server.engine.batch import PrefixBatch
+
+
+class ModelInputs(Protocol):
+    """What a forward pass needs: a prefill ``PrefixBatch`` or the decoding ``RunningBatch``."""
+
+    cache: Cache
+
+    @property
+    def input_ids(self) -> torch.Tensor: ...  # [B, Q]
+
+    @property
+    def input_positions(self) -> torch.Tensor: ...  # [B, Q]
+
+    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor: ...  # [B, 1, Q, S + Q] additive
 
 
 class ModelRunner:
@@ -15,7 +31,7 @@ class ModelRunner:
         self.base = base
 
     @torch.inference_mode()
-    def forward(self, batch: PrefixBatch) -> torch.Tensor:
+    def forward(self, batch: ModelInputs) -> torch.Tensor:
         """Run the batch's inputs through the model, growing its cache; returns next-token logits ``[B, V]``
         in float32, taken at each row's last input (always a real token: inputs are left-padded)."""
         output = self.base.model(

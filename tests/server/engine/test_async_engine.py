@@ -125,7 +125,7 @@ def test_abort_frees_the_row_and_the_pin(llama_base: BaseModel, engine_factory) 
     last = asyncio.run(run())
     assert last.finish_reason is FinishReason.ABORTED
     assert pins.pinned == 0 and engine.num_pinned == 0
-    assert engine.core.counts() == {"running": 0, "waiting": 0} and engine.core._batch is None
+    assert engine.core.counts() == {"running": 0, "waiting": 0} and len(engine.core._running) == 0
 
 
 def test_a_consumer_that_walks_away_aborts_its_request(llama_base: BaseModel, engine_factory) -> None:
@@ -210,7 +210,7 @@ def test_a_thousand_requests_leave_no_rows_pins_or_tensors(llama_base: BaseModel
     assert len(results) == 1000 and all(r.finish_reason is FinishReason.LENGTH for r in results)
     assert pins.pinned == 0 and engine.num_pinned == 0 and not engine._routes
     assert engine.core.counts() == {"running": 0, "waiting": 0}
-    assert engine.core._batch is None and not engine.core._waiting and not engine.core._running
+    assert len(engine.core._running) == 0 and not engine.core._waiting
     assert engine.core.scheduler._requests == {} and not engine.core.scheduler._tenants
 
 

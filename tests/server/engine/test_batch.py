@@ -7,7 +7,6 @@ import torch
 from server.engine.base_model import BaseModel
 from server.engine.batch import BatchRow, PrefixBatch
 from server.engine.generation import generate
-from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from tests.server.engine.helpers import random_prefix, request
 
@@ -71,37 +70,3 @@ def test_padded_slots_are_zero_and_masked(llama_base: BaseModel) -> None:
     assert allowed[1, 2].tolist() == [False] * 8 + [True]  # row b's only token sees only itself
     assert allowed[0, 0].tolist() == [False] * 4 + [True] * 3 + [False] * 2
     assert allowed.any(dim=-1).all()  # no fully masked query row anywhere
-
-
-def test_filter_and_concatenate_preserve_each_row(base: BaseModel) -> None:
-    """Two batches prefilled apart, merged mid-generation, then split again, match solo runs."""
-    requests = _mixed_requests(base)
-    steps = 6
-    solo = [generate(base, [r])[0].token_ids[:steps] for r in requests]
-    runner = ModelRunner(base)
-
-    def prefill(subset):
-        rows = [BatchRow(r.request_id, r.prompt_ids, r.prefix) for r in subset]
-        batch = PrefixBatch.from_rows(rows, base.geometry, base.device, base.dtype)
-        tokens = runner.forward(batch).argmax(-1)
-        batch.advance(tokens)
-        return batch, [[t] for t in tokens.tolist()]
-
-    left, left_out = prefill(requests[:2])
-    right, right_out = prefill(requests[2:])
-    batch, produced = PrefixBatch.concatenate([left, right]), left_out + right_out
-    assert batch.request_ids == ["r0", "r1", "r2", "r3"]
-    for step in range(1, steps):
-        if step == 3:  # a row leaves; the padding it needed goes with it
-            keep = [0, 1, 3]
-            width_before = batch.cache_length
-            batch = batch.filter(keep)
-            assert batch.cache_length < width_before
-            assert batch.cache_length == int(batch.cache_mask.sum(dim=1).max())  # no column all padding
-            produced = [produced[i] for i in keep]
-        tokens = runner.forward(batch).argmax(-1)
-        batch.advance(tokens)
-        for out, token in zip(produced, tokens.tolist(), strict=True):
-            out.append(token)
-    by_id = dict(zip(batch.request_ids, produced, strict=True))
-    assert by_id["r0"] == solo[0] and by_id["r1"] == solo[1] and by_id["r3"] == solo[3]

@@ -55,7 +55,7 @@ def test_requests_arriving_at_different_steps_match_solo_runs(base: BaseModel) -
     solo = {r.request_id: generate(base, [r])[0].token_ids for r in requests}
     core = EngineCore(base, SchedulerConfig(max_batch_size=4, max_batch_tokens=4096))
     assert _staggered(core, requests, arrivals=[0, 0, 2, 3, 3, 9]) == solo
-    assert core.counts() == {"running": 0, "waiting": 0} and core._batch is None
+    assert core.counts() == {"running": 0, "waiting": 0}
 
 
 def test_seeded_sampling_matches_solo_runs_under_continuous_batching(base: BaseModel) -> None:
@@ -85,13 +85,16 @@ def test_abort_frees_the_row_at_the_next_step(llama_base: BaseModel) -> None:
     core.add_request(keep)
     core.add_request(drop)
     core.step()
-    assert len(core._batch) == 2
+    assert len(core._running) == 2
     core.abort("drop")
     outputs = core.step()
     assert [(o.request_id, o.finish_reason) for o in outputs if o.finish_reason] == [
         ("drop", FinishReason.ABORTED)
     ]
-    assert core._batch.request_ids == ["keep"] and core.counts() == {"running": 1, "waiting": 0}
+    assert [s.request.request_id for s in core._running.rows] == ["keep"] and core.counts() == {
+        "running": 1,
+        "waiting": 0,
+    }
 
 
 def test_deadline_ends_waiting_and_running_requests(llama_base: BaseModel) -> None:
