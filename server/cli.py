@@ -24,7 +24,13 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+    )
     return 0
 
 
@@ -33,6 +39,19 @@ def _demo_model(args: argparse.Namespace) -> int:
 
     out = build_demo_model(Path(args.outdir))
     print(f"demo model written to {out}")
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from server.api.auth import KeysFileError, Role, create_key
+
+    try:
+        key = create_key(Path(args.file), args.tenant, Role(args.role))
+    except (KeysFileError, ValueError, OSError) as exc:
+        print(f"prefix-serve: {exc}", file=sys.stderr)
+        return 1
+    print(key)
+    print(f"(shown once; only its SHA-256 was added to {args.file})", file=sys.stderr)
     return 0
 
 
@@ -55,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-model", help="build the small offline demo model into OUTDIR")
     demo.add_argument("outdir")
     demo.set_defaults(handler=_demo_model)
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="generate a key, print it once, store only its hash")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--role", choices=["admin", "user"], required=True)
+    create.add_argument("--file", required=True, help="the keys file (created if missing)")
+    create.set_defaults(handler=_keys_create)
     return parser
 
 

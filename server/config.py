@@ -29,7 +29,10 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_prompt_tokens: int = Field(2048, ge=1)
     max_new_tokens: int = Field(1024, ge=1)
-    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="a prefix file or PEFT adapter model"
+    )
+    max_request_bytes: int = Field(1024 * 1024, ge=1024, description="any other request body")
     max_virtual_tokens: int = Field(512, ge=1)
     max_stop_sequences: int = Field(8, ge=0)
     max_stop_sequence_chars: int = Field(64, ge=1)

@@ -7,13 +7,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Scope
 
 from prefix_store import PrefixLimits
 from prefix_store.registry import PrefixRegistry
 from prefix_store.store import open_store
+from server.api.auth import load_auth_config
 from server.api.errors import install_error_handlers
+from server.api.middleware import AccessLogMiddleware, BodyLimitMiddleware
 from server.api.routes import admin, generate, health
 from server.api.state import AppState
+from server.api.tenancy import TenantGate
 from server.config import ServeSettings
 from server.demo_model import ensure_demo_model
 from server.engine.async_engine import AsyncEngine
@@ -23,9 +27,12 @@ from server.engine.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
 
+_UPLOAD_OVERHEAD_BYTES = 256 * 1024  # multipart framing and the PEFT config beside the tensors
+
 
 def build_state(settings: ServeSettings) -> AppState:
-    """Load the model, open the store and start the engine."""
+    """Read the keys, load the model, open the store and start the engine."""
+    auth = load_auth_config(settings.api_keys)
     model_path = settings.model or str(ensure_demo_model())
     base = load_base_model(model_path, device=settings.device, dtype=settings.dtype)
     store = open_store(settings.store)
@@ -40,27 +47,33 @@ def build_state(settings: ServeSettings) -> AppState:
     )
     engine = AsyncEngine(EngineCore(base, scheduler), registry)
     engine.start()
-    return AppState(settings, base, store, registry, engine, limits)
+    return AppState(settings, base, store, registry, engine, limits, auth, TenantGate(auth))
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        safe = settings.model_dump(exclude={"api_keys"})
-        log.info("effective configuration: %s", safe)
-        if settings.api_keys is None:
+        log.info("effective configuration: %s", settings.model_dump(mode="json"))
+        state = build_state(settings)
+        if not state.auth.enabled:
             log.warning(
                 "AUTH IS OFF: no --api-keys given; every caller is tenant 'default' with the admin role"
             )
-        state = build_state(settings)
         app.state.prefix_serve = state
         try:
             yield
         finally:
             await state.engine.shutdown(settings.shutdown_grace_s)
 
+    def body_limit(scope: Scope) -> int:
+        if scope.get("method") == "PUT" and scope.get("path", "").startswith("/v1/admin/prefixes/"):
+            return settings.max_upload_bytes + _UPLOAD_OVERHEAD_BYTES
+        return settings.max_request_bytes
+
     app = FastAPI(title="PrefixServe", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     for router in (health.router, generate.router, admin.router):
         app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    app.add_middleware(AccessLogMiddleware)  # outermost: sees every response, the 413s included
     return app

@@ -76,7 +76,8 @@ async def submit(
         task_id=task_id,
         deadline=time.monotonic() + state.settings.request_timeout_s,
     )
-    return await state.engine.add_request(request)
+    state.gate.admit(who.tenant)
+    return await state.engine.add_request(request, on_done=lambda: state.gate.release(who.tenant))
 
 
 async def result_unless_disconnected(

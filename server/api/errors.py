@@ -38,7 +38,7 @@ def error_response(
     )
 
 
-_STATUS_TYPES = {
+_STATUS_TYPES = {  # error types of plain HTTP errors (unknown route, wrong method)
     400: "invalid_request",
     401: "authentication_error",
     403: "permission_denied",

@@ -1,4 +1,4 @@
-"""The heavy objects the app holds, built once in the lifespan and reached through dependencies."""
+"""The heavy objects the app holds, built once in the lifespan, and the dependencies that reach them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from fastapi import Depends, Request
 from prefix_store import PrefixLimits
 from prefix_store.registry import PrefixRegistry
 from prefix_store.store import PrefixStore
+from server.api.auth import AuthConfig, Caller, Role, bearer_token
+from server.api.errors import ApiError
+from server.api.tenancy import TenantGate
 from server.config import ServeSettings
 from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import BaseModel
@@ -23,23 +26,33 @@ class AppState:
     registry: PrefixRegistry
     engine: AsyncEngine
     limits: PrefixLimits
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling: the tenant their key belongs to and its role."""
-
-    tenant: str
-    role: str  # "user" or "admin"
+    auth: AuthConfig
+    gate: TenantGate
 
 
 def app_state(request: Request) -> AppState:
-    return request.app.state.prefix_serve
+    state = getattr(request.app.state, "prefix_serve", None)
+    if state is None:
+        raise ApiError(503, "unavailable", "the server is starting")
+    return state
 
 
 def caller(request: Request) -> Caller:
-    """Auth is off in this build: one tenant, ``default``, with the admin role."""
-    return Caller(tenant="default", role="admin")
+    """Authenticate the ``Authorization: Bearer`` key (401 when missing or unknown)."""
+    found = app_state(request).auth.authenticate(bearer_token(request.headers.get("authorization")))
+    if found is None:
+        raise ApiError(
+            401, "authentication_error", "a valid API key is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+    request.state.tenant = found.tenant  # for the access log
+    return found
+
+
+def require_admin(who: Annotated[Caller, Depends(caller)]) -> Caller:
+    """The admin role of the caller's tenant (403 for a user key)."""
+    if who.role is not Role.ADMIN:
+        raise ApiError(403, "permission_denied", "this route needs an admin key of the tenant")
+    return who
 
 
 StateDep = Annotated[AppState, Depends(app_state)]

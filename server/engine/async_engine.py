@@ -9,7 +9,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,6 +22,7 @@ from server.engine.request import GenerationRequest, GenerationResult, RequestOu
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05  # how long an idle loop sleeps before re-checking deadlines
+_STALL_S = 120.0  # a loop that has not come round for this long is reported not alive
 
 
 class PrefixPins(Protocol):
@@ -40,6 +41,7 @@ class EngineStopped(Exception):
 class _Route:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput]
+    on_done: Callable[[], None] | None = None  # called once when the request leaves the engine
     handle: PrefixHandle | None = None
 
 
@@ -93,18 +95,26 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping.is_set()
+        """The loop thread runs and has come round recently (a step that hangs makes this False)."""
+        recent = time.monotonic() - self.last_step_at < _STALL_S
+        return self._thread.is_alive() and not self._stopping.is_set() and recent
 
     # -- requests ---------------------------------------------------------------------------------
-    async def add_request(self, request: GenerationRequest) -> RequestStream:
+    async def add_request(
+        self, request: GenerationRequest, on_done: Callable[[], None] | None = None
+    ) -> RequestStream:
         """Queue ``request``, loading and pinning its task's prefix first (``request.task_id``).
 
         Raises ``EngineStopped``, ``QueueFull``, ``RequestTooLong``/``RequestTooLarge`` and the
         registry's errors (unknown task, store unavailable) before any output is produced.
+        ``on_done`` is called exactly once when the request leaves the engine, however it ends
+        (also when this call raises).
         """
         if not self._accepting:
+            if on_done is not None:
+                on_done()
             raise EngineStopped("the server is shutting down")
-        route = _Route(asyncio.get_running_loop(), asyncio.Queue())
+        route = _Route(asyncio.get_running_loop(), asyncio.Queue(), on_done)
         with self._routes_lock:
             self._routes[request.request_id] = route
         try:
@@ -180,7 +190,10 @@ class AsyncEngine:
 
     def _unroute(self, request_id: str) -> _Route | None:
         with self._routes_lock:
-            return self._routes.pop(request_id, None)
+            route = self._routes.pop(request_id, None)
+        if route is not None and route.on_done is not None:
+            route.on_done()
+        return route
 
     @property
     def num_pinned(self) -> int:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Header, Request, Response
-from starlette.datastructures import UploadFile
+from fastapi import APIRouter, Depends, Header, Request, Response
+from starlette.datastructures import FormData, UploadFile
 
-from prefix_store import encode_native
+from prefix_store import Prefix, encode_native
 from prefix_store.names import validate_task_id
 from prefix_store.native_format import decode_native
 from prefix_store.peft_format import decode_peft
 from prefix_store.store import PrefixRecord
 from server.api.errors import ApiError
 from server.api.schemas import PrefixInfo, PrefixList, UploadResult
-from server.api.state import AppState, CallerDep, StateDep
+from server.api.state import AppState, CallerDep, StateDep, require_admin
 
-router = APIRouter(prefix="/v1/admin/prefixes", tags=["admin"])
+router = APIRouter(prefix="/v1/admin/prefixes", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
 def _info(state: AppState, record: PrefixRecord) -> PrefixInfo:
@@ -46,31 +46,12 @@ async def upload_prefix(
     who: CallerDep,
     if_match: str | None = Header(None),
 ) -> UploadResult:
+    """Validate fully (format, geometry, finite values, the tenant's quota), then store atomically."""
     validate_task_id(task_id)
-    cap = state.limits.max_file_bytes
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > cap + state.limits.max_config_bytes + 64 * 1024:
-        raise ApiError(413, "payload_too_large", f"the upload is over the limit of {cap} bytes")
+    request.state.task_id = task_id
     form = await request.form(max_files=2, max_fields=4)
-    file, config, model = form.get("file"), form.get("adapter_config"), form.get("adapter_model")
-    geometry, limits = state.base.geometry, state.limits
-    if isinstance(file, UploadFile) and config is None and model is None:
-        blob = await _read_capped(file, cap, "file")
-        prefix = await asyncio.to_thread(decode_native, blob, geometry, limits)
-        source_format = "native"
-    elif isinstance(config, UploadFile) and isinstance(model, UploadFile) and file is None:
-        config_bytes = await _read_capped(config, limits.max_config_bytes, "adapter_config")
-        model_bytes = await _read_capped(model, cap, "adapter_model")
-        prefix = await asyncio.to_thread(decode_peft, config_bytes, model_bytes, geometry, limits)
-        blob, source_format = encode_native(prefix, geometry), "peft"
-    else:
-        raise ApiError(
-            400,
-            "invalid_request",
-            "send multipart field 'file' (a native prefix) or both "
-            "'adapter_config' and 'adapter_model' (a PEFT PREFIX_TUNING adapter)",
-        )
-    prefix.to("cpu", state.base.dtype)  # refuse values the server's dtype cannot hold, before storing
+    prefix, blob, source_format = await _decode_upload(state, form)
+    await asyncio.to_thread(_check_quota, state, who.tenant, task_id, len(blob))
     record, replaced = await asyncio.to_thread(
         state.store.put,
         who.tenant,
@@ -89,6 +70,42 @@ async def upload_prefix(
         sha256=record.sha256,
         source_format=source_format,
     )
+
+
+async def _decode_upload(state: AppState, form: FormData) -> tuple[Prefix, bytes, str]:
+    """The uploaded prefix, its native bytes and the format it came in; raises on anything invalid."""
+    file, config, model = form.get("file"), form.get("adapter_config"), form.get("adapter_model")
+    geometry, limits = state.base.geometry, state.limits
+    if isinstance(file, UploadFile) and config is None and model is None:
+        blob = await _read_capped(file, limits.max_file_bytes, "file")
+        prefix = await asyncio.to_thread(decode_native, blob, geometry, limits)
+        source_format = "native"
+    elif isinstance(config, UploadFile) and isinstance(model, UploadFile) and file is None:
+        config_bytes = await _read_capped(config, limits.max_config_bytes, "adapter_config")
+        model_bytes = await _read_capped(model, limits.max_file_bytes, "adapter_model")
+        prefix = await asyncio.to_thread(decode_peft, config_bytes, model_bytes, geometry, limits)
+        blob, source_format = encode_native(prefix, geometry), "peft"
+    else:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "send multipart field 'file' (a native prefix) or both "
+            "'adapter_config' and 'adapter_model' (a PEFT PREFIX_TUNING adapter)",
+        )
+    prefix.to("cpu", state.base.dtype)  # refuse values the server's dtype cannot hold, before storing
+    return prefix, blob, source_format
+
+
+def _check_quota(state: AppState, tenant: str, task_id: str, new_bytes: int) -> None:
+    """The tenant's prefix count and total bytes stay within its limits (a replace frees the old one)."""
+    limits = state.auth.limits_for(tenant)
+    others = [record for record in state.store.list(tenant) if record.task_id != task_id]
+    if len(others) + 1 > limits.max_prefixes:
+        raise ApiError(429, "quota_exceeded", f"the tenant already has {len(others)} prefixes, its limit")
+    if sum(record.bytes for record in others) + new_bytes > limits.max_prefix_bytes:
+        raise ApiError(
+            413, "quota_exceeded", f"the tenant's prefixes would exceed {limits.max_prefix_bytes} bytes"
+        )
 
 
 @router.get("", response_model=PrefixList)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.engine_calls import result_unless_disconnected, submit, tokenize_prompt
 from server.api.schemas import GenerateBody, GenerateResponse, Usage
-from server.api.state import CallerDep, StateDep
+from server.api.state import CallerDep, StateDep, caller
 from server.engine.async_engine import RequestStream
 from server.engine.sampling import SamplingParams
 
-router = APIRouter(prefix="/v1", tags=["generate"])
+router = APIRouter(prefix="/v1", tags=["generate"], dependencies=[Depends(caller)])
 
 
 @router.post("/generate", response_model=GenerateResponse)

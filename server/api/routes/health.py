@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -20,8 +22,10 @@ async def readyz(request: Request) -> JSONResponse:
     state = getattr(request.app.state, "prefix_serve", None)
     if state is None:
         return JSONResponse({"status": "loading"}, status_code=503)
+    if not state.engine.alive:
+        return JSONResponse({"status": "engine loop stopped"}, status_code=503)
     try:
-        state.store.ping()
+        await asyncio.to_thread(state.store.ping)
     except StoreUnavailable:
         return JSONResponse({"status": "store unavailable"}, status_code=503)
     return JSONResponse({"status": "ready", "model": state.base.model_id})

@@ -1,0 +1,109 @@
+"""ASGI middleware: a cap on request bodies (checked while they stream in) and JSON access logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.errors import error_response
+
+access_log = logging.getLogger("prefix_serve.access")
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over a cap with 413, counting bytes as they arrive (a missing or false
+    Content-Length does not help a sender), so nothing past the cap is buffered or parsed."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int]) -> None:
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(limit)(scope, receive, send)
+            return
+        received = 0
+        refused = False  # we answered 413; the app sees a disconnect and its own answer is dropped
+
+        async def counting_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    if not started:
+                        await _too_large(limit)(scope, receive, send)
+                    refused = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        started = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+
+def _too_large(limit: int):
+    return error_response(413, "payload_too_large", f"the request body is over the limit of {limit} bytes")
+
+
+class AccessLogMiddleware:
+    """One JSON line per request: id (``X-Request-Id`` echoed or made), tenant, task, route, status,
+    latency and tokens. The id is returned in the ``X-Request-Id`` response header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            state = scope.get("state", {})
+            route = scope.get("route")
+            access_log.info(
+                json.dumps(
+                    {
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "route": getattr(route, "path", scope["path"]),
+                        "status": status,
+                        "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                        "tenant": state.get("tenant"),
+                        "task_id": state.get("task_id"),
+                        "completion_tokens": state.get("completion_tokens"),
+                    }
+                )
+            )

@@ -1,0 +1,201 @@
+"""API keys, roles, tenant isolation and per-tenant limits, end to end over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from prefix_store import encode_native
+from server.api.app import create_app
+from server.api.auth import Role, create_key, load_auth_config
+from server.config import ServeSettings
+from server.engine.base_model import BaseModel
+from tests.server.api.live_server import live_server
+from tests.server.engine.helpers import random_prefix
+
+PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics"}
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
+    made = {
+        f"{tenant}-{role}": create_key(keys_file, tenant, Role(role))
+        for tenant in ("acme", "globex", "ratelimited", "serial", "tiny")
+        for role in ("admin", "user")
+    }
+    data = json.loads(keys_file.read_text())
+    data["tenants"] = {
+        "ratelimited": {"requests_per_minute": 3},
+        "serial": {"max_concurrent": 1},
+        "tiny": {"max_prefixes": 1},
+    }
+    keys_file.write_text(json.dumps(data))
+    assert all(key not in keys_file.read_text() for key in made.values())  # hashes only
+    return keys_file, made
+
+
+@pytest.fixture(scope="module")
+def server(demo_model_dir: Path, keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    keys_file, _ = keys
+    env = {"PREFIX_SERVE_API_KEYS": str(keys_file), "PREFIX_SERVE_MAX_REQUEST_BYTES": "4096"}
+    with live_server(demo_model_dir, tmp_path_factory.mktemp("store"), env=env) as url:
+        yield url
+
+
+def _client(url: str, key: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=60)
+
+
+def _upload(client: httpx.Client, task_id: str, blob: bytes) -> httpx.Response:
+    return client.put(f"/v1/admin/prefixes/{task_id}", files={"file": ("p.safetensors", blob)})
+
+
+def _routes() -> list[tuple[str, str, bool]]:
+    """Every operation of the app's OpenAPI schema as (method, concrete path, admin only), so a new
+    route cannot slip past these tests."""
+    paths = create_app(ServeSettings()).openapi()["paths"]
+    return [
+        (method.upper(), re.sub(r"\{[^}]+\}", "some-task", path), path.startswith("/v1/admin"))
+        for path, operations in paths.items()
+        if path not in PUBLIC_PATHS
+        for method in operations
+    ]
+
+
+def test_every_route_refuses_no_key_and_a_wrong_key(server: str) -> None:
+    routes = _routes()
+    assert len(routes) >= 6  # generate + the admin routes at least
+    for key in (None, "ps-not-a-real-key"):
+        with _client(server, key) as client:
+            for method, path, _ in routes:
+                response = client.request(method, path)
+                assert response.status_code == 401, (method, path)
+                assert response.json()["error"]["type"] == "authentication_error"
+                assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_user_keys_get_403_on_admin_routes(server: str, keys) -> None:
+    _, made = keys
+    with _client(server, made["acme-user"]) as client:
+        for method, path, admin_only in _routes():
+            if admin_only:
+                response = client.request(method, path)
+                assert response.status_code == 403, (method, path)
+                assert made["acme-user"] not in response.text
+
+
+def test_tenants_are_isolated(server: str, keys, llama_base: BaseModel) -> None:
+    _, made = keys
+    acme_admin, acme_user = _client(server, made["acme-admin"]), _client(server, made["acme-user"])
+    globex_admin, globex_user = _client(server, made["globex-admin"]), _client(server, made["globex-user"])
+    blob = encode_native(random_prefix(llama_base, 5, seed=3), llama_base.geometry)
+    assert _upload(acme_admin, "t", blob).status_code == 201
+    with_prefix = acme_user.post("/v1/generate", json={"task_id": "t", "prompt": PROMPT}).json()
+    without = acme_user.post("/v1/generate", json={"prompt": PROMPT}).json()
+    assert with_prefix["token_ids"] != without["token_ids"]  # the prefix is used
+
+    for client in (globex_admin, globex_user):  # B cannot see, use or touch A's task
+        assert client.post("/v1/generate", json={"task_id": "t", "prompt": PROMPT}).status_code == 404
+    assert globex_admin.get("/v1/admin/prefixes/t").status_code == 404
+    assert globex_admin.get("/v1/admin/prefixes/t/download").status_code == 404
+    assert globex_admin.delete("/v1/admin/prefixes/t").status_code == 404
+    assert globex_admin.get("/v1/admin/prefixes").json() == {"prefixes": []}
+
+    other = encode_native(random_prefix(llama_base, 5, seed=4), llama_base.geometry)
+    assert _upload(globex_admin, "t", other).status_code == 201  # B's own "t", a new prefix
+    again = acme_user.post("/v1/generate", json={"task_id": "t", "prompt": PROMPT}).json()
+    assert again["token_ids"] == with_prefix["token_ids"]  # A's output is unchanged
+    assert [p["task_id"] for p in acme_admin.get("/v1/admin/prefixes").json()["prefixes"]] == ["t"]
+    assert acme_admin.get("/v1/admin/prefixes/t").json()["version"] == with_prefix["prefix_version"]
+
+
+def test_requests_per_minute_limit(server: str, keys) -> None:
+    _, made = keys
+    with _client(server, made["ratelimited-user"]) as client:
+        statuses = [
+            client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 1}).status_code
+            for _ in range(4)
+        ]
+        assert statuses == [200, 200, 200, 429]
+        refused = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 1})
+        assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["type"] == "rate_limited"
+    with _client(server, made["acme-user"]) as other:  # another tenant is unaffected
+        assert other.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 1}).status_code == 200
+
+
+def test_concurrent_requests_limit(server: str, keys) -> None:
+    _, made = keys
+    with _client(server, made["serial-user"]) as client:
+        body = {"prompt": PROMPT, "max_new_tokens": 1000, "stream": True}
+        with client.stream("POST", "/v1/generate", json=body) as first:
+            assert first.status_code == 200
+            next(first.iter_lines())  # the first request is running
+            second = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 1})
+            assert second.status_code == 429 and "in flight" in second.json()["error"]["message"]
+        # the first stream was closed early: its slot comes back
+        for _ in range(100):
+            if client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 1}).status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        else:
+            pytest.fail("the tenant's slot was not released after its client disconnected")
+
+
+def test_prefix_count_quota(server: str, keys, llama_base: BaseModel) -> None:
+    _, made = keys
+    blob = encode_native(random_prefix(llama_base, 2, seed=1), llama_base.geometry)
+    with _client(server, made["tiny-admin"]) as client:
+        assert _upload(client, "first", blob).status_code == 201
+        assert _upload(client, "first", blob).status_code == 200  # a replace is within the quota
+        refused = _upload(client, "second", blob)
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "quota_exceeded"
+        assert [p["task_id"] for p in client.get("/v1/admin/prefixes").json()["prefixes"]] == ["first"]
+
+
+def test_body_cap_counts_streamed_bytes(server: str, keys) -> None:
+    _, made = keys
+    with _client(server, made["acme-user"]) as client:
+        declared = client.post(
+            "/v1/generate", content=b"x" * 5000, headers={"content-type": "application/json"}
+        )
+        assert declared.status_code == 413
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the server must count
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"y" * 1000
+            yield b'"}'
+
+        streamed = client.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413 and streamed.json()["error"]["type"] == "payload_too_large"
+        assert client.get("/healthz").status_code == 200
+
+
+def test_request_ids_are_echoed_or_made(server: str, keys) -> None:
+    _, made = keys
+    with _client(server, made["acme-user"]) as client:
+        echoed = client.post(
+            "/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 1}, headers={"X-Request-Id": "abc-123"}
+        )
+        assert echoed.headers["x-request-id"] == "abc-123"
+        assert len(client.get("/v1/nothing").headers["x-request-id"]) == 32
+
+
+def test_keys_file_errors_are_clear(tmp_path: Path) -> None:
+    bad = tmp_path / "keys.json"
+    bad.write_text('{"keys": [{"tenant": "a", "role": "root", "sha256": "00"}]}')
+    with pytest.raises(ValueError, match="malformed"):
+        load_auth_config(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_auth_config(tmp_path / "missing.json")
+    config = load_auth_config(None)
+    assert not config.enabled and config.authenticate(None).tenant == "default"
