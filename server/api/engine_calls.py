@@ -39,8 +39,10 @@ def check_generation_limits(state: AppState, *, max_new_tokens: int, stop: Seque
         )
 
 
-def tokenize_prompt(state: AppState, prompt: str) -> list[int]:
-    prompt_ids = state.base.tokenizer(prompt).input_ids
+def tokenize_prompt(state: AppState, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
+    """The prompt's token ids, within the server's limit. A chat template's output already holds its
+    special tokens: tokenize it with ``add_special_tokens=False`` (else e.g. BOS comes twice)."""
+    prompt_ids = state.base.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
     if not prompt_ids:
         raise ApiError(400, "invalid_request", "the prompt encodes to no tokens")
     if len(prompt_ids) > state.settings.max_prompt_tokens:

@@ -1,0 +1,237 @@
+"""Prometheus metrics (``GET /metrics``, no auth), one ``CollectorRegistry`` per app: several apps in one
+process never share or clash. Label values are bounded: route *templates* (never raw paths), status
+codes, finish reasons, and tenants (named by the keys file).
+
+- HTTP: requests and latency by method, route template and status (a middleware), and requests per
+  authenticated tenant.
+- Generation: time to first token, prompt and generated tokens (also per tenant), finished requests
+  by finish reason, recorded by :meth:`ServerMetrics.track` on each request's output stream.
+- Read at scrape time: queue depth and running rows from the engine, and the prefix cache's
+  hits/misses/evictions/bytes/load latency from the registry's ``stats()`` when it has one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.process_collector import ProcessCollector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.engine.request import RequestOutput
+
+if TYPE_CHECKING:
+    from server.api.state import AppState
+    from server.engine.async_engine import RequestStream
+
+_NS = "prefix_serve"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+_UNMATCHED = "<unmatched>"  # the route label of requests no route matched (404s): never the raw path
+
+# RegistryStats fields exported as counters (cumulative) and gauges (current), with their help text
+_CACHE_COUNTERS = {
+    "hits": "acquires served by a resident prefix version",
+    "misses": "acquires that started a load",
+    "coalesced": "acquires that waited for a load already in progress",
+    "host_hits": "loads served by the host-memory tier",
+    "store_reads": "prefix blobs read from the store",
+    "prefetches": "loads started by a new version, not by a request",
+    "evictions": "unpinned versions evicted from the device to make room",
+    "invalidations": "versions dropped because a newer version or a delete was seen",
+    "load_failures": "prefix loads that failed",
+    "served_during_outage": "acquires answered from a resident version while the store was down",
+    "host_evictions": "versions evicted from the host-memory tier",
+}
+_CACHE_GAUGES = {
+    "resident_bytes": "device bytes held by resident prefixes",
+    "peak_resident_bytes": "most device bytes ever held by prefixes",
+    "budget_bytes": "device byte budget for prefixes",
+    "resident_count": "prefix versions resident on the device",
+    "pinned_count": "resident prefix versions pinned by running requests",
+    "host_bytes": "host-memory tier bytes",
+    "host_budget_bytes": "host-memory tier byte budget",
+    "store_available": "1 while the prefix store answers",
+}
+
+
+class ServerMetrics:
+    """The metrics of one app. Build it with :func:`install_metrics`."""
+
+    def __init__(self, sources: Callable[[], AppState | None]) -> None:
+        """``sources`` returns the app state once the lifespan has built it (None before)."""
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            f"{_NS}_http_requests", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.http_latency = Histogram(
+            f"{_NS}_http_request_duration_seconds",
+            "HTTP request latency, to the last byte of the response",
+            ["method", "route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tenant_requests = Counter(
+            f"{_NS}_tenant_requests", "authenticated HTTP requests per tenant", ["tenant"], registry=r
+        )
+        self.ttft = Histogram(
+            f"{_NS}_time_to_first_token_seconds",
+            "from submitting a generation request to its first token (prefix load and queueing included)",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.generation_requests = Counter(
+            f"{_NS}_generation_requests", "generation requests admitted to the engine", registry=r
+        )
+        self.finished_requests = Counter(
+            f"{_NS}_generation_finished", "generation requests finished, by reason", ["reason"], registry=r
+        )
+        self.prompt_tokens = Counter(f"{_NS}_prompt_tokens", "prompt tokens admitted", registry=r)
+        self.generated_tokens = Counter(f"{_NS}_generated_tokens", "tokens generated", registry=r)
+        self.tenant_tokens = Counter(
+            f"{_NS}_tenant_tokens",
+            "tokens per tenant, by kind (prompt, completion)",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        r.register(_ScrapeTimeCollector(sources))
+        ProcessCollector(registry=r)
+
+    def observe_http(self, method: str, route: str, status: int, seconds: float, tenant: str | None) -> None:
+        labels = (method, route, str(status))
+        self.http_requests.labels(*labels).inc()
+        self.http_latency.labels(*labels).observe(seconds)
+        if tenant is not None:
+            self.tenant_requests.labels(tenant).inc()
+
+    def track(self, stream: RequestStream, tenant: str, started: float) -> None:
+        """Count an admitted request and record its TTFT and tokens as its outputs are read.
+
+        ``stream`` is the request's ``RequestStream``; ``started`` the ``time.monotonic()`` at which it
+        was submitted. Call once per request, right after the engine accepted it.
+        """
+        prompt_tokens = len(stream.request.prompt_ids)
+        self.generation_requests.inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.tenant_tokens.labels(tenant, "prompt").inc(prompt_tokens)
+        stream.on_output = self._observer(self.tenant_tokens.labels(tenant, "completion"), started)
+
+    def _observer(self, tenant_completion: Counter, started: float) -> Callable[[RequestOutput], None]:
+        first = True
+
+        def observe(output: RequestOutput) -> None:
+            nonlocal first
+            if output.token_ids:
+                if first:
+                    self.ttft.observe(time.monotonic() - started)
+                    first = False
+                self.generated_tokens.inc(len(output.token_ids))
+                tenant_completion.inc(len(output.token_ids))
+            if output.finish_reason is not None:
+                self.finished_requests.labels(output.finish_reason.value).inc()
+
+        return observe
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ScrapeTimeCollector:
+    """Gauges and counters owned by other components, read when Prometheus scrapes."""
+
+    def __init__(self, sources: Callable[[], AppState | None]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._sources()
+        if state is None:
+            return
+        counts = state.engine.core.counts()
+        yield GaugeMetricFamily(f"{_NS}_queue_depth", "requests waiting to run", value=counts["waiting"])
+        yield GaugeMetricFamily(
+            f"{_NS}_running_requests", "rows in the running batch (the batch size)", value=counts["running"]
+        )
+        yield GaugeMetricFamily(
+            f"{_NS}_pinned_requests", "requests holding a prefix pin", value=state.engine.num_pinned
+        )
+        stats = state.registry.stats() if hasattr(state.registry, "stats") else None
+        if stats is not None:
+            yield from _cache_metrics(stats)
+
+
+def _cache_metrics(stats: object) -> Iterator[Metric]:
+    """The prefix cache's counters; fields the registry lacks are skipped (it may change shape)."""
+    for field, documentation in _CACHE_COUNTERS.items():
+        value = getattr(stats, field, None)
+        if isinstance(value, int | float):
+            yield CounterMetricFamily(f"{_NS}_prefix_cache_{field}", documentation, value=value)
+    for field, documentation in _CACHE_GAUGES.items():
+        value = getattr(stats, field, None)
+        if isinstance(value, int | float):  # bool is an int: store_available exports as 0/1
+            yield GaugeMetricFamily(f"{_NS}_prefix_cache_{field}", documentation, value=float(value))
+    latency = getattr(stats, "load_latency", None)
+    if latency is not None and hasattr(latency, "count") and hasattr(latency, "total_s"):
+        yield SummaryMetricFamily(
+            f"{_NS}_prefix_load_seconds",
+            "prefix loads (store or host tier to device)",
+            count_value=latency.count,
+            sum_value=latency.total_s,
+        )
+
+
+class HttpMetricsMiddleware:
+    """Counts each HTTP request and times it to the last byte of its response (streams included)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_and_see(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_see)
+        finally:
+            route = scope.get("route")  # set by the router on the scope it was handed
+            tenant = scope.get("state", {}).get("tenant")  # set by authentication, if the route has it
+            self.metrics.observe_http(
+                scope["method"],
+                getattr(route, "path", _UNMATCHED),
+                status,
+                time.perf_counter() - started,
+                tenant if isinstance(tenant, str) else None,
+            )
+
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text format (no auth)."""
+    metrics: ServerMetrics = request.app.state.metrics
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+def install_metrics(app: FastAPI) -> ServerMetrics:
+    """Give ``app`` its own metrics: the HTTP middleware, ``GET /metrics`` and ``app.state.metrics``."""
+    metrics = ServerMetrics(lambda: getattr(app.state, "prefix_serve", None))
+    app.state.metrics = metrics
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    app.include_router(router)
+    return metrics
