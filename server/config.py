@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -43,4 +44,8 @@ class ServeSettings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="waiting requests; more get 429")
     request_timeout_s: float = Field(300.0, gt=0, description="a request still unfinished after this ends")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time running requests get to finish at shutdown")
+    replica_name: str = Field(
+        default_factory=socket.gethostname,
+        description="names this process in the X-Served-By response header",
+    )
     log_level: str = "info"

@@ -75,5 +75,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     for router in (health.router, generate.router, admin.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
-    app.add_middleware(AccessLogMiddleware)  # outermost: sees every response, the 413s included
+    app.add_middleware(
+        AccessLogMiddleware, replica_name=settings.replica_name
+    )  # outermost: sees every response
     return app

@@ -66,10 +66,12 @@ def _too_large(limit: int):
 
 class AccessLogMiddleware:
     """One JSON line per request: id (``X-Request-Id`` echoed or made), tenant, task, route, status,
-    latency and tokens. The id is returned in the ``X-Request-Id`` response header."""
+    latency and tokens. Responses carry ``X-Request-Id`` and ``X-Served-By`` (this replica's name,
+    so a load balancer's task affinity can be observed)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, replica_name: str) -> None:
         self.app = app
+        self.served_by = replica_name.encode("latin-1", "replace")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,7 +87,9 @@ class AccessLogMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+                message.setdefault("headers", []).extend(
+                    [(b"x-request-id", request_id.encode("latin-1")), (b"x-served-by", self.served_by)]
+                )
             await send(message)
 
         try:
