@@ -36,3 +36,10 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+.PHONY: bench-engine bench-http
+bench-engine: $(STAMP)
+	$(BIN)/python -m bench.engine_bench --out bench/results/engine.json
+
+bench-http: $(STAMP)
+	$(BIN)/python -m bench.http_bench --out bench/results/http.json

@@ -1,6 +1,6 @@
 """Engine benchmark: mixed-task continuous batching against its baselines, all measured in one run.
 
-    python bench/engine_bench.py --out bench/results/engine.json
+    python -m bench.engine_bench --out bench/results/engine.json
 
 A randomly initialised Llama-shaped model (hidden 512, 8 layers, ~25M parameters in its layers),
 float32 on the CPU; a closed loop of ``--concurrency`` clients sends ``--requests`` requests (prompts
