@@ -14,7 +14,9 @@ from prefix_store.registry import PrefixRegistry
 from prefix_store.store import open_store
 from server.api.auth import load_auth_config
 from server.api.errors import install_error_handlers
+from server.api.metrics import install_metrics
 from server.api.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from server.api.openai.router import router as openai_router
 from server.api.routes import admin, generate, health
 from server.api.state import AppState
 from server.api.tenancy import TenantGate
@@ -55,6 +57,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("effective configuration: %s", settings.model_dump(mode="json"))
         state = build_state(settings)
+        state.metrics = app.state.metrics
         if not state.auth.enabled:
             log.warning(
                 "AUTH IS OFF: no --api-keys given; every caller is tenant 'default' with the admin role"
@@ -72,9 +75,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="PrefixServe", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for router in (health.router, generate.router, admin.router):
+    for router in (health.router, generate.router, admin.router, openai_router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    install_metrics(app)  # inside the access log (outermost), outside the body limit: sees its 413s
     app.add_middleware(
         AccessLogMiddleware, replica_name=settings.replica_name
     )  # outermost: sees every response

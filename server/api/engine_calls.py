@@ -78,8 +78,11 @@ async def submit(
         task_id=task_id,
         deadline=time.monotonic() + state.settings.request_timeout_s,
     )
+    on_output = state.metrics.observer(who.tenant) if state.metrics is not None else None
     state.gate.admit(who.tenant)
-    return await state.engine.add_request(request, on_done=lambda: state.gate.release(who.tenant))
+    return await state.engine.add_request(
+        request, on_done=lambda: state.gate.release(who.tenant), on_output=on_output
+    )
 
 
 async def result_unless_disconnected(

@@ -4,8 +4,9 @@ codes, finish reasons, and tenants (named by the keys file).
 
 - HTTP: requests and latency by method, route template and status (a middleware), and requests per
   authenticated tenant.
-- Generation: time to first token, prompt and generated tokens (also per tenant), finished requests
-  by finish reason, recorded by :meth:`ServerMetrics.track` on each request's output stream.
+- Generation: time to first token, prompt and generated tokens (also per tenant), requests by how
+  they ended (aborted and expired ones included), recorded by :meth:`ServerMetrics.observer` as the
+  engine delivers each request's outputs.
 - Read at scrape time: queue depth and running rows from the engine, and the prefix cache's
   hits/misses/evictions/bytes/load latency from the registry's ``stats()`` when it has one.
 """
@@ -27,12 +28,12 @@ from server.engine.request import RequestOutput
 
 if TYPE_CHECKING:
     from server.api.state import AppState
-    from server.engine.async_engine import RequestStream
 
 _NS = "prefix_serve"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _UNMATCHED = "<unmatched>"  # the route label of requests no route matched (404s): never the raw path
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others count as "other"
 
 # RegistryStats fields exported as counters (cumulative) and gauges (current), with their help text
 _CACHE_COUNTERS = {
@@ -86,13 +87,15 @@ class ServerMetrics:
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
-        self.generation_requests = Counter(
-            f"{_NS}_generation_requests", "generation requests admitted to the engine", registry=r
-        )
         self.finished_requests = Counter(
-            f"{_NS}_generation_finished", "generation requests finished, by reason", ["reason"], registry=r
+            f"{_NS}_generation_finished",
+            "generation requests that left the engine, by finish reason",
+            ["reason"],
+            registry=r,
         )
-        self.prompt_tokens = Counter(f"{_NS}_prompt_tokens", "prompt tokens admitted", registry=r)
+        self.prompt_tokens = Counter(
+            f"{_NS}_prompt_tokens", "prompt tokens of the requests that left the engine", registry=r
+        )
         self.generated_tokens = Counter(f"{_NS}_generated_tokens", "tokens generated", registry=r)
         self.tenant_tokens = Counter(
             f"{_NS}_tenant_tokens",
@@ -104,25 +107,18 @@ class ServerMetrics:
         ProcessCollector(registry=r)
 
     def observe_http(self, method: str, route: str, status: int, seconds: float, tenant: str | None) -> None:
-        labels = (method, route, str(status))
+        labels = (method if method in _METHODS else "other", route, str(status))
         self.http_requests.labels(*labels).inc()
         self.http_latency.labels(*labels).observe(seconds)
         if tenant is not None:
             self.tenant_requests.labels(tenant).inc()
 
-    def track(self, stream: RequestStream, tenant: str, started: float) -> None:
-        """Count an admitted request and record its TTFT and tokens as its outputs are read.
-
-        ``stream`` is the request's ``RequestStream``; ``started`` the ``time.monotonic()`` at which it
-        was submitted. Call once per request, right after the engine accepted it.
-        """
-        prompt_tokens = len(stream.request.prompt_ids)
-        self.generation_requests.inc()
-        self.prompt_tokens.inc(prompt_tokens)
-        self.tenant_tokens.labels(tenant, "prompt").inc(prompt_tokens)
-        stream.on_output = self._observer(self.tenant_tokens.labels(tenant, "completion"), started)
-
-    def _observer(self, tenant_completion: Counter, started: float) -> Callable[[RequestOutput], None]:
+    def observer(self, tenant: str) -> Callable[[RequestOutput], None]:
+        """A callback for every output of one request, as the engine delivers it (from the engine's
+        thread): records its time to first token from now, its tokens, and how it ended. Make it just
+        before submitting the request."""
+        started = time.monotonic()
+        completion_tokens = self.tenant_tokens.labels(tenant, "completion")
         first = True
 
         def observe(output: RequestOutput) -> None:
@@ -132,9 +128,11 @@ class ServerMetrics:
                     self.ttft.observe(time.monotonic() - started)
                     first = False
                 self.generated_tokens.inc(len(output.token_ids))
-                tenant_completion.inc(len(output.token_ids))
+                completion_tokens.inc(len(output.token_ids))
             if output.finish_reason is not None:
                 self.finished_requests.labels(output.finish_reason.value).inc()
+                self.prompt_tokens.inc(output.prompt_tokens)
+                self.tenant_tokens.labels(tenant, "prompt").inc(output.prompt_tokens)
 
         return observe
 

@@ -12,6 +12,7 @@ from prefix_store.registry import PrefixRegistry
 from prefix_store.store import PrefixStore
 from server.api.auth import AuthConfig, Caller, Role, bearer_token
 from server.api.errors import ApiError
+from server.api.metrics import ServerMetrics
 from server.api.tenancy import TenantGate
 from server.config import ServeSettings
 from server.engine.async_engine import AsyncEngine
@@ -28,6 +29,7 @@ class AppState:
     limits: PrefixLimits
     auth: AuthConfig
     gate: TenantGate
+    metrics: ServerMetrics | None = None  # the app's metrics (install_metrics); None: not recorded
 
 
 def app_state(request: Request) -> AppState:

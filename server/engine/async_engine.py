@@ -43,6 +43,7 @@ class _Route:
     queue: asyncio.Queue[RequestOutput]
     on_done: Callable[[], None] | None = None  # called once when the request leaves the engine
     handle: PrefixHandle | None = None
+    on_output: Callable[[RequestOutput], None] | None = None  # sees every output (engine thread)
 
 
 class RequestStream:
@@ -101,20 +102,24 @@ class AsyncEngine:
 
     # -- requests ---------------------------------------------------------------------------------
     async def add_request(
-        self, request: GenerationRequest, on_done: Callable[[], None] | None = None
+        self,
+        request: GenerationRequest,
+        on_done: Callable[[], None] | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
     ) -> RequestStream:
         """Queue ``request``, loading and pinning its task's prefix first (``request.task_id``).
 
         Raises ``EngineStopped``, ``QueueFull``, ``RequestTooLong``/``RequestTooLarge`` and the
         registry's errors (unknown task, store unavailable) before any output is produced.
         ``on_done`` is called exactly once when the request leaves the engine, however it ends
-        (also when this call raises).
+        (also when this call raises). ``on_output`` sees each of its outputs as it is delivered, from
+        the engine's thread (metrics).
         """
         if not self._accepting:
             if on_done is not None:
                 on_done()
             raise EngineStopped("the server is shutting down")
-        route = _Route(asyncio.get_running_loop(), asyncio.Queue(), on_done)
+        route = _Route(asyncio.get_running_loop(), asyncio.Queue(), on_done, on_output=on_output)
         with self._routes_lock:
             self._routes[request.request_id] = route
         try:
@@ -179,6 +184,11 @@ class AsyncEngine:
             route = self._routes.get(output.request_id)
         if route is None:
             return
+        if route.on_output is not None:
+            try:
+                route.on_output(output)
+            except Exception:
+                log.exception("output observer failed")
         if output.finish_reason is not None:
             self._finish_route(output.request_id)  # the pin is gone before anyone sees the end
         route.loop.call_soon_threadsafe(route.queue.put_nowait, output)

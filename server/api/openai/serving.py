@@ -10,12 +10,13 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel
 
 from prefix_store.names import InvalidName, validate_task_id
 from prefix_store.store import PrefixNotFound, StoreUnavailable
-from server.api.engine_calls import submit
+from server.api.engine_calls import result_unless_disconnected, submit
 from server.api.errors import ApiError
 from server.api.openai.protocol import (
     AssistantMessage,
@@ -34,10 +35,12 @@ from server.api.openai.protocol import (
 )
 from server.api.state import AppState, Caller
 from server.engine.async_engine import RequestStream
+from server.engine.base_model import BaseModel as BaseLM
 from server.engine.request import GenerationResult
 from server.engine.sampling import SamplingParams
 from server.engine.stopping import FinishReason
 
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no buffering by proxies
 _FINISH: dict[FinishReason, FinishReasonName] = {
     FinishReason.LENGTH: "length",
     FinishReason.STOP: "stop",
@@ -84,12 +87,14 @@ async def default_max_tokens(state: AppState, who: Caller, task_id: str | None, 
         try:
             record = await asyncio.to_thread(state.store.head, who.tenant, task_id)
             free -= record.num_virtual_tokens
+        except PrefixNotFound:
+            raise unknown_model(task_id) from None
         except StoreUnavailable:
             pass  # a resident prefix may still serve; if it does not fit, the engine says so (413)
     return max(1, min(room, free))
 
 
-async def start(
+async def respond(
     state: AppState,
     who: Caller,
     http_request: Request,
@@ -98,15 +103,16 @@ async def start(
     prompt_ids: list[int],
     task_id: str | None,
     max_new_tokens: int,
-    id_prefix: str,
-) -> RequestStream:
-    """Submit through the native path; errors (unknown model, limits, queue full) raise before any output."""
+    chat: bool,
+) -> Completion | ChatCompletion | StreamingResponse:
+    """Submit through the native path, then answer as OpenAI does: one JSON body or an SSE stream.
+    Errors (unknown model, limits, queue full) raise before any output."""
     limit = state.settings.max_new_tokens
     if max_new_tokens > limit:
         raise ApiError(422, "validation_error", f"max_tokens is over the limit of {limit}")
     http_request.state.task_id = task_id  # for the access log
     try:
-        return await submit(
+        stream = await submit(
             state,
             who,
             prompt_ids=prompt_ids,
@@ -114,23 +120,26 @@ async def start(
             sampling=sampling_params(body),
             max_new_tokens=max_new_tokens,
             stop=body.stop_sequences,
-            id_prefix=id_prefix,
+            id_prefix="chatcmpl" if chat else "cmpl",
         )
     except PrefixNotFound:
         raise unknown_model(body.model) from None
+    if body.stream:
+        events = stream_events(stream, body.model, http_request, chat=chat, include_usage=body.include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+    result = await result_unless_disconnected(http_request, stream, state.settings.request_timeout_s)
+    http_request.state.completion_tokens = len(result.token_ids)
+    return (chat_completion if chat else completion)(stream, result, body.model)
 
 
-def render_chat(state: AppState, messages: list[ChatMessage]) -> str:
+def render_chat(base: BaseLM, messages: list[ChatMessage]) -> str:
     """The prompt text of ``messages`` by the tokenizer's chat template, ready for the reply."""
-    tokenizer = state.base.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
+    if not getattr(base.tokenizer, "chat_template", None):
         raise ApiError(
-            400,
-            "invalid_request",
-            f"the model {state.base.model_id!r} has no chat template: use /v1/completions",
+            400, "invalid_request", f"the model {base.model_id!r} has no chat template: use /v1/completions"
         )
     try:
-        return tokenizer.apply_chat_template(
+        return base.tokenizer.apply_chat_template(
             [message.for_template() for message in messages], tokenize=False, add_generation_prompt=True
         )
     except (TemplateError, ValueError, TypeError) as exc:
@@ -146,11 +155,11 @@ def finish_reason(reason: FinishReason) -> FinishReasonName:
     raise ApiError(*_UNFINISHED[reason])
 
 
-def usage(result_prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
     return UsageInfo(
-        prompt_tokens=result_prompt_tokens,
+        prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        total_tokens=result_prompt_tokens + completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
     )
 
 
@@ -182,7 +191,7 @@ def chat_completion(stream: RequestStream, result: GenerationResult, model: str)
 
 
 class _ChunkFormat:
-    """How one endpoint shapes its stream chunks; ``kind`` picks completions or chat."""
+    """How one endpoint shapes its stream chunks: completions' or chat's."""
 
     def __init__(self, stream: RequestStream, model: str, *, chat: bool) -> None:
         self.chat = chat

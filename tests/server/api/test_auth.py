@@ -138,7 +138,8 @@ def test_concurrent_requests_limit(server: str, keys) -> None:
         body = {"prompt": PROMPT, "max_new_tokens": 1000, "stream": True}
         with client.stream("POST", "/v1/generate", json=body) as first:
             assert first.status_code == 200
-            next(first.iter_lines())  # the first request is running
+            lines = first.iter_lines()  # keep the iterator: dropping it closes the connection
+            next(lines)  # the first request is running
             second = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 1})
             assert second.status_code == 429 and "in flight" in second.json()["error"]["message"]
         # the first stream was closed early: its slot comes back
