@@ -7,7 +7,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("server", "prefix_store", "clients", "bench", "examples")
-UNSAFE = re.compile(r"(?<!safetensors\.)torch\.load\(|pickle\.loads?\(|(?<![.\w])eval\(|(?<![.\w])exec\(|yaml\.load\(")
+UNSAFE = re.compile(
+    r"(?<!safetensors\.)torch\.load\(|pickle\.loads?\(|(?<![.\w])eval\(|(?<![.\w])exec\(|yaml\.load\("
+)
 
 
 def test_no_unsafe_deserialisation_or_eval_in_sources() -> None:
