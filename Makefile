@@ -11,10 +11,11 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 .PHONY: install serve test lint format clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e clients/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -59,7 +59,7 @@ async def upload_prefix(
         blob,
         num_virtual_tokens=prefix.num_virtual_tokens,
         source_format=source_format,
-        if_match=if_match,
+        if_match=_version_of(if_match),
     )
     response.status_code = 200 if replaced else 201
     return UploadResult(
@@ -96,12 +96,20 @@ async def _decode_upload(state: AppState, form: FormData) -> tuple[Prefix, bytes
     return prefix, blob, source_format
 
 
+def _version_of(if_match: str | None) -> str | None:
+    """The version an ``If-Match`` header names: bare, or the ``"…"`` / ``W/"…"`` ETag of ``/download``."""
+    if if_match is None:
+        return None
+    tag = if_match.strip().removeprefix("W/")
+    return tag[1:-1] if len(tag) >= 2 and tag[0] == tag[-1] == '"' else tag
+
+
 def _check_quota(state: AppState, tenant: str, task_id: str, new_bytes: int) -> None:
     """The tenant's prefix count and total bytes stay within its limits (a replace frees the old one)."""
     limits = state.auth.limits_for(tenant)
     others = [record for record in state.store.list(tenant) if record.task_id != task_id]
     if len(others) + 1 > limits.max_prefixes:
-        raise ApiError(429, "quota_exceeded", f"the tenant already has {len(others)} prefixes, its limit")
+        raise ApiError(409, "quota_exceeded", f"the tenant already has {len(others)} prefixes, its limit")
     if sum(record.bytes for record in others) + new_bytes > limits.max_prefix_bytes:
         raise ApiError(
             413, "quota_exceeded", f"the tenant's prefixes would exceed {limits.max_prefix_bytes} bytes"
@@ -141,6 +149,8 @@ async def delete_prefix(
     who: CallerDep,
     if_match: str | None = Header(None),
 ) -> Response:
-    await asyncio.to_thread(state.store.delete, who.tenant, validate_task_id(task_id), if_match=if_match)
+    await asyncio.to_thread(
+        state.store.delete, who.tenant, validate_task_id(task_id), if_match=_version_of(if_match)
+    )
     state.registry.forget(who.tenant, task_id)
     return Response(status_code=204)

@@ -21,6 +21,7 @@ router = APIRouter(prefix="/v1", tags=["generate"], dependencies=[Depends(caller
 async def generate(
     body: GenerateBody, http_request: Request, state: StateDep, who: CallerDep
 ) -> GenerateResponse | StreamingResponse:
+    http_request.state.task_id = body.task_id  # for the access log
     stream = await submit(
         state,
         who,

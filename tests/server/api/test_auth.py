@@ -158,7 +158,7 @@ def test_prefix_count_quota(server: str, keys, llama_base: BaseModel) -> None:
         assert _upload(client, "first", blob).status_code == 201
         assert _upload(client, "first", blob).status_code == 200  # a replace is within the quota
         refused = _upload(client, "second", blob)
-        assert refused.status_code == 429 and refused.json()["error"]["type"] == "quota_exceeded"
+        assert refused.status_code == 409 and refused.json()["error"]["type"] == "quota_exceeded"
         assert [p["task_id"] for p in client.get("/v1/admin/prefixes").json()["prefixes"]] == ["first"]
 
 

@@ -124,6 +124,11 @@ def test_hot_swap_and_rejected_upload_keeps_the_old_version(
     stale = _upload(server, "swap", encode_native(first, llama_base.geometry), **{"If-Match": v1})
     assert stale.status_code == 412
     assert server.get("/v1/admin/prefixes/swap").json()["version"] == v2
+    etag = server.get("/v1/admin/prefixes/swap/download").headers["etag"]  # '"<version>"', sent back as is
+    assert (
+        _upload(server, "swap", encode_native(first, llama_base.geometry), **{"If-Match": etag}).status_code
+        == 200
+    )
 
 
 def test_list_get_and_delete(server: httpx.Client, llama_base: BaseModel) -> None:

@@ -1,0 +1,114 @@
+"""``prefix-serve push | pull | ls | rm``: a tenant's prefixes on a server, through the SDK."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from server.cli.remote import print_json, remote_options, with_client
+
+if TYPE_CHECKING:
+    from prefix_client import Client, PrefixInfo
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    remote = [remote_options()]
+    push = commands.add_parser(
+        "push", parents=remote, help="upload a prefix: a native .safetensors file or a PEFT adapter folder"
+    )
+    push.add_argument("task_id", metavar="TASK_ID")
+    push.add_argument(
+        "path", metavar="PATH", help="a native .safetensors file or a PEFT PREFIX_TUNING folder"
+    )
+    push.add_argument("--if-match", metavar="VERSION", help="replace only if the current version is VERSION")
+    push.set_defaults(handler=with_client(_push))
+
+    pull = commands.add_parser("pull", parents=remote, help="download a prefix as a native .safetensors file")
+    pull.add_argument("task_id", metavar="TASK_ID")
+    pull.add_argument("path", metavar="PATH", help="the file to write (or a folder for TASK_ID.safetensors)")
+    pull.set_defaults(handler=with_client(_pull))
+
+    ls = commands.add_parser("ls", parents=remote, help="list the tenant's prefixes")
+    ls.set_defaults(handler=with_client(_ls))
+
+    rm = commands.add_parser("rm", parents=remote, help="delete a prefix")
+    rm.add_argument("task_id", metavar="TASK_ID")
+    rm.add_argument("--if-match", metavar="VERSION", help="delete only if the current version is VERSION")
+    rm.set_defaults(handler=with_client(_rm))
+
+
+def _push(client: Client, args: argparse.Namespace) -> int:
+    result = client.upload_prefix(args.task_id, args.path, if_match=args.if_match)
+    if args.json:
+        print_json(result)
+    else:
+        source = "a PEFT adapter" if result.source_format == "peft" else "a native file"
+        print(
+            f"{'created' if result.created else 'replaced'} {result.task_id}: version {result.version}, "
+            f"{result.num_virtual_tokens} virtual tokens, {human_bytes(result.bytes)} (from {source})"
+        )
+    return 0
+
+
+def _pull(client: Client, args: argparse.Namespace) -> int:
+    written = client.download_prefix(args.task_id, args.path)
+    if args.json:
+        print_json({"task_id": args.task_id, "path": str(written)})
+    else:
+        print(f"saved {args.task_id} to {written}")
+    return 0
+
+
+def _ls(client: Client, args: argparse.Namespace) -> int:
+    prefixes = client.list_prefixes()
+    if args.json:
+        print_json({"prefixes": prefixes})
+    elif not prefixes:
+        print("no prefixes")
+    else:
+        _print_table(prefixes)
+    return 0
+
+
+def _rm(client: Client, args: argparse.Namespace) -> int:
+    client.delete_prefix(args.task_id, if_match=args.if_match)
+    if args.json:
+        print_json({"task_id": args.task_id, "deleted": True})
+    else:
+        print(f"deleted {args.task_id}")
+    return 0
+
+
+def _print_table(prefixes: list[PrefixInfo]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    table.add_column("task", overflow="fold")
+    table.add_column("version", no_wrap=True)
+    table.add_column("virtual tokens", justify="right")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("resident")
+    table.add_column("created", no_wrap=True)
+    for p in prefixes:
+        table.add_row(
+            p.task_id,
+            p.version,
+            str(p.num_virtual_tokens),
+            human_bytes(p.bytes),
+            "yes" if p.resident else "no",
+            p.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    # a terminal folds a long task id to fit; a pipe gets whole lines for scripts to read
+    Console(width=None if sys.stdout.isatty() else 10_000).print(table)
+
+
+def human_bytes(count: int) -> str:
+    """``1536`` → ``1.5 KiB``."""
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{count} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,160 @@
+"""``prefix-serve train``: learn a task's prefix on the frozen base model, export it, optionally push it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# option name -> TrainConfig field; every one defaults to None ("not given"), so a resumed run can tell
+# what the user asked for from what it should take from its checkpoint
+_CONFIG_OPTIONS = (
+    "num_virtual_tokens",
+    "epochs",
+    "lr",
+    "batch_size",
+    "seed",
+    "warmup_steps",
+    "lr_schedule",
+    "weight_decay",
+    "max_grad_norm",
+    "prefix_projection",
+    "projection_hidden",
+    "init_text",
+    "init_std",
+    "max_steps",
+)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a prefix on the frozen base model (prefix tuning), export it, optionally push it",
+        description=(
+            "Train a prefix (Li & Liang, 2021) with the base model frozen. FILE.jsonl holds one "
+            '{"prompt": str, "completion": str} per line; the loss is on completion tokens only. Writes '
+            "DIR/prefix.safetensors (native), DIR/peft/ (a PEFT PREFIX_TUNING adapter), DIR/training.json "
+            "and DIR/checkpoint.safetensors (per epoch; --resume continues from it)."
+        ),
+    )
+    train.add_argument("--model", help="local Hugging Face model folder (default: the offline demo model)")
+    train.add_argument("--data", type=Path, required=True, metavar="FILE.jsonl", help="training examples")
+    train.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    train.add_argument(
+        "--eval-data", type=Path, metavar="FILE.jsonl", help="examples for a per-epoch eval loss"
+    )
+    hyper = train.add_argument_group("training (defaults in parentheses)")
+    hyper.add_argument(
+        "--num-virtual-tokens", type=int, help="prefix length (20; with --init-text: its token count)"
+    )
+    hyper.add_argument("--epochs", type=int, help="passes over the data, in total (3)")
+    hyper.add_argument("--lr", type=float, help="peak AdamW learning rate (1e-2)")
+    hyper.add_argument("--batch-size", type=int, help="examples per step (8)")
+    hyper.add_argument("--seed", type=int, help="initialisation and data order (0)")
+    hyper.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up (10)")
+    hyper.add_argument("--lr-schedule", choices=["constant", "linear"], help="after warm-up (constant)")
+    hyper.add_argument("--weight-decay", type=float, help="AdamW weight decay (0)")
+    hyper.add_argument("--max-grad-norm", type=float, help="gradient clipping, 0 = off (1.0)")
+    hyper.add_argument(
+        "--prefix-projection",
+        action=argparse.BooleanOptionalAction,
+        help="reparameterise through an MLP, folded into plain K/V at export (off)",
+    )
+    hyper.add_argument("--projection-hidden", type=int, help="hidden width of that MLP (512)")
+    hyper.add_argument(
+        "--init-text", help="initialise from the frozen model's own K/V of this text (default: random)"
+    )
+    hyper.add_argument("--init-std", type=float, help="std of a random initialisation (1.0)")
+    hyper.add_argument("--max-steps", type=int, help="stop after this many steps in total (checkpointed)")
+    hyper.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    run = train.add_argument_group("running")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines only)")
+    push = train.add_argument_group("upload when done")
+    push.add_argument("--push", metavar="TASK_ID", help="upload the prefix to a server as TASK_ID")
+    push.add_argument("--server", help="server URL (env PREFIX_SERVE_URL; default http://127.0.0.1:8000)")
+    push.add_argument("--api-key", help="an admin key of the tenant (env PREFIX_SERVE_API_KEY)")
+    train.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from prefix_store.names import InvalidName, validate_task_id
+    from server.training.errors import TrainingError
+
+    if args.push is not None:
+        try:
+            validate_task_id(args.push)  # before training: a bad name should not cost a run
+        except InvalidName as exc:
+            return _fail(f"--push: {exc}")
+    try:
+        result = _train_and_export(args)
+    except TrainingError as exc:
+        return _fail(str(exc))
+    if args.push is not None:
+        try:
+            _push(args, result.native_path)
+        except TrainingError as exc:
+            return _fail(f"{exc} (the trained prefix is in {args.out})")
+    return 0
+
+
+def _train_and_export(args: argparse.Namespace) -> Any:
+    from server.demo_model import ensure_demo_model
+    from server.engine.base_model import load_base_model
+    from server.training.errors import TrainingError
+    from server.training.run import RunPaths, run_training
+
+    model_path = args.model or str(ensure_demo_model())
+    try:
+        base = load_base_model(model_path, device=args.device, dtype=args.dtype)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot load the model {model_path}: {exc}") from None
+    print(f"base model {model_path} ({base.geometry.fingerprint}) on {base.device}, {base.dtype}")
+    options = {name: getattr(args, name) for name in _CONFIG_OPTIONS if getattr(args, name) is not None}
+    paths = RunPaths(model=model_path, data=args.data, eval_data=args.eval_data, out_dir=args.out)
+    result = run_training(
+        base,
+        paths,
+        options,
+        resume=args.resume,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        on_epoch=lambda record, epochs: print(_epoch_line(record, epochs), flush=True),
+    )
+    summary = result.summary
+    print(
+        f"prefix: {result.config.num_virtual_tokens} virtual tokens = {summary['prefix_parameters']:,} parameters "
+        f"({100 * summary['prefix_fraction_of_base']:.3f}% of the base model's {summary['base_parameters']:,}); "
+        f"trained {summary['trainable_parameters']:,} parameters"
+        + (" through the projection MLP" if result.config.prefix_projection else "")
+    )
+    if not result.finished:
+        print(f"stopped after {result.state.global_step} steps (--max-steps); --resume continues the run")
+    print(
+        f"wrote {result.native_path} (native), {result.peft_dir}/ (PEFT adapter), {args.out / 'training.json'}"
+    )
+    return result
+
+
+def _epoch_line(record: Any, epochs: int) -> str:
+    eval_part = f"  eval loss {record.eval_loss:.4f}" if record.eval_loss is not None else ""
+    return (
+        f"epoch {record.epoch}/{epochs}  train loss {record.train_loss:.4f}{eval_part}  "
+        f"{record.tokens_per_second:,.0f} tok/s  {record.seconds:.1f} s"
+    )
+
+
+def _push(args: argparse.Namespace, native_path: Path) -> None:
+    from server.training.push import DEFAULT_SERVER_URL, push_prefix
+
+    server_url = args.server or os.environ.get("PREFIX_SERVE_URL") or DEFAULT_SERVER_URL
+    api_key = args.api_key or os.environ.get("PREFIX_SERVE_API_KEY")
+    answer = push_prefix(native_path, args.push, server_url=server_url, api_key=api_key)
+    print(f"pushed task {answer.get('task_id', args.push)} to {server_url}: version {answer.get('version')}")
+
+
+def _fail(message: str) -> int:
+    print(f"prefix-serve train: error: {message}", file=sys.stderr)
+    return 1
