@@ -120,8 +120,9 @@ class PeftSystem(System):
         batch_size, longest = len(group), max(len(r.prompt_ids) for r in group)
         cache: DynamicCache = peft_model.get_prompt(batch_size=batch_size)
         prefix_length = cache.get_seq_length()
-        input_ids = torch.zeros(batch_size, longest, dtype=torch.long)
-        mask = torch.zeros(batch_size, prefix_length + longest, dtype=torch.long)
+        device = self.model.device
+        input_ids = torch.zeros(batch_size, longest, dtype=torch.long, device=device)
+        mask = torch.zeros(batch_size, prefix_length + longest, dtype=torch.long, device=device)
         mask[:, :prefix_length] = 1
         for i, r in enumerate(group):  # left padding, as a PEFT user batches prompts
             input_ids[i, longest - len(r.prompt_ids) :] = torch.tensor(list(r.prompt_ids))
@@ -133,7 +134,9 @@ class PeftSystem(System):
             )
             cache = out.cache
             input_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-            mask = torch.cat([mask, torch.ones(batch_size, 1, dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones(batch_size, 1, dtype=torch.long, device=device)], dim=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return [(r.request_id, r.max_new_tokens, True) for r in group]
 
 
@@ -198,26 +201,49 @@ def median_run(runs: Sequence[Timeline]) -> Timeline:
     return ranked[len(ranked) // 2]
 
 
-def build_model(seed: int) -> tuple[LlamaForCausalLM, BaseModel]:
+GEOMETRIES = {  # Llama-shaped: hidden, layers, heads, kv heads, MLP width
+    "tiny": (128, 2, 4, 2, 344),
+    "small": (512, 8, 8, 4, 1376),  # ~25M parameters in its layers: the CPU benchmark
+    "llama-1b": (2048, 16, 32, 8, 8192),
+    "llama-8b": (4096, 32, 32, 8, 14336),
+}
+
+
+def build_model(
+    seed: int,
+    geometry: str = "small",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    initializer_range: float = 0.02,
+) -> tuple[LlamaForCausalLM, BaseModel]:
+    """A randomly initialised Llama-shaped model of a named geometry, built directly on ``device`` in ``dtype``."""
     tokenizer = build_demo_tokenizer()
+    hidden, layers, heads, kv_heads, mlp = GEOMETRIES[geometry]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(default_dtype)
     base = BaseModel(
-        model_id="bench-llama-25m",
+        model_id=f"bench-{geometry}",
         model=model,
         tokenizer=tokenizer,
         geometry=ModelGeometry.from_config(config),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
+        device=torch.device(device),
+        dtype=dtype,
         max_positions=config.max_position_embeddings,
         eos_token_ids=frozenset(),
     )
@@ -234,12 +260,13 @@ def build_tasks(
         peft_model = get_peft_model(
             model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=length)
         )
+        peft_model.prompt_encoder.to(model.device)
         peft_model.eval()
         cache = peft_model.get_prompt(batch_size=1)
         prefixes[f"task{i}"] = Prefix(
             keys=torch.stack([layer.keys[0] for layer in cache.layers]).contiguous(),  # [L, H, P, D]
             values=torch.stack([layer.values[0] for layer in cache.layers]).contiguous(),
-        )
+        ).to(model.device, model.dtype)
         peft_models[f"task{i}"] = peft_model
     return peft_models, prefixes
 
@@ -271,11 +298,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=3, help="runs per system; the median is reported")
+    parser.add_argument("--geometry", choices=list(GEOMETRIES), default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--out", type=Path, default=Path("bench/results/engine.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, base = build_model(seed=0)
+    model, base = build_model(
+        seed=0, geometry=args.geometry, device=args.device, dtype=getattr(torch, args.dtype)
+    )
     peft_models, prefixes = build_tasks(model, PREFIX_LENGTHS)
     (mean_prefix,) = build_tasks(model, [round(statistics.mean(PREFIX_LENGTHS))])[1].values()
     vocab = model.config.vocab_size
@@ -343,7 +375,8 @@ def print_report(
     results: dict[str, dict[str, float]], ratios: dict[str, float], args: argparse.Namespace
 ) -> None:
     print(
-        f"{args.requests} requests, {args.concurrency} concurrent clients, {args.threads} CPU threads, float32, "
+        f"{args.geometry} geometry on {args.device} in {args.dtype}, {args.requests} requests, "
+        f"{args.concurrency} concurrent clients, {args.threads} CPU threads, "
         f"median of {args.repeats} runs"
     )
     header = (

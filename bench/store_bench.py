@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -216,7 +217,7 @@ class Replica:
 
 
 def bench_visibility(
-    store: PrefixStore, url: str, device: str, blobs: list[bytes], trials: int
+    store: PrefixStore, url: str, device: str, blobs: list[bytes], trials: int, jitter_s: float
 ) -> dict[str, Any]:
     replica = Replica(url, device)
     served: list[float] = []
@@ -227,9 +228,10 @@ def bench_visibility(
             store.put(TENANT, task, blobs[trial % len(blobs)], num_virtual_tokens=20, source_format="native")
             replica.send("warm", task)
             replica.read()
-            # ack -> resident, with no request asking
+            # ack -> resident, with no request asking; at a random moment of the replica's reconcile cycle
             replica.send("arm", task)
             replica.read()
+            time.sleep(random.uniform(0, jitter_s))
             record, _ = store.put(
                 TENANT, task, blobs[(trial + 1) % len(blobs)], num_virtual_tokens=20, source_format="native"
             )
@@ -416,7 +418,8 @@ def main() -> None:
             # the file store's other replicas learn by reconcile (1 s): fewer trials keep the run short
             trials = args.visibility_trials if name == "redis" else max(5, args.visibility_trials // 3)
             print(f"[{name}] visibility ({trials} trials) ...", file=sys.stderr, flush=True)
-            visibility = bench_visibility(store, url, str(device), blobs, trials)
+            jitter = 1.0 if name == "file" else 0.05  # the replica's reconcile interval is 1 s
+            visibility = bench_visibility(store, url, str(device), blobs, trials, jitter)
             results["backends"][name] = {"load": load, "thrash": thrash, "visibility": visibility}
     print_table(results)
     if args.out:

@@ -1,0 +1,106 @@
+"""A real ``prefix-serve serve`` process the hardening runs can measure (RSS), kill with SIGKILL and
+restart on the same store, and whose ``/metrics`` gauges they read."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from tests.server.api.live_server import free_port
+
+_GAUGE = re.compile(r"^(prefix_serve_[a-z_]+) ([0-9.eE+-]+)$", re.MULTILINE)
+
+
+class ServerProcess:
+    """``with ServerProcess(model_dir, store_url) as server: server.url``. ``env`` holds extra
+    ``PREFIX_SERVE_*`` settings. The log goes to a temporary file (``log_tail()``), never a pipe."""
+
+    def __init__(
+        self, model_dir: Path, store_url: str, *, env: dict[str, str] | None = None, ready_s: float = 90.0
+    ) -> None:
+        self.model_dir, self.store_url, self.ready_s = model_dir, store_url, ready_s
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.port = free_port()
+        self.process: subprocess.Popen[str] | None = None
+        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by __exit__)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        """Start on this object's port and wait until ``/readyz`` answers 200."""
+        command = [sys.executable, "-m", "server.cli", "serve", "--model", str(self.model_dir)]
+        command += ["--store", self.store_url, "--port", str(self.port), "--device", "cpu"]
+        self.process = subprocess.Popen(
+            command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.monotonic() + self.ready_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited early:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not become ready:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def kill9(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a power cut of the process."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+
+    def rss_bytes(self) -> int:
+        """The server process's resident set size, from ``/proc``."""
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc/<pid>/status")
+
+    def gauges(self) -> dict[str, float]:
+        """The unlabelled ``prefix_serve_*`` samples of ``GET /metrics``."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return {name: float(value) for name, value in _GAUGE.findall(text)}
+
+    def log_tail(self, chars: int = 5000) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()[-chars:]
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        self._log.close()
