@@ -26,7 +26,12 @@ class ChangeEvent:
     deleted: bool = False
 
     def to_json(self) -> dict[str, object]:
-        return {"tenant": self.tenant, "task_id": self.task_id, "version": self.version, "deleted": self.deleted}
+        return {
+            "tenant": self.tenant,
+            "task_id": self.task_id,
+            "version": self.version,
+            "deleted": self.deleted,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> ChangeEvent:

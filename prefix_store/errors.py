@@ -16,3 +16,9 @@ class PrefixValidationError(PrefixStoreError):
         super().__init__(message)
         self.message = message
         self.status = status
+
+
+class PrefixCacheFull(PrefixStoreError):
+    """A prefix cannot be placed on the device: every resident prefix is pinned by a running request and
+    the new one does not fit in the byte budget (or the prefix is larger than the whole budget, or the
+    device is out of memory). Transient unless the prefix is larger than the budget: the API answers 503."""

@@ -253,8 +253,17 @@ def _check_offsets(tensors: Mapping[str, TensorEntry], data_length: int, source:
         )
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. ``aminmax`` propagates NaN and meets any infinity at one end, and is
+    several times cheaper than ``isfinite(...).all()`` (no boolean temporary of the tensor's size)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def _require_finite(name: str, tensor: torch.Tensor, source: str) -> None:
-    if bool(torch.isfinite(tensor).all()):
+    if all_finite(tensor):
         return
     nan = int(torch.isnan(tensor).sum())
     inf = int(torch.isinf(tensor).sum())

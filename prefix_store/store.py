@@ -192,7 +192,9 @@ class PrefixStore(abc.ABC):
                 found[(tenant, task_id)] = None
         return found
 
-    def subscribe(self, on_change: ChangeListener, *, on_resync: ResyncListener | None = None) -> Subscription:
+    def subscribe(
+        self, on_change: ChangeListener, *, on_resync: ResyncListener | None = None
+    ) -> Subscription:
         """Call ``on_change`` for every change this store object makes or (shared backends) hears of.
 
         At most once, on a store-owned thread. ``on_resync`` is called when events may have been lost

@@ -37,6 +37,21 @@ class ServeSettings(BaseSettings):
     max_virtual_tokens: int = Field(512, ge=1)
     max_stop_sequences: int = Field(8, ge=0)
     max_stop_sequence_chars: int = Field(64, ge=1)
+    prefix_cache_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="device bytes for resident prefixes; none = 10% of free GPU memory, 1 GiB on CPU",
+    )
+    prefix_host_cache_bytes: int = Field(
+        0, ge=0, description="host-memory tier for evicted prefixes; 0 = off"
+    )
+    prefix_reconcile_interval_s: float = Field(
+        1.0, gt=0, description="how often resident prefixes are checked against the store (beside pub/sub)"
+    )
+    preload: list[str] = Field(
+        default_factory=list,
+        description="'tenant/task_id' prefixes kept resident from the start (env: a JSON list)",
+    )
     max_batch_size: int = Field(32, ge=1, description="rows in the running batch")
     max_batch_tokens: int = Field(
         32_768, ge=64, description="prefix + prompt + max_new_tokens over running rows"

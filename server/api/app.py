@@ -12,11 +12,12 @@ from starlette.types import Scope
 from prefix_store import PrefixLimits
 from prefix_store.registry import PrefixRegistry
 from prefix_store.store import open_store
-from server.api.auth import load_auth_config
+from server.api.auth import DEFAULT_TENANT, load_auth_config
 from server.api.errors import install_error_handlers
 from server.api.metrics import install_metrics
 from server.api.middleware import AccessLogMiddleware, BodyLimitMiddleware
 from server.api.openai.router import router as openai_router
+from server.api.openapi import install_openapi
 from server.api.routes import admin, generate, health
 from server.api.state import AppState
 from server.api.tenancy import TenantGate
@@ -41,7 +42,18 @@ def build_state(settings: ServeSettings) -> AppState:
     limits = PrefixLimits(
         max_file_bytes=settings.max_upload_bytes, max_virtual_tokens=settings.max_virtual_tokens
     )
-    registry = PrefixRegistry(store, base.geometry, device=base.device, dtype=base.dtype, limits=limits)
+    registry = PrefixRegistry(
+        store,
+        base.geometry,
+        device=base.device,
+        dtype=base.dtype,
+        limits=limits,
+        budget_bytes=settings.prefix_cache_bytes,
+        host_budget_bytes=settings.prefix_host_cache_bytes,
+        reconcile_interval_s=settings.prefix_reconcile_interval_s,
+    )
+    # kept resident (pinned) while the server runs; failures are logged, not fatal
+    registry.preload([_task_key(name) for name in settings.preload], pin=True)
     scheduler = SchedulerConfig(
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
@@ -50,6 +62,12 @@ def build_state(settings: ServeSettings) -> AppState:
     engine = AsyncEngine(EngineCore(base, scheduler), registry)
     engine.start()
     return AppState(settings, base, store, registry, engine, limits, auth, TenantGate(auth))
+
+
+def _task_key(name: str) -> tuple[str, str]:
+    """``tenant/task_id``, or a bare task id of the default tenant."""
+    tenant, _, task_id = name.rpartition("/")
+    return tenant or DEFAULT_TENANT, task_id
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -67,6 +85,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             yield
         finally:
             await state.engine.shutdown(settings.shutdown_grace_s)
+            state.registry.close()
+            state.store.close()
 
     def body_limit(scope: Scope) -> int:
         if scope.get("method") == "PUT" and scope.get("path", "").startswith("/v1/admin/prefixes/"):
@@ -75,6 +95,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="PrefixServe", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app, settings)
     for router in (health.router, generate.router, admin.router, openai_router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from fastapi import Request
 
+from prefix_store.names import validate_task_id
 from server.api.errors import ApiError
 from server.api.state import AppState, Caller
 from server.engine.async_engine import RequestStream
@@ -37,6 +38,12 @@ def check_generation_limits(state: AppState, *, max_new_tokens: int, stop: Seque
             f"stop takes at most {settings.max_stop_sequences} non-empty sequences of at most "
             f"{settings.max_stop_sequence_chars} characters",
         )
+
+
+def within_limit(state: AppState, max_new_tokens: int, *, explicit: bool) -> int:
+    """``max_new_tokens`` as asked, or, when the caller left it to the default, the default cut to the
+    server's limit (a server run with ``--max-new-tokens 8`` must not refuse a request that set nothing)."""
+    return max_new_tokens if explicit else min(max_new_tokens, state.settings.max_new_tokens)
 
 
 def tokenize_prompt(state: AppState, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
@@ -67,6 +74,8 @@ async def submit(
 ) -> RequestStream:
     """Check limits, then queue the request (loading and pinning its prefix). Errors raise before any output."""
     check_generation_limits(state, max_new_tokens=max_new_tokens, stop=stop)
+    if task_id is not None:
+        validate_task_id(task_id)  # a name, never a path: refused (400) before any admission or I/O
     request = GenerationRequest(
         request_id=f"{id_prefix}-{uuid.uuid4().hex}",
         prompt_ids=prompt_ids,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefix_store import PrefixValidationError
+from prefix_store.errors import PrefixCacheFull
 from prefix_store.names import InvalidName
 from prefix_store.store import PrefixNotFound, StoreUnavailable, VersionMismatch
 from server.engine.async_engine import EngineStopped
@@ -53,6 +56,49 @@ _STATUS_TYPES = {  # error types of plain HTTP errors (unknown route, wrong meth
 }
 
 
+class ErrorDetail(BaseModel):
+    type: str = Field(description="the kind of error, e.g. invalid_request, not_found, rate_limited")
+    message: str = Field(description="what went wrong; never a stack trace, a path or a key")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+_WHEN = {  # API.md's table: when each error status is answered
+    400: "malformed input: an invalid task id, a prefix that fails validation, a bad multipart body",
+    401: "missing or unknown API key",
+    403: "the key is valid but its role is insufficient",
+    404: "unknown task id (in the caller's tenant) or model",
+    409: "the tenant's prefix count quota is reached, or an If-Match precondition failed",
+    412: "the If-Match version precondition failed",
+    413: "the body, the upload, the prompt or the tenant's prefix bytes are over their limit",
+    422: "the body or a parameter does not match the schema, or is over a server limit",
+    429: "the queue is full or the tenant is over its rate or concurrency limit",
+    503: "the server is starting or stopping, or the store is unreachable for a prefix not cached",
+    504: "the request did not finish within the server's time limit",
+}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}},
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` declaring ``statuses`` with the error body (FastAPI's own 422 schema is
+    replaced: every error, schema errors included, has the body of API.md)."""
+    return {
+        status: {
+            "model": ErrorBody,
+            "description": _WHEN[status],
+            **({"headers": _HEADERS[status]} if status in _HEADERS else {}),
+        }
+        for status in statuses
+    }
+
+
 def _translate(exc: Exception) -> ApiError | None:
     match exc:
         case ApiError():
@@ -67,6 +113,13 @@ def _translate(exc: Exception) -> ApiError | None:
             return ApiError(404, "not_found", str(exc))
         case VersionMismatch():
             return ApiError(412, "precondition_failed", str(exc))
+        case PrefixCacheFull():
+            return ApiError(
+                503,
+                "unavailable",
+                "the prefix cache is full of prefixes in use; retry shortly",
+                {"Retry-After": "1"},
+            )
         case StoreUnavailable():
             return ApiError(503, "store_unavailable", "the prefix store is unavailable; try again later")
         case RequestTooLong() | RequestTooLarge():
@@ -106,6 +159,7 @@ def install_error_handlers(app: FastAPI) -> None:
         PrefixNotFound,
         VersionMismatch,
         StoreUnavailable,
+        PrefixCacheFull,
         RequestTooLong,
         RequestTooLarge,
         QueueFull,

@@ -2,21 +2,57 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from server.api.errors import error_responses
+
+
+def _integral(value: object) -> object:
+    """JSON Schema counts 5.0 as an integer: take it as 5 (anything else is left to strict validation)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# For the integers of strict request models, after any bounds: true, "5" and 5.5 are refused; 5 and
+# 5.0 are 5 (``Annotated[int, Field(ge=0), Integral]``: bounds first, or they leave the JSON schema).
+Integral = BeforeValidator(_integral)
+
+# API.md's task id rule, for the OpenAPI document; ``prefix_store.names.validate_task_id`` enforces it
+# (a test holds the two together). Not a pydantic constraint: a bad task id is a 400, not a 422.
+TASK_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
+_TASK_ID_SCHEMA = {"pattern": TASK_ID_PATTERN, "minLength": 1, "maxLength": 128}
+
+
+_SSE_EVENT = {  # OpenAPI 3.1: the schema of a text/event-stream response describes each event
+    "type": "object",
+    "description": "one server-sent event: data is a JSON object, then [DONE] to end the stream",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+    "required": ["data"],
+}
+# the OpenAPI responses of every generation route answers besides 200 (native and OpenAI alike)
+GENERATION_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": 'JSON, or with "stream": true server-sent events ending with data: [DONE]',
+        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+    },
+    **error_responses(400, 404, 413, 422, 429, 504),
+}
 
 
 class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as declared (no true-as-1, no "5"-as-5), so the OpenAPI types are the truth
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    task_id: str | None = Field(None, description="a task id of the caller; null = the base model alone")
+    task_id: Annotated[str, Field(json_schema_extra=_TASK_ID_SCHEMA)] | None = Field(
+        None, description="a task id of the caller; null = the base model alone"
+    )
     prompt: str = Field(..., min_length=1, max_length=200_000)
-    max_new_tokens: int = Field(64, ge=1, le=65_536)
+    max_new_tokens: Annotated[int, Integral] = Field(64, ge=1, le=65_536)
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=1_000_000)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    top_k: Annotated[int, Integral] = Field(0, ge=0, le=1_000_000)
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1), Integral] | None = None
     stop: list[str] = Field(default_factory=list, max_length=64)
     stream: bool = False
 

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from server.api.schemas import Integral
+
 MAX_PROMPT_CHARS = 200_000
 _MAX_TOKENS = 65_536
 _MAX_STOP = 64
@@ -23,7 +25,8 @@ FinishReasonName = Literal["stop", "length"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no unknown fields, and JSON types as declared (no true-as-1, no "5"-as-5)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -40,17 +43,17 @@ class GenerationFields(_Strict):
         max_length=256,
         description="a task id of the caller, or the base model id (no prefix)",
     )
-    max_tokens: int | None = Field(None, ge=1, le=_MAX_TOKENS)
+    max_tokens: Annotated[int, Field(ge=1, le=_MAX_TOKENS), Integral] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1; 0 = greedy")
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="default 1; 0 = the most likely token")
-    top_k: int | None = Field(
-        None, ge=0, le=1_000_000, description="an extension (the client's extra_body); 0 = no cut"
+    top_k: Annotated[int, Field(ge=0, le=1_000_000), Integral] | None = Field(
+        None, description="an extension (the client's extra_body); 0 = no cut"
     )
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1), Integral] | None = None
     stop: str | Annotated[list[str], Field(max_length=_MAX_STOP)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=128, description="only 1 is supported")
+    n: Annotated[int, Field(ge=1, le=128), Integral] | None = Field(None, description="only 1 is supported")
     user: str | None = Field(None, max_length=256, description="accepted and ignored")
     # refused unless neutral
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -107,8 +110,10 @@ class CompletionRequest(GenerationFields):
     ]
     echo: bool | None = None
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=128, description="only 1 is supported")
-    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: Annotated[int, Field(ge=1, le=128), Integral] | None = Field(
+        None, description="only 1 is supported"
+    )
+    logprobs: Annotated[int, Field(ge=0, le=5), Integral] | None = None
 
     @property
     def max_new_tokens(self) -> int:
@@ -143,6 +148,14 @@ class ContentPart(_Strict):
 
 
 class ChatMessage(_Strict):
+    # _plain_text_turn's rule in the schema too: only an assistant turn may come without content
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"role": {"const": "assistant"}}},
+            "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        }
+    )
+
     role: Literal["system", "developer", "user", "assistant"]
     content: (
         Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
@@ -190,7 +203,7 @@ class ChatCompletionRequest(GenerationFields):
     """``POST /v1/chat/completions``; the messages are rendered with the tokenizer's chat template."""
 
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=_MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(None, ge=1, le=_MAX_TOKENS)
+    max_completion_tokens: Annotated[int, Field(ge=1, le=_MAX_TOKENS), Integral] | None = None
     # accepted and ignored: hints to OpenAI's platform
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -202,7 +215,7 @@ class ChatCompletionRequest(GenerationFields):
     safety_identifier: str | None = Field(None, max_length=256)
     # refused unless neutral
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Annotated[int, Field(ge=0, le=20), Integral] | None = None
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.engine_calls import tokenize_prompt
+from server.api.engine_calls import tokenize_prompt, within_limit
+from server.api.errors import error_responses
 from server.api.openai import serving
 from server.api.openai.protocol import (
     ChatCompletion,
@@ -15,9 +16,12 @@ from server.api.openai.protocol import (
     ModelCard,
     ModelList,
 )
+from server.api.schemas import GENERATION_RESPONSES
 from server.api.state import CallerDep, StateDep, caller
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(caller)])
+router = APIRouter(
+    prefix="/v1", tags=["openai"], dependencies=[Depends(caller)], responses=error_responses(401, 503)
+)
 
 
 @router.get("/models", response_model=ModelList)
@@ -25,12 +29,12 @@ async def list_models(state: StateDep, who: CallerDep) -> ModelList:
     return await serving.list_models(state, who)
 
 
-@router.get("/models/{model}", response_model=ModelCard)
+@router.get("/models/{model}", response_model=ModelCard, responses=error_responses(404, 422))
 async def get_model(model: str, state: StateDep, who: CallerDep) -> ModelCard:
     return await serving.get_model(state, who, model)
 
 
-@router.post("/completions", response_model=Completion)
+@router.post("/completions", response_model=Completion, responses=GENERATION_RESPONSES)
 async def create_completion(
     body: CompletionRequest, http_request: Request, state: StateDep, who: CallerDep
 ) -> Completion | ChatCompletion | StreamingResponse:
@@ -43,12 +47,12 @@ async def create_completion(
         body,
         prompt_ids=prompt_ids,
         task_id=task_id,
-        max_new_tokens=body.max_new_tokens,
+        max_new_tokens=within_limit(state, body.max_new_tokens, explicit=body.max_tokens is not None),
         chat=False,
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletion)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=GENERATION_RESPONSES)
 async def create_chat_completion(
     body: ChatCompletionRequest, http_request: Request, state: StateDep, who: CallerDep
 ) -> Completion | ChatCompletion | StreamingResponse:

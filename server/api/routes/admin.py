@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from starlette.datastructures import FormData, UploadFile
 
 from prefix_store import Prefix, encode_native
@@ -12,11 +13,41 @@ from prefix_store.names import validate_task_id
 from prefix_store.native_format import decode_native
 from prefix_store.peft_format import decode_peft
 from prefix_store.store import PrefixRecord
-from server.api.errors import ApiError
-from server.api.schemas import PrefixInfo, PrefixList, UploadResult
+from server.api.errors import ApiError, error_responses
+from server.api.schemas import TASK_ID_PATTERN, PrefixInfo, PrefixList, UploadResult
 from server.api.state import AppState, CallerDep, StateDep, require_admin
 
-router = APIRouter(prefix="/v1/admin/prefixes", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/v1/admin/prefixes",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=error_responses(401, 403, 503),
+)
+TaskIdPath = Annotated[
+    str,
+    Path(
+        description="1-128 characters of [A-Za-z0-9._-], not starting with '.' (anything else is 400)",
+        # documented here, checked by validate_task_id: API.md answers a bad name with 400, not 422
+        json_schema_extra={"pattern": TASK_ID_PATTERN, "minLength": 1, "maxLength": 128},
+    ),
+]
+_BINARY = {"type": "string", "format": "binary"}
+_UPLOAD_BODY = {  # the multipart body upload_prefix reads itself (so that nothing is buffered past the cap)
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "file": {**_BINARY, "description": "a native prefix (.safetensors)"},
+                    "adapter_config": {**_BINARY, "description": "a PEFT adapter_config.json"},
+                    "adapter_model": {**_BINARY, "description": "a PEFT adapter_model.safetensors"},
+                },
+                "oneOf": [{"required": ["file"]}, {"required": ["adapter_config", "adapter_model"]}],
+            }
+        }
+    },
+}
 
 
 def _info(state: AppState, record: PrefixRecord) -> PrefixInfo:
@@ -37,9 +68,18 @@ async def _read_capped(upload: UploadFile, cap: int, field: str) -> bytes:
     return data
 
 
-@router.put("/{task_id}", response_model=UploadResult, status_code=201)
+@router.put(
+    "/{task_id}",
+    response_model=UploadResult,
+    status_code=201,
+    responses={
+        200: {"model": UploadResult, "description": "an existing prefix was replaced"},
+        **error_responses(400, 409, 412, 413, 422),
+    },
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+)
 async def upload_prefix(
-    task_id: str,
+    task_id: TaskIdPath,
     request: Request,
     response: Response,
     state: StateDep,
@@ -122,14 +162,25 @@ async def list_prefixes(state: StateDep, who: CallerDep) -> PrefixList:
     return PrefixList(prefixes=[_info(state, record) for record in records])
 
 
-@router.get("/{task_id}", response_model=PrefixInfo)
-async def get_prefix(task_id: str, state: StateDep, who: CallerDep) -> PrefixInfo:
+@router.get("/{task_id}", response_model=PrefixInfo, responses=error_responses(400, 404, 422))
+async def get_prefix(task_id: TaskIdPath, state: StateDep, who: CallerDep) -> PrefixInfo:
     record = await asyncio.to_thread(state.store.head, who.tenant, validate_task_id(task_id))
     return _info(state, record)
 
 
-@router.get("/{task_id}/download")
-async def download_prefix(task_id: str, state: StateDep, who: CallerDep) -> Response:
+@router.get(
+    "/{task_id}/download",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "the native .safetensors bytes",
+            "content": {"application/octet-stream": {"schema": _BINARY}},
+            "headers": {"ETag": {"description": "the version, quoted", "schema": {"type": "string"}}},
+        },
+        **error_responses(400, 404, 422),
+    },
+)
+async def download_prefix(task_id: TaskIdPath, state: StateDep, who: CallerDep) -> Response:
     record = await asyncio.to_thread(state.store.head, who.tenant, validate_task_id(task_id))
     blob = await asyncio.to_thread(state.store.get_blob, record)
     return Response(
@@ -142,9 +193,9 @@ async def download_prefix(task_id: str, state: StateDep, who: CallerDep) -> Resp
     )
 
 
-@router.delete("/{task_id}", status_code=204)
+@router.delete("/{task_id}", status_code=204, responses=error_responses(400, 404, 412, 422))
 async def delete_prefix(
-    task_id: str,
+    task_id: TaskIdPath,
     state: StateDep,
     who: CallerDep,
     if_match: str | None = Header(None),

@@ -8,16 +8,19 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.engine_calls import result_unless_disconnected, submit, tokenize_prompt
-from server.api.schemas import GenerateBody, GenerateResponse, Usage
+from server.api.engine_calls import result_unless_disconnected, submit, tokenize_prompt, within_limit
+from server.api.errors import error_responses
+from server.api.schemas import GENERATION_RESPONSES, GenerateBody, GenerateResponse, Usage
 from server.api.state import CallerDep, StateDep, caller
 from server.engine.async_engine import RequestStream
 from server.engine.sampling import SamplingParams
 
-router = APIRouter(prefix="/v1", tags=["generate"], dependencies=[Depends(caller)])
+router = APIRouter(
+    prefix="/v1", tags=["generate"], dependencies=[Depends(caller)], responses=error_responses(401, 503)
+)
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses=GENERATION_RESPONSES)
 async def generate(
     body: GenerateBody, http_request: Request, state: StateDep, who: CallerDep
 ) -> GenerateResponse | StreamingResponse:
@@ -28,7 +31,9 @@ async def generate(
         prompt_ids=tokenize_prompt(state, body.prompt),
         task_id=body.task_id,
         sampling=SamplingParams(body.temperature, body.top_k, body.top_p, body.seed),
-        max_new_tokens=body.max_new_tokens,
+        max_new_tokens=within_limit(
+            state, body.max_new_tokens, explicit="max_new_tokens" in body.model_fields_set
+        ),
         stop=body.stop,
     )
     if body.stream:

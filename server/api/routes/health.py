@@ -6,18 +6,32 @@ import asyncio
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from prefix_store.store import StoreUnavailable
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+class Liveness(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str  # "ready", or why not: "loading", "engine loop stopped", "store unavailable"
+    model: str | None = None  # the base model's id, once ready
+
+
+@router.get("/healthz", response_model=Liveness)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "not ready: the model loads or the store is down"}},
+)
 async def readyz(request: Request) -> JSONResponse:
     state = getattr(request.app.state, "prefix_serve", None)
     if state is None:
