@@ -24,9 +24,12 @@ def free_port() -> int:
 
 @contextmanager
 def live_server(
-    model_dir: Path, store_dir: Path, *, env: dict[str, str] | None = None, timeout: float = 60.0
+    model_dir: Path, store: Path | str, *, env: dict[str, str] | None = None, timeout: float = 60.0
 ) -> Iterator[str]:
-    """Start the server, wait until ``/readyz`` answers 200, yield its base URL, stop it."""
+    """Start the server, wait until ``/readyz`` answers 200, yield its base URL, stop it.
+
+    ``store`` is a folder (a filesystem store) or a store URL (``redis://…``).
+    """
     port = free_port()
     command = [
         sys.executable,
@@ -36,7 +39,7 @@ def live_server(
         "--model",
         str(model_dir),
         "--store",
-        store_dir.resolve().as_uri(),
+        store if isinstance(store, str) else store.resolve().as_uri(),
         "--port",
         str(port),
         "--device",
