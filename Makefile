@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install serve test lint format clean
+.PHONY: install serve demo test lint format clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(STAMP)
 
 serve: $(STAMP)
 	$(BIN)/prefix-serve serve
+
+# builds the demo model, trains two prefixes (base frozen), serves and pushes both, asks both the same thing
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import struct
 
 import safetensors.torch
 import torch
@@ -58,7 +60,18 @@ def encode_native(prefix: Prefix, geometry: ModelGeometry) -> bytes:
         "num_virtual_tokens": str(prefix.num_virtual_tokens),
         "base_model": geometry.fingerprint,
     }
-    return safetensors.torch.save(tensors, metadata=metadata)
+    return canonical_header(safetensors.torch.save(tensors, metadata=metadata))
+
+
+def canonical_header(data: bytes) -> bytes:
+    """``data`` with its safetensors header rewritten with sorted keys (safetensors writes the metadata
+    in hash order), so the same prefix always encodes to the same bytes and the same sha256: a
+    re-upload of an unchanged prefix then shares its content-addressed blob."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
 
 
 def decode_native(data: bytes, geometry: ModelGeometry, limits: PrefixLimits) -> Prefix:

@@ -54,7 +54,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     hyper.add_argument("--batch-size", type=int, help="examples per step (8)")
     hyper.add_argument("--seed", type=int, help="initialisation and data order (0)")
     hyper.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up (10)")
-    hyper.add_argument("--lr-schedule", choices=["constant", "linear"], help="after warm-up (constant)")
+    hyper.add_argument(
+        "--lr-schedule",
+        choices=["constant", "linear"],
+        help="after warm-up: linear decay to 0, or constant (linear; only constant runs can be extended)",
+    )
     hyper.add_argument("--weight-decay", type=float, help="AdamW weight decay (0)")
     hyper.add_argument("--max-grad-norm", type=float, help="gradient clipping, 0 = off (1.0)")
     hyper.add_argument(
@@ -93,6 +97,12 @@ def _train(args: argparse.Namespace) -> int:
         result = _train_and_export(args)
     except TrainingError as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; {args.out} keeps the checkpoint of the last finished epoch (--resume continues)",
+            file=sys.stderr,
+        )
+        return 130
     if args.push is not None:
         try:
             _push(args, result.native_path)

@@ -4,7 +4,6 @@ stores of both backends, and small valid native prefixes."""
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,17 +26,12 @@ PREFIX_BYTES = NUM_VIRTUAL_TOKENS * GEOMETRY.bytes_per_virtual_token(4)  # float
 def make_blob(
     seed: int, num_virtual_tokens: int = NUM_VIRTUAL_TOKENS, geometry: ModelGeometry = GEOMETRY
 ) -> bytes:
-    """A valid native prefix whose values depend on ``seed``, byte for byte the same in every process
-    (safetensors writes the metadata in hash order, so the header is rewritten with sorted keys)."""
+    """A valid native prefix whose values depend on ``seed``, byte for byte the same in every process."""
     generator = torch.Generator().manual_seed(seed)
     shape = geometry.prefix_shape(num_virtual_tokens)
-    blob = encode_native(
+    return encode_native(
         Prefix(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)), geometry
     )
-    length = int.from_bytes(blob[:8], "little")
-    header = json.dumps(json.loads(blob[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    return len(header).to_bytes(8, "little") + header + blob[8 + length :]
 
 
 def put(store: PrefixStore, tenant: str, task_id: str, blob: bytes, **kwargs: object):

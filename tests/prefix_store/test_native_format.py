@@ -529,3 +529,8 @@ def test_values_that_overflow_the_server_dtype_are_refused_at_placement() -> Non
     assert torch.isfinite(big.to("cpu", torch.float32).keys).all()
     with pytest.raises(PrefixValidationError, match=r"too large for the server's dtype torch\.float16"):
         big.to("cpu", torch.float16)
+
+
+def test_the_same_prefix_always_encodes_to_the_same_bytes() -> None:
+    prefix = random_prefix()
+    assert len({encode_native(prefix, GEOMETRY) for _ in range(10)}) == 1

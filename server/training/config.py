@@ -1,0 +1,65 @@
+"""The options of one training run, as a frozen value (built at the CLI edge, stored in checkpoints)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+LrSchedule = Literal["constant", "linear"]
+
+# Options that may differ when a run is resumed: how long to go on, not what is trained.
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of a prefix-training run. Defaults suit small tasks on the demo model."""
+
+    num_virtual_tokens: int = 20  # P: prefix length per layer
+    epochs: int = 3  # passes over the training data (the total, counting resumed epochs)
+    lr: float = 1e-2  # peak learning rate of AdamW
+    batch_size: int = 8  # examples per optimiser step
+    seed: int = 0  # initialisation and data order
+    warmup_steps: int = 10  # linear warm-up from 0 to `lr` over this many steps
+    lr_schedule: LrSchedule = "linear"  # after warm-up: linear decay to 0 at the last step, or constant
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 = no clipping
+    prefix_projection: bool = False  # reparameterise through an MLP (folded away at export)
+    projection_hidden: int = 512  # hidden width of that MLP (the paper's 512)
+    init_text: str | None = None  # initialise from the frozen model's K/V on this text; None = random
+    init_std: float = 1.0  # std of a random initialisation (PEFT's nn.Embedding default)
+    max_steps: int | None = None  # stop (with a checkpoint) after this many optimiser steps in total
+
+    def __post_init__(self) -> None:
+        positive = ("num_virtual_tokens", "epochs", "batch_size", "projection_hidden")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.init_text is not None and not self.init_text.strip():
+            raise ValueError("init_text must not be empty")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """Names of the options, other than those a resume may change, where ``other`` differs."""
+        return [
+            field.name
+            for field in fields(self)
+            if field.name not in RESUMABLE_CHANGES and getattr(self, field.name) != getattr(other, field.name)
+        ]

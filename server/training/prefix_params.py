@@ -1,0 +1,132 @@
+"""The trainable prefix: per-layer key/value vectors, learned directly or through the paper's MLP.
+
+Both kinds produce a ``Prefix`` (keys, values ``[layers, kv_heads, P, head_dim]``) in the space the
+model's cache stores, differentiably, on every forward; ``export`` folds either into plain tensors.
+
+``DirectPrefix`` holds the keys and values as parameters (PEFT's ``prefix_projection=False``).
+``ProjectedPrefix`` is Li & Liang's reparameterisation ``P = MLP(P')``: an embedding ``P'``
+``[P, kv_heads * head_dim]``, ``Linear → tanh → Linear`` to ``layers * 2 * kv_heads * head_dim`` per
+virtual token, laid out like a PEFT ``prompt_embeddings`` row (layer, key|value, head, head_dim), plus a
+fixed ``anchor`` prefix. With a random initialisation the anchor is zero and the MLP starts as PyTorch
+initialises it (as PEFT does); with ``--init-text`` the anchor is the text's K/V and the MLP's last layer
+starts at zero, so training starts exactly from the real-word activations and learns a correction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prefix_store import ModelGeometry, Prefix
+
+
+class TrainablePrefix(nn.Module):
+    """A prefix whose parameters the optimiser updates; ``forward`` returns it, differentiably."""
+
+    geometry: ModelGeometry
+    num_virtual_tokens: int
+
+    def forward(self) -> Prefix:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def export(self) -> Prefix:
+        """The prefix as plain float32 CPU tensors, any reparameterisation folded away."""
+        prefix = self()
+        return Prefix(
+            keys=prefix.keys.detach().float().cpu().contiguous(),
+            values=prefix.values.detach().float().cpu().contiguous(),
+        )
+
+    @property
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class DirectPrefix(TrainablePrefix):
+    """Keys and values as parameters: exactly the numbers that will be served."""
+
+    def __init__(self, geometry: ModelGeometry, initial: Prefix) -> None:
+        super().__init__()
+        if not initial.fits(geometry):
+            raise ValueError(f"the initial prefix does not fit {geometry.fingerprint}")
+        self.geometry = geometry
+        self.num_virtual_tokens = initial.num_virtual_tokens
+        self.keys = nn.Parameter(initial.keys.detach().float().clone())  # [layers, kv_heads, P, head_dim]
+        self.values = nn.Parameter(initial.values.detach().float().clone())  # [layers, kv_heads, P, head_dim]
+
+    def forward(self) -> Prefix:
+        return Prefix(self.keys, self.values)
+
+
+class ProjectedPrefix(TrainablePrefix):
+    """``anchor + MLP(embedding)``: the reparameterisation of the paper, for a more stable optimisation."""
+
+    def __init__(
+        self,
+        geometry: ModelGeometry,
+        num_virtual_tokens: int,
+        hidden: int,
+        *,
+        seed: int,
+        anchor: Prefix | None = None,
+    ) -> None:
+        super().__init__()
+        self.geometry = geometry
+        self.num_virtual_tokens = num_virtual_tokens
+        token_dim = geometry.num_kv_heads * geometry.head_dim
+        out_dim = geometry.num_layers * 2 * token_dim
+        # nn.Linear draws from the global RNG: draw under our seed without disturbing the caller's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, token_dim))  # [P, token_dim]
+            self.mlp = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out_dim))
+        shape = geometry.prefix_shape(num_virtual_tokens)
+        if anchor is None:
+            anchor = Prefix(torch.zeros(shape), torch.zeros(shape))
+        else:
+            if not anchor.fits(geometry) or anchor.num_virtual_tokens != num_virtual_tokens:
+                raise ValueError(
+                    f"the anchor prefix does not fit {geometry.fingerprint} with P={num_virtual_tokens}"
+                )
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+        self.register_buffer("anchor_keys", anchor.keys.detach().float().clone())  # [layers, kv_heads, P, hd]
+        self.register_buffer("anchor_values", anchor.values.detach().float().clone())
+
+    def forward(self) -> Prefix:
+        g = self.geometry
+        rows = self.mlp(self.embedding).view(
+            self.num_virtual_tokens, g.num_layers, 2, g.num_kv_heads, g.head_dim
+        )  # [P, layers, key|value, kv_heads, head_dim]
+        keys = rows[:, :, 0].permute(1, 2, 0, 3)  # [layers, kv_heads, P, head_dim]
+        values = rows[:, :, 1].permute(1, 2, 0, 3)
+        return Prefix(self.anchor_keys + keys, self.anchor_values + values)
+
+
+def random_prefix(geometry: ModelGeometry, num_virtual_tokens: int, *, seed: int, std: float) -> Prefix:
+    """Independent normal keys and values, ``N(0, std²)``, drawn from ``seed`` alone."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = geometry.prefix_shape(num_virtual_tokens)
+    return Prefix(
+        torch.randn(shape, generator=generator) * std,
+        torch.randn(shape, generator=generator) * std,
+    )
+
+
+def build_trainable_prefix(
+    geometry: ModelGeometry,
+    num_virtual_tokens: int,
+    *,
+    projection: bool,
+    projection_hidden: int,
+    seed: int,
+    init_std: float,
+    initial: Prefix | None = None,
+) -> TrainablePrefix:
+    """The trainable prefix of a new run: from ``initial`` (real-word activations) or random."""
+    if projection:
+        return ProjectedPrefix(geometry, num_virtual_tokens, projection_hidden, seed=seed, anchor=initial)
+    if initial is None:
+        initial = random_prefix(geometry, num_virtual_tokens, seed=seed, std=init_std)
+    return DirectPrefix(geometry, initial)

@@ -1,0 +1,46 @@
+"""Tiny data sets and runs shared by the training tests (the demo model trains in well under a second)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from server.engine.base_model import BaseModel
+from server.training.run import RunPaths, RunResult, run_training
+
+PROMPTS = [
+    f"{subject} {verb} {adjective}"
+    for subject in ("the cat", "a dog", "my friend", "the model")
+    for verb in ("is", "was")
+    for adjective in ("good", "bad", "sunny", "cold")
+]  # 32 prompts
+FAST = {"num_virtual_tokens": 4, "batch_size": 8, "lr": 0.1, "warmup_steps": 2}  # a few steps, clear effects
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def fixed_answer_data(path: Path, answer: str = " OK: done.", prompts: list[str] = PROMPTS) -> Path:
+    """A task the tiny random model learns fast: answer every prompt the same way."""
+    return write_jsonl(path, [{"prompt": p, "completion": answer} for p in prompts])
+
+
+def train(
+    base: BaseModel,
+    data: Path,
+    out_dir: Path,
+    *,
+    eval_data: Path | None = None,
+    resume: bool = False,
+    **options: Any,
+) -> RunResult:
+    return run_training(
+        base,
+        RunPaths(model=str(base.model.name_or_path), data=data, eval_data=eval_data, out_dir=out_dir),
+        {**FAST, **options},
+        resume=resume,
+        progress=False,
+    )
