@@ -48,3 +48,13 @@ bench-engine: $(STAMP)
 
 bench-http: $(STAMP)
 	$(BIN)/python -m bench.http_bench --out bench/results/http.json
+
+# the hardening runs (README "Reliability"): each prints a summary and writes bench/results/hardening/*.json
+.PHONY: hardening
+hardening: $(STAMP)
+	$(BIN)/python -m bench.hardening.fuzz_api
+	$(BIN)/python -m bench.hardening.hostile_uploads
+	$(BIN)/python -m bench.hardening.crash_uploads
+	$(BIN)/python -m bench.hardening.disconnects
+	$(BIN)/python -m bench.hardening.redis_faults
+	$(BIN)/python -m bench.hardening.load

@@ -58,12 +58,6 @@ def hardening_server(
             yield server, keys, store
 
 
-@contextmanager
-def fuzz_server() -> Iterator[tuple[ServerProcess, dict[str, str | None]]]:
-    with hardening_server() as (server, keys, _):
-        yield server, keys
-
-
 def write_result(path: Path, result: dict[str, Any]) -> None:
     """Write ``result`` as JSON with when and where it ran."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,12 @@ from types import TracebackType
 
 import httpx
 
-from tests.server.api.live_server import free_port
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 _GAUGE = re.compile(r"^(prefix_serve_[a-z_]+) ([0-9.eE+-]+)$", re.MULTILINE)
 
@@ -89,6 +95,14 @@ class ServerProcess:
         """The unlabelled ``prefix_serve_*`` samples of ``GET /metrics``."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         return {name: float(value) for name, value in _GAUGE.findall(text)}
+
+    def counter(self, name: str, **labels: str) -> float:
+        """One labelled sample of ``GET /metrics`` (0 when absent)."""
+        wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(f"{name}{{{wanted}}} "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     def log_tail(self, chars: int = 5000) -> str:
         self._log.flush()

@@ -153,7 +153,9 @@ class _ScrapeTimeCollector:
         counts = state.engine.core.counts()
         yield GaugeMetricFamily(f"{_NS}_queue_depth", "requests waiting to run", value=counts["waiting"])
         yield GaugeMetricFamily(
-            f"{_NS}_running_requests", "rows in the running batch (the batch size)", value=counts["running"]
+            f"{_NS}_running_requests",
+            "requests admitted to the batch (prefilling or decoding)",
+            value=counts["running"],
         )
         yield GaugeMetricFamily(
             f"{_NS}_pinned_requests", "requests holding a prefix pin", value=state.engine.num_pinned

@@ -57,7 +57,14 @@ class BodyLimitMiddleware:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        await self.app(scope, counting_receive, guarded_send)
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+            # Answered 413 already. What the app raised at the disconnect it was handed (ClientDisconnect)
+            # must not reach the server: it would log an error and drop the connection, and a client
+            # reusing it would get a reset instead of its next answer.
 
 
 def _too_large(limit: int):

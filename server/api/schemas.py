@@ -30,7 +30,7 @@ _SSE_EVENT = {  # OpenAPI 3.1: the schema of a text/event-stream response descri
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
     "required": ["data"],
 }
-# the OpenAPI responses of every generation route answers besides 200 (native and OpenAI alike)
+# what every generation route answers, for the OpenAPI (native and OpenAI alike)
 GENERATION_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
         "description": 'JSON, or with "stream": true server-sent events ending with data: [DONE]',

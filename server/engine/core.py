@@ -127,9 +127,13 @@ class EngineCore:
             return len(self._running) > 0 or self.scheduler.num_waiting > 0
 
     def counts(self) -> dict[str, int]:
-        """Rows running and requests waiting (for gauges and tests)."""
+        """Requests admitted (prefilling or decoding) and requests waiting (for gauges and tests).
+
+        Admitted requests are counted by the scheduler, not by the running batch: during a step, the
+        rows being prefilled are in neither the waiting set nor the batch yet.
+        """
         with self._lock:
-            return {"running": len(self._running), "waiting": self.scheduler.num_waiting}
+            return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting}
 
     # -- the engine thread --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

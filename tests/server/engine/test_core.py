@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from server.engine.base_model import BaseModel
 from server.engine.core import EngineCore
 from server.engine.generation import collect_results, generate
@@ -123,3 +125,21 @@ def test_stop_sequences_and_eos_end_rows_individually(llama_base: BaseModel) -> 
     assert results[0].finish_reason is FinishReason.STOP
     assert results[0].text == free.text[: free.text.index(stop_text)]
     assert results[1].finish_reason is FinishReason.LENGTH and len(results[1].token_ids) == 12
+
+
+def test_counts_include_the_rows_being_prefilled(llama_base: BaseModel) -> None:
+    """Gauges read during a step (from another thread) see the admitted rows while they prefill:
+    they are in neither the waiting set nor the running batch until the step ends."""
+    core = EngineCore(llama_base, SchedulerConfig(max_batch_size=4))
+    seen: list[dict[str, int]] = []
+    forward = core.runner.forward
+
+    def observed_forward(batch: Any) -> Any:
+        seen.append(core.counts())
+        return forward(batch)
+
+    core.runner.forward = observed_forward
+    for r in _workload(llama_base)[:3]:
+        core.add_request(r)
+    core.step()  # the first step only prefills the three
+    assert seen == [{"running": 3, "waiting": 0}]
