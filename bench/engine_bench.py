@@ -52,6 +52,18 @@ class Timeline:
     started: float = 0.0
     ended: float = 0.0
 
+    def record(self, events: list[tuple[str, int, bool]]) -> int:
+        """Note a system's events (request id, new tokens, finished) as of now; returns how many finished."""
+        now, finished_now = time.perf_counter(), 0
+        for request_id, new_tokens, finished in events:
+            self.tokens += new_tokens
+            if new_tokens:
+                self.first_token.setdefault(request_id, now)
+            if finished:
+                self.finished[request_id] = now
+                finished_now += 1
+        return finished_now
+
     def summary(self) -> dict[str, float]:
         latency = sorted(self.finished[r] - self.submitted[r] for r in self.finished)
         ttft = sorted(self.first_token[r] - self.submitted[r] for r in self.first_token)
@@ -150,15 +162,7 @@ def closed_loop(system: System, requests: Sequence[GenerationRequest], concurren
             timeline.submitted[request.request_id] = time.perf_counter()
             system.submit(request)
             in_flight += 1
-        events = system.advance()
-        now = time.perf_counter()
-        for request_id, new_tokens, finished in events:
-            timeline.tokens += new_tokens
-            if new_tokens:
-                timeline.first_token.setdefault(request_id, now)
-            if finished:
-                timeline.finished[request_id] = now
-                in_flight -= 1
+        in_flight -= timeline.record(system.advance())
     timeline.ended = time.perf_counter()
     return timeline
 
@@ -182,15 +186,7 @@ def open_loop(system: System, requests: Sequence[GenerationRequest], rate: float
         if not in_flight:
             time.sleep(max(0.0, arrivals[0][0] - now))
             continue
-        events = system.advance()
-        now = time.perf_counter()
-        for request_id, new_tokens, finished in events:
-            timeline.tokens += new_tokens
-            if new_tokens:
-                timeline.first_token.setdefault(request_id, now)
-            if finished:
-                timeline.finished[request_id] = now
-                in_flight -= 1
+        in_flight -= timeline.record(system.advance())
     timeline.ended = time.perf_counter()
     return timeline
 
