@@ -15,8 +15,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors_bytes
 
 from prefix_store.errors import PrefixValidationError
 from prefix_store.limits import PrefixLimits
@@ -90,7 +90,7 @@ def check_safetensors(
 def load_checked_tensors(data: bytes, source: str) -> dict[str, torch.Tensor]:
     """Build the tensors of a payload that passed ``check_safetensors``; refuse NaN and infinite values."""
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors_bytes(data)  # safetensors: no pickle, no code execution
     except Exception as exc:  # safetensors raises its own (Rust-side) error types
         raise PrefixValidationError(f"{source} could not be read as safetensors: {exc}") from None
     for name in sorted(tensors):

@@ -20,6 +20,7 @@ from prefix_store import (
     PrefixValidationError,
     decode_native,
     encode_native,
+    safetensors_check,
 )
 
 GEOMETRY = ModelGeometry(model_type="llama", num_layers=2, num_kv_heads=2, head_dim=4)
@@ -419,7 +420,7 @@ def test_errors_from_safetensors_itself_are_translated(monkeypatch: pytest.Monke
     def broken_load(data: bytes) -> dict[str, torch.Tensor]:
         raise safetensors.SafetensorError("Error while deserializing header: InvalidOffset")
 
-    monkeypatch.setattr(safetensors.torch, "load", broken_load)
+    monkeypatch.setattr(safetensors_check, "load_safetensors_bytes", broken_load)
 
     refused(
         encode_native(random_prefix(), GEOMETRY),
