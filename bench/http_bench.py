@@ -14,11 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +24,7 @@ import httpx
 import torch
 
 from bench.engine_bench import PREFIX_LENGTHS, Timeline, build_model, build_tasks
+from bench.hardening.server_process import ServerProcess
 from prefix_store import encode_native
 from server.engine.async_engine import AsyncEngine
 from server.engine.core import EngineCore
@@ -127,12 +124,6 @@ def engine_sender(engine: AsyncEngine, tokenizer) -> Callable[[dict, Timeline], 
     return send
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def main_async(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model, base = build_model(seed=0)
@@ -143,21 +134,9 @@ async def main_async(args: argparse.Namespace) -> dict:
         model_dir, store_dir = Path(workdir) / "model", Path(workdir) / "store"
         model.save_pretrained(model_dir)
         base.tokenizer.save_pretrained(model_dir)
-        port = free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFIX_SERVE_MAX_BATCH_SIZE": str(max(args.concurrency))}
-        server = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--store", store_dir.as_uri(),
-             "--port", str(port), "--device", "cpu", "--dtype", "float32"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-                for _ in range(600):
-                    try:
-                        if (await client.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.2)
+        env = {"PREFIX_SERVE_MAX_BATCH_SIZE": str(max(args.concurrency))}
+        with ServerProcess(model_dir, store_dir.as_uri(), env=env, ready_s=120) as server:
+            async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
                 for task, prefix in prefixes.items():
                     blob = encode_native(prefix, base.geometry)
                     (
@@ -183,9 +162,6 @@ async def main_async(args: argparse.Namespace) -> dict:
                         / in_process.summary()["tokens_per_s"],
                     }
                 await engine.shutdown(grace_s=0)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     return results
 
 

@@ -1,5 +1,6 @@
-"""A real ``prefix-serve serve`` process the hardening runs can measure (RSS), kill with SIGKILL and
-restart on the same store, and whose ``/metrics`` gauges they read."""
+"""A real ``prefix-serve serve`` process on a free port, the one every test and script starts: it can
+be launched without waiting, measured (RSS), killed with SIGKILL and restarted on the same store, and
+its ``/metrics`` gauges read."""
 
 from __future__ import annotations
 
@@ -48,25 +49,39 @@ class ServerProcess:
         assert self.process is not None
         return self.process.pid
 
-    def start(self) -> None:
-        """Start on this object's port and wait until ``/readyz`` answers 200."""
+    def start(self, ready_path: str = "/readyz") -> None:
+        """Start on this object's port and wait until ``GET ready_path`` answers 200."""
+        self.launch()
+        self.wait_until_answering(ready_path)
+
+    def launch(self) -> None:
+        """Start the process without waiting (several servers can then load their models at once)."""
         command = [sys.executable, "-m", "server.cli", "serve", "--model", str(self.model_dir)]
         command += ["--store", self.store_url, "--port", str(self.port), "--device", "cpu"]
         self.process = subprocess.Popen(
             command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, text=True
         )
+
+    def wait_until_answering(self, path: str = "/readyz") -> None:
+        """Wait until ``GET path`` answers 200; raise with the log's tail if the server exits or is late."""
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + self.ready_s
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited early:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.url}{path}", timeout=1.0).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the server did not become ready:\n{self.log_tail()}")
+                raise TimeoutError(f"the server did not answer {path}:\n{self.log_tail()}")
             time.sleep(0.1)
+
+    def terminate(self) -> None:
+        """Ask the server to stop without waiting (``stop`` waits); stopping several at once saves seconds."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
 
     def kill9(self) -> None:
         """SIGKILL: no shutdown code runs, as in a power cut of the process."""
@@ -77,7 +92,7 @@ class ServerProcess:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.terminate()
+        self.terminate()
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -116,5 +131,9 @@ class ServerProcess:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the server and drop its log."""
         self.stop()
         self._log.close()

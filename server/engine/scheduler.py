@@ -11,7 +11,6 @@ tenant, tasks take turns. Only requests whose prefix is resident are admitted; t
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -228,6 +227,3 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self._running += 1
         self._running_tokens += request.cost_tokens
-
-    def waiting_ids(self) -> Iterable[str]:
-        return [rid for rid, r in self._requests.items() if r.status is not RequestStatus.RUNNING]

@@ -102,9 +102,3 @@ class CompletionTracker:
                     held = size
                     break
         return len(self.text) - held
-
-
-def truncate_at_stop(text: str, stop_sequences: Sequence[str]) -> str:
-    """``text`` cut before the first stop sequence it contains."""
-    hits = [i for s in stop_sequences if (i := text.find(s)) >= 0]
-    return text[: min(hits)] if hits else text

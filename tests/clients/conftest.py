@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
+from bench.hardening.server_process import ServerProcess
 from prefix_store import encode_native
 from server.cli import main as cli
 from server.engine.base_model import BaseModel
-from tests.clients.server_process import ServerProcess
 from tests.peft_reference import make_peft_adapter
 from tests.server.api.live_server import free_port
 from tests.server.engine.helpers import random_prefix
@@ -94,6 +94,8 @@ def servers(
     )
     store_down = ServerProcess(demo_model_dir, f"redis://127.0.0.1:{redis_port}/0")
     try:
+        main.launch()
+        store_down.launch()
         main.wait_until_answering("/readyz")
         store_down.wait_until_answering("/healthz")  # it cannot become ready
         yield Servers(main.url, store_down.url)
@@ -101,7 +103,7 @@ def servers(
         for process in (main, store_down):
             process.terminate()
         for process in (main, store_down):
-            process.stop()
+            process.close()
 
 
 @pytest.fixture(scope="session")

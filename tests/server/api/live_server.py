@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
-import httpx
+from bench.hardening.server_process import ServerProcess, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["free_port", "live_server"]
 
 
 @contextmanager
@@ -30,49 +19,6 @@ def live_server(
 
     ``store`` is a folder (a filesystem store) or a store URL (``redis://…``).
     """
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--store",
-        store if isinstance(store, str) else store.resolve().as_uri(),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    url = f"http://127.0.0.1:{port}"
-    # the log goes to a file, not a pipe: a chatty server never blocks on a full pipe
-    with tempfile.TemporaryFile(mode="w+") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-            _wait_until_ready(process, url, log, timeout)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _wait_until_ready(process: subprocess.Popen, url: str, log: IO[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"server exited early:\n{log.read()[-5000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("server did not become ready")
-        time.sleep(0.2)
+    store_url = store if isinstance(store, str) else store.resolve().as_uri()
+    with ServerProcess(model_dir, store_url, env=env, ready_s=timeout) as server:
+        yield server.url
