@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e clients/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,12 +42,10 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: bench-engine bench-http
-bench-engine: $(STAMP)
-	$(BIN)/python -m bench.engine_bench --out bench/results/engine.json
-
-bench-http: $(STAMP)
-	$(BIN)/python -m bench.http_bench --out bench/results/http.json
+.PHONY: bench
+# the performance report of the README (about 15 minutes on 2 cores): tables, then JSON, CSV and PNG files
+bench: $(STAMP)
+	$(BIN)/prefix-serve bench --out bench/results/cpu
 
 # the hardening runs (README "Reliability"): each prints a summary and writes bench/results/hardening/*.json
 .PHONY: hardening

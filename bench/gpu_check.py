@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from peft import PrefixTuningConfig, get_peft_model
 
-from bench.engine_bench import build_model
 from prefix_store import Prefix
+from server.benchmark.models import build_model
 from server.engine.base_model import BaseModel
 from server.engine.batch import BatchRow, PrefixBatch
 from server.engine.core import EngineCore
@@ -162,9 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     # a wider weight init than the default makes the random model's choices decisive (large margins)
-    _, cpu32 = build_model(
-        seed=0, geometry=args.geometry, device="cpu", dtype=torch.float32, initializer_range=0.1
-    )
+    cpu32 = build_model(args.geometry, device="cpu", dtype=torch.float32, seed=0, initializer_range=0.1)
     dev32, dev16 = copy_to(cpu32, args.device, torch.float32), copy_to(cpu32, args.device, torch.bfloat16)
     requests = make_requests(cpu32)
     reference = solo_tokens(cpu32, requests)

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.hardening.server_process import ServerProcess
 from server.api.auth import Role, create_key
+from server.benchmark.server_process import ServerProcess
 from server.demo_model import ensure_demo_model
 
 TENANT = "hardening"

@@ -26,7 +26,7 @@ import httpx
 
 from bench.hardening.common import hardening_server, write_result
 from bench.hardening.prefixes import model_geometry, native_prefix, upload
-from bench.hardening.server_process import ServerProcess
+from server.benchmark.server_process import ServerProcess
 
 STABLE = "stable"  # an existing task each trial replaces
 UPLOADS_PER_TRIAL = 4  # new tasks per trial, besides the replacement

@@ -22,7 +22,7 @@ import httpx
 
 from bench.hardening.common import hardening_server, write_result
 from bench.hardening.prefixes import model_geometry, native_prefix, upload
-from bench.hardening.server_process import ServerProcess
+from server.benchmark.server_process import ServerProcess
 
 GAUGES = (
     "prefix_serve_running_requests",

@@ -52,7 +52,7 @@ from schemathesis.specs.openapi.checks import (
 
 from bench.hardening.common import hardening_server, write_result
 from bench.hardening.prefixes import model_geometry, native_prefix
-from bench.hardening.server_process import ServerProcess
+from server.benchmark.server_process import ServerProcess
 
 CHECKS = [
     not_a_server_error,

@@ -37,9 +37,9 @@ from bench.hardening.hostile import (
     peft_catalogue,
 )
 from bench.hardening.prefixes import model_geometry, native_prefix, peft_files, upload
-from bench.hardening.server_process import ServerProcess
 from prefix_store.geometry import ModelGeometry
 from prefix_store.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_MODEL_NAME
+from server.benchmark.server_process import ServerProcess
 
 VICTIM, NEWCOMER = "victim", "newcomer"  # a task that serves; a name that must never come to exist
 PROMPT = {"task_id": VICTIM, "prompt": "The hostile upload", "max_new_tokens": 4}

@@ -36,7 +36,7 @@ import httpx
 
 from bench.hardening.common import hardening_server, write_result
 from bench.hardening.prefixes import model_geometry, native_prefix, upload
-from bench.hardening.server_process import ServerProcess
+from server.benchmark.server_process import ServerProcess
 
 TASK = "swapped"
 PROMPTS = ["Once upon a time", "The weather today", "In the beginning", "A short story about"]

@@ -35,8 +35,8 @@ import httpx
 
 from bench.hardening.common import FUZZ_SETTINGS, TENANT, make_keys, write_result
 from bench.hardening.prefixes import model_geometry, native_prefix, upload
-from bench.hardening.server_process import ServerProcess
 from prefix_store.store import open_store
+from server.benchmark.server_process import ServerProcess
 from server.demo_model import ensure_demo_model
 from tests.redis_server import RedisServer
 

@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from server.cli import generate, keys, models, prefixes, serve, train
+from server.cli import bench, generate, keys, models, prefixes, serve, train
 
-COMMAND_MODULES = (serve, models, keys, prefixes, generate, train)
+COMMAND_MODULES = (serve, models, keys, prefixes, generate, train, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

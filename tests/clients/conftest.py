@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from bench.hardening.server_process import ServerProcess
 from prefix_store import encode_native
+from server.benchmark.server_process import ServerProcess
 from server.cli import main as cli
 from server.engine.base_model import BaseModel
 from tests.peft_reference import make_peft_adapter

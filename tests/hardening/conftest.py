@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from bench.hardening.common import hardening_server
-from bench.hardening.server_process import ServerProcess
+from server.benchmark.server_process import ServerProcess
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.hardening.server_process import ServerProcess, free_port
+from server.benchmark.server_process import ServerProcess, free_port
 
 __all__ = ["free_port", "live_server"]
 

@@ -1,0 +1,63 @@
+"""What one ``prefix-serve bench`` run measures, and on what (no torch here: the CLI parses options without it)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """Requests with prompt and output lengths drawn uniformly from inclusive ranges; seeded."""
+
+    requests: int = 48
+    prompt_tokens: tuple[int, int] = (16, 64)
+    new_tokens: tuple[int, int] = (32, 32)
+    seed: int = 1
+
+    def for_clients(self, clients: int) -> WorkloadSpec:
+        """The workload of a closed loop of ``clients``: 2-8 requests per client (``requests`` where it
+        falls in that range), so that low concurrency stays short and high concurrency reaches steady state."""
+        return replace(self, requests=max(2 * clients, min(self.requests, 8 * clients)))
+
+
+SECTIONS = ("baselines", "concurrency", "tasks", "prefix-length", "cache-budget", "http", "memory")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    geometry: str = "small"  # a name in models.GEOMETRIES
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 2  # torch CPU threads
+    repeats: int = 3  # runs per measurement; the median is reported
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    concurrency: int = 16  # clients of the baselines and of the tasks / prefix / cache curves
+    tasks: int = 8  # distinct tasks in the baselines' mix
+    arrival_rate: float | None = None  # requests/s of the open-loop runs; None: 70% of measured capacity
+    concurrency_curve: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    tasks_curve: tuple[int, ...] = (1, 8, 64, 512)
+    prefix_curve: tuple[int, ...] = (0, 8, 16, 32, 64, 128)
+    curve_prefix_tokens: int = 20  # the prefix length of the tasks and cache-budget curves
+    cache_curve: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # working set / registry budget
+    cache_tasks: int = 64  # the cache-budget curve's working set, in tasks
+    http_concurrency: tuple[int, ...] = (1, 4, 16, 32)
+    sections: tuple[str, ...] = SECTIONS
+    memory_budget_bytes: int = 4 << 30
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+QUICK = {  # `--quick`: every section on a tiny model in well under a minute (a smoke run, not numbers)
+    "geometry": "tiny",
+    "repeats": 1,
+    "workload": WorkloadSpec(requests=8, prompt_tokens=(4, 12), new_tokens=(4, 4)),
+    "concurrency": 4,
+    "tasks": 4,
+    "concurrency_curve": (1, 4),
+    "tasks_curve": (8, 512),
+    "prefix_curve": (0, 32),
+    "cache_curve": (0.5, 2.0),
+    "cache_tasks": 16,
+    "http_concurrency": (1, 4),
+}

@@ -1,0 +1,97 @@
+"""One benchmark run: the sections ``settings.sections`` names, in one process, on one model; returns the
+report (``report.write_report`` / ``print_report`` show it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from server.benchmark.baselines import Log, run_baselines
+from server.benchmark.curves import cache_budget_curve, concurrency_curve, prefix_length_curve, tasks_curve
+from server.benchmark.memory import memory_table
+from server.benchmark.models import build_model
+from server.benchmark.over_http import http_vs_in_process, remote_concurrency_curve
+from server.benchmark.settings import BenchSettings
+from server.benchmark.targets import evaluate
+
+
+def run_in_process(settings: BenchSettings, log: Log) -> dict[str, Any]:
+    """Build the random model and measure every section against its baselines."""
+    torch.set_num_threads(settings.threads)
+    base = build_model(settings.geometry, device=settings.device, dtype=getattr(torch, settings.dtype))
+    report: dict[str, Any] = {
+        "mode": "in-process",
+        "settings": settings.to_json(),
+        "machine": machine(settings),
+    }
+    sections = set(settings.sections)
+    curves: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="prefix-serve-bench-") as tmp:
+        workdir = Path(tmp)
+        if "baselines" in sections:
+            report["baselines"] = run_baselines(base, settings, log)
+        if "concurrency" in sections:
+            curves["concurrency"] = concurrency_curve(base, settings, log)
+        if "prefix-length" in sections:
+            curves["prefix-length"] = prefix_length_curve(base, settings, log)
+        if "tasks" in sections:
+            curves["tasks"] = tasks_curve(base, settings, workdir, log)
+        if "cache-budget" in sections:
+            curves["cache-budget"] = cache_budget_curve(base, settings, workdir, log)
+        report["curves"] = curves
+        if "http" in sections:
+            report["http"] = http_vs_in_process(base, settings, workdir, log)
+    if "memory" in sections:
+        report["memory"] = [dataclasses.asdict(row) for row in memory_table(settings.memory_budget_bytes)]
+    report["targets"] = [target.to_json() for target in evaluate(report, settings.concurrency)]
+    return report
+
+
+def run_remote(
+    settings: BenchSettings, url: str, api_key: str | None, task_ids: list[str] | None, log: Log
+) -> dict[str, Any]:
+    """Measure a running server: its concurrency curve over HTTP (no in-process baselines)."""
+    points, tasks = remote_concurrency_curve(url, api_key, task_ids, settings, log)
+    report: dict[str, Any] = {
+        "mode": "remote",
+        "url": url,
+        "tasks": tasks,
+        "settings": settings.to_json(),
+        "curves": {"concurrency": points},
+    }
+    if "memory" in settings.sections:
+        report["memory"] = [dataclasses.asdict(row) for row in memory_table(settings.memory_budget_bytes)]
+    return report
+
+
+def machine(settings: BenchSettings) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    facts: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if settings.device.startswith("cuda"):
+        facts["gpu"] = torch.cuda.get_device_name(torch.device(settings.device))
+    return facts
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,80 @@
+"""The issue's targets, evaluated on one run's results: a ratio, its threshold, PASS or FAIL. Throughput
+ratios are paired run by run (``timeline.paired_ratio``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.benchmark.timeline import paired_ratio
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None  # None: its section did not run
+    threshold: float
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "not run"
+        return "PASS" if self.value >= self.threshold else "FAIL"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "threshold": self.threshold, "verdict": self.verdict}
+
+
+def _paired(numerator: Mapping[str, Any] | None, denominator: Mapping[str, Any] | None) -> float | None:
+    """Throughput ratio of two summaries, paired run by run (``timeline.paired_ratio``)."""
+    if numerator is None or denominator is None:
+        return None
+    return paired_ratio(numerator["runs_tokens_per_s"], denominator["runs_tokens_per_s"])
+
+
+def _at(points: Sequence[Mapping[str, Any]], x: float) -> Mapping[str, Any] | None:
+    return next((p for p in points if p["x"] == x), None)
+
+
+def evaluate(report: Mapping[str, Any], concurrency: int) -> list[Target]:
+    """Targets from a report's ``baselines``, ``curves`` and ``http`` parts (missing parts: not run)."""
+    systems = report.get("baselines", {})
+    curves = report.get("curves", {})
+    http = {row["clients"]: row for row in report.get("http", [])}
+    mixed = systems.get("engine-mixed")
+    static, continuous = systems.get("static-varied"), systems.get("engine-varied")
+    prefix, tasks = curves.get("prefix-length", []), curves.get("tasks", [])
+    return [
+        Target(
+            "mixed tasks / one task, engine throughput", _paired(mixed, systems.get("engine-one-task")), 0.95
+        ),
+        Target(
+            f"engine ({concurrency} clients, mixed) / PEFT one at a time",
+            _paired(mixed, systems.get("peft-serial")),
+            5.0,
+        ),
+        Target(
+            f"engine ({concurrency} clients, mixed) / PEFT grouped by task",
+            _paired(mixed, systems.get("peft-grouped")),
+            1.5,
+        ),
+        Target(
+            "static / continuous batching, p50 latency",
+            static["p50_latency_s"] / continuous["p50_latency_s"] if static and continuous else None,
+            1.0,
+        ),
+        Target(
+            f"HTTP / in-process throughput ({concurrency} clients)",
+            http[concurrency]["http_over_in_process"] if concurrency in http else None,
+            0.9,
+        ),
+        Target(
+            "prefix of 32 virtual tokens / no prefix, throughput",
+            _paired(_at(prefix, 32), _at(prefix, 0)),
+            0.9,
+        ),
+        Target(
+            "512 tasks / 8 tasks (all resident), throughput", _paired(_at(tasks, 512), _at(tasks, 8)), 0.9
+        ),
+    ]

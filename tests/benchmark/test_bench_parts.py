@@ -1,0 +1,141 @@
+"""The benchmark's pure parts: options, workloads, percentiles, targets and the memory table."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.benchmark.baselines import mix_lengths
+from server.benchmark.memory import memory_table
+from server.benchmark.settings import QUICK, BenchSettings, WorkloadSpec
+from server.benchmark.targets import evaluate
+from server.benchmark.timeline import Timeline, paired_ratio, percentile
+from server.benchmark.workload import WORDS, sample_shapes, single_token_words
+from server.cli import build_parser
+from server.cli.bench import settings_from
+from server.demo_model import build_demo_tokenizer
+
+
+def _settings(*argv: str) -> BenchSettings:
+    return settings_from(build_parser().parse_args(["bench", *argv]))
+
+
+def test_options_override_defaults_and_quick() -> None:
+    assert _settings() == BenchSettings()
+    quick = _settings("--quick", "--requests", "12", "--new-tokens", "2-9", "--prefix-curve", "0,64")
+    assert quick.geometry == QUICK["geometry"] and quick.concurrency == QUICK["concurrency"]
+    assert quick.workload == WorkloadSpec(requests=12, prompt_tokens=(4, 12), new_tokens=(2, 9))
+    assert quick.prefix_curve == (0, 64)
+    assert _settings("--memory-budget-gib", "0.5").memory_budget_bytes == 1 << 29
+    assert _settings("--sections", "tasks,memory").sections == ("tasks", "memory")
+    assert _settings("--rate", "2.5").arrival_rate == 2.5
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--new-tokens", "9-2"],
+        ["--prompt-tokens", "0-4"],
+        ["--prompt-tokens", "a-b"],
+        ["--cache-curve", "1,x"],
+        ["--prefix-curve", "-8"],
+        ["--sections", "baselines,warp-drive"],
+        ["--geometry", "llama-405b"],
+    ],
+)
+def test_bad_options_are_refused_by_the_parser(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["bench", *argv])
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_workload_is_seeded_and_covers_tasks_evenly() -> None:
+    spec = WorkloadSpec(requests=40, prompt_tokens=(3, 7), new_tokens=(1, 5), seed=4)
+    shapes = sample_shapes(spec, ["a", "b", "c", "d"])
+    assert shapes == sample_shapes(spec, ["a", "b", "c", "d"])
+    assert [s.task_id for s in shapes[:5]] == ["a", "b", "c", "d", "a"]
+    assert all(3 <= s.prompt_length <= 7 and 1 <= s.max_new_tokens <= 5 for s in shapes)
+    assert len({s.request_id for s in shapes}) == 40
+    drawn = sample_shapes(spec, [f"t{i}" for i in range(512)], random_tasks=True)
+    assert len({s.task_id for s in drawn}) > 30
+
+
+def test_single_token_words_are_one_token_each() -> None:
+    tokenizer = build_demo_tokenizer()
+    words = single_token_words(tokenizer)
+    assert len(words) >= 20 and words != WORDS
+    assert all(len(tokenizer(f" {word}").input_ids) == 1 for word in words)
+
+
+def test_mix_lengths_spread_over_4_to_32() -> None:
+    assert mix_lengths(8) == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert mix_lengths(1) == [4]
+    assert mix_lengths(3) == [4, 18, 32]
+
+
+def test_paired_ratio_cancels_drift_between_pairs() -> None:
+    # the machine slows down 2x between pairs; within each pair a is 10% faster than b
+    assert paired_ratio([110.0, 55.0, 220.0], [100.0, 50.0, 200.0]) == pytest.approx(1.1)
+    assert paired_ratio([1.0, 3.0, 100.0], [1.0, 1.0, 1.0]) == 3.0  # the median: one outlier pair is ignored
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_closed_loops_send_two_to_eight_requests_per_client() -> None:
+    spec = WorkloadSpec(requests=48)
+    assert [spec.for_clients(c).requests for c in (1, 2, 4, 8, 16, 32, 64)] == [8, 16, 32, 48, 48, 64, 128]
+
+
+def test_percentiles_and_throughput() -> None:
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
+    timeline = Timeline(started=10.0, ended=12.0, submitted={"a": 10.0, "b": 10.5})
+    timeline.first_token, timeline.finished, timeline.tokens = (
+        {"a": 10.1, "b": 11.0},
+        {"a": 11.0, "b": 12.0},
+        30,
+    )
+    summary = timeline.summary()
+    assert summary["tokens_per_s"] == 15.0 and summary["requests"] == 2
+    assert summary["p50_latency_s"] == pytest.approx(1.25) and summary["p99_ttft_s"] <= 0.5
+
+
+def _summary(tokens_per_s: float, p50: float = 1.0) -> dict[str, object]:
+    return {"tokens_per_s": tokens_per_s, "p50_latency_s": p50, "runs_tokens_per_s": [tokens_per_s]}
+
+
+def test_targets_pass_fail_and_not_run() -> None:
+    report = {
+        "baselines": {
+            "engine-mixed": _summary(100.0),
+            "engine-one-task": _summary(110.0),
+            "peft-serial": _summary(10.0),
+            "peft-grouped": _summary(80.0),
+            "engine-varied": _summary(90.0, p50=2.0),
+            "static-varied": _summary(70.0, p50=3.0),
+        },
+        "curves": {"prefix-length": [{"x": 0, **_summary(50.0)}, {"x": 32, **_summary(46.0)}]},
+    }
+    verdicts = [(t.value, t.verdict) for t in evaluate(report, concurrency=16)]
+    assert verdicts == [
+        (pytest.approx(100 / 110), "FAIL"),
+        (10.0, "PASS"),
+        (1.25, "FAIL"),
+        (1.5, "PASS"),
+        (None, "not run"),  # no HTTP section
+        (pytest.approx(0.92), "PASS"),
+        (None, "not run"),  # no tasks curve
+    ]
+
+
+def test_memory_table_matches_the_published_shapes() -> None:
+    rows = {row.model: row for row in memory_table(budget_bytes=4 << 30)}
+    llama8b = rows["Llama-3.1-8B"]
+    assert llama8b.parameters == 8_030_261_248
+    assert llama8b.bytes_per_virtual_token == 2 * 32 * 8 * 128 * 2 == 128 * 1024
+    assert llama8b.bytes_per_prefix == 20 * 128 * 1024 and llama8b.prefixes_in_budget == 1638
+    assert rows["Llama-3.2-1B"].parameters == 1_235_814_400 and rows["Llama-3.2-1B"].geometry == "16x8x64"
+    assert rows["Llama-3.1-70B"].bytes_per_virtual_token == 2 * 80 * 8 * 128 * 2
+    assert rows["demo"].dtype == "float32" and rows["demo"].bytes_per_virtual_token == 2 * 4 * 2 * 16 * 4
+    assert all(row.prefix_share_of_weights < 0.05 for row in rows.values())

@@ -1,0 +1,157 @@
+"""``prefix-serve bench`` end to end: a quick in-process run (a real server process for the HTTP
+section) and a run against a running server (``--url``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+from pathlib import Path
+
+import httpx
+import pytest
+
+from prefix_store import encode_native
+from server.benchmark.models import build_model, random_prefixes
+from server.benchmark.server_process import ServerProcess
+from server.benchmark.settings import QUICK
+from server.cli import main
+from server.engine.base_model import load_base_model
+
+BASELINES = {
+    "engine-mixed",
+    "engine-one-task",
+    "peft-serial",
+    "peft-grouped",
+    "engine-varied",
+    "static-varied",
+    "engine-varied-open",
+    "static-varied-open",
+}
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    return main(["bench", "--quick", "--out", str(out)]), out
+
+
+def test_quick_run_measures_every_section(quick_run: tuple[int, Path]) -> None:
+    status, out = quick_run
+    assert status == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "in-process" and report["machine"]["cpus"] >= 1
+    assert set(report["baselines"]) == BASELINES
+    requests, new_tokens = QUICK["workload"].requests, QUICK["workload"].new_tokens[0]
+    for name in ("engine-mixed", "engine-one-task", "peft-serial", "peft-grouped"):
+        summary = report["baselines"][name]
+        assert summary["requests"] == requests and summary["tokens"] == requests * new_tokens, name
+        assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["wall_s"])
+        assert 0 < summary["p50_latency_s"] <= summary["p99_latency_s"] <= summary["wall_s"]
+    assert report["baselines"]["engine-varied-open"]["arrival_rate"] > 0
+    curves = report["curves"]
+    for name, key in (
+        ("concurrency", "concurrency_curve"),
+        ("tasks", "tasks_curve"),
+        ("prefix-length", "prefix_curve"),
+        ("cache-budget", "cache_curve"),
+    ):
+        assert [p["x"] for p in curves[name]] == list(QUICK[key]), name
+        assert all(p["tokens_per_s"] > 0 and p["requests"] > 0 for p in curves[name]), name
+    assert curves["prefix-length"][0]["relative"] == 1.0  # no prefix is the reference
+    hit_rates = [p["hit_rate"] for p in curves["cache-budget"]]
+    assert hit_rates[0] == 1.0 > hit_rates[-1]  # all fits at 0.5x; at 2x some acquires must load
+    assert [row["clients"] for row in report["http"]] == list(QUICK["http_concurrency"])
+    for row in report["http"]:
+        assert row["http"]["tokens"] > 0 and row["in_process"]["tokens"] > 0
+        assert row["http_over_in_process"] == pytest.approx(
+            row["http"]["tokens_per_s"] / row["in_process"]["tokens_per_s"]
+        )
+    assert [row["model"] for row in report["memory"]] == [
+        "demo",
+        "Llama-3.2-1B",
+        "Llama-3.1-8B",
+        "Llama-3.1-70B",
+    ]
+
+
+def test_targets_are_the_ratios_of_the_same_run(quick_run: tuple[int, Path]) -> None:
+    _, out = quick_run
+    report = json.loads((out / "report.json").read_text())
+    targets = {t["name"]: t for t in report["targets"]}
+    assert len(targets) == 7
+    tps = {name: s["tokens_per_s"] for name, s in report["baselines"].items()}
+    mixed_vs_one = next(t for name, t in targets.items() if name.startswith("mixed tasks / one task"))
+    assert mixed_vs_one["value"] == pytest.approx(tps["engine-mixed"] / tps["engine-one-task"])
+    serial = next(t for name, t in targets.items() if "PEFT one at a time" in name)
+    assert serial["value"] == pytest.approx(tps["engine-mixed"] / tps["peft-serial"])
+    prefix = {p["x"]: p["tokens_per_s"] for p in report["curves"]["prefix-length"]}
+    prefix_target = next(t for name, t in targets.items() if name.startswith("prefix of 32"))
+    assert prefix_target["value"] == pytest.approx(prefix[32] / prefix[0])
+    for target in targets.values():
+        assert target["value"] is not None, target["name"]  # --quick runs every section
+        assert target["verdict"] == ("PASS" if target["value"] >= target["threshold"] else "FAIL")
+
+
+def test_tables_are_written_as_csv_and_curves_as_plots(quick_run: tuple[int, Path]) -> None:
+    _, out = quick_run
+    with (out / "baselines.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {row["system"] for row in rows} == BASELINES
+    assert all(float(row["tokens_per_s"]) > 0 for row in rows)
+    with (out / "targets.csv").open() as f:
+        assert {row["verdict"] for row in csv.DictReader(f)} <= {"PASS", "FAIL"}
+    with (out / "memory.csv").open() as f:
+        llama8b = next(row for row in csv.DictReader(f) if row["model"] == "Llama-3.1-8B")
+    assert int(llama8b["bytes_per_prefix"]) == 20 * 2 * 32 * 8 * 128 * 2
+    for name in ("concurrency", "tasks", "prefix-length", "cache-budget"):
+        with (out / f"curve-{name}.csv").open() as f:
+            assert len(list(csv.DictReader(f))) == 2
+        assert _png_size(out / f"curve-{name}.png") == (1000, 400)
+    assert _png_size(out / "http.png") == (600, 400)
+
+
+def test_remote_mode_measures_a_running_server(tmp_path: Path, demo_model_dir: Path) -> None:
+    base = load_base_model(str(demo_model_dir))
+    (prefix,) = random_prefixes(base, [6], seed=5)
+    with ServerProcess(demo_model_dir, (tmp_path / "store").as_uri()) as server:
+        blob = encode_native(prefix, base.geometry)
+        httpx.put(
+            f"{server.url}/v1/admin/prefixes/remote-task", files={"file": ("p", blob)}
+        ).raise_for_status()
+        args = ["bench", "--url", server.url, "--concurrency-curve", "1,2", "--requests", "4"]
+        args += [
+            "--new-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--sections",
+            "concurrency",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+        assert main(args) == 0
+        served = server.counter(
+            "prefix_serve_http_requests_total", method="POST", route="/v1/generate", status="200"
+        )
+        generated = server.gauges()["prefix_serve_generated_tokens_total"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["mode"] == "remote" and report["tasks"] == ["remote-task"]
+    points = report["curves"]["concurrency"]
+    assert [p["x"] for p in points] == [1, 2] and all(p["requests"] == 4 for p in points)
+    assert served == 2 + 4 + 4  # the warm-up's two requests, then each point's four
+    measured = sum(p["tokens"] for p in points)
+    assert 0 < measured <= 8 * 3 and measured <= generated
+    assert "targets" not in report and _png_size(tmp_path / "out" / "curve-concurrency.png")[0] == 1000
+
+
+def test_build_model_geometries_share_the_demo_tokenizer() -> None:
+    base = build_model("tiny")
+    assert base.geometry.num_layers == 2 and base.geometry.num_kv_heads == 2
+    assert base.model.config.vocab_size == len(base.tokenizer)
