@@ -43,7 +43,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 .PHONY: bench
-# the performance report of the README (about 15 minutes on 2 cores): tables, then JSON, CSV and PNG files
+# the performance report of the README (about 12 minutes on 2 cores): tables, then JSON, CSV and PNG files
 bench: $(STAMP)
 	$(BIN)/prefix-serve bench --out bench/results/cpu
 
