@@ -29,13 +29,12 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,149 +44,23 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from prefix_store import ModelGeometry, Prefix, PrefixLimits, encode_native  # noqa: E402
-from prefix_store.loading import fetch_prefix, place_prefix  # noqa: E402
+from prefix_store import ModelGeometry  # noqa: E402
 from prefix_store.registry import PrefixRegistry  # noqa: E402
 from prefix_store.store import PrefixStore, open_store  # noqa: E402
+from server.benchmark.store_costs import (  # noqa: E402
+    NUM_VIRTUAL_TOKENS,
+    TENANT,
+    measure_load,
+    measure_thrash,
+    prefix_blobs,
+    registry_for,
+    summary_ms,
+    sync,
+)
 
 GEOMETRY = ModelGeometry(model_type="llama", num_layers=32, num_kv_heads=8, head_dim=128)
-NUM_VIRTUAL_TOKENS = 20
 DTYPE = torch.bfloat16
 PREFIX_BYTES = NUM_VIRTUAL_TOKENS * GEOMETRY.bytes_per_virtual_token(2)
-TENANT = "bench"
-
-
-def make_blobs(count: int) -> list[bytes]:
-    generator = torch.Generator().manual_seed(0)
-    shape = GEOMETRY.prefix_shape(NUM_VIRTUAL_TOKENS)
-    return [
-        encode_native(
-            Prefix(
-                torch.randn(shape, generator=generator).to(DTYPE),
-                torch.randn(shape, generator=generator).to(DTYPE),
-            ),
-            GEOMETRY,
-        )
-        for _ in range(count)
-    ]
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def summary_ms(samples: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": percentile(samples, 50) * 1e3,
-        "p99_ms": percentile(samples, 99) * 1e3,
-        "mean_ms": statistics.fmean(samples) * 1e3,
-        "n": len(samples),
-    }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def registry_for(
-    store: PrefixStore, device: torch.device, budget_prefixes: int, **options: Any
-) -> PrefixRegistry:
-    return PrefixRegistry(
-        store,
-        GEOMETRY,
-        device=device,
-        dtype=DTYPE,
-        limits=PrefixLimits(),
-        budget_bytes=budget_prefixes * PREFIX_BYTES,
-        **options,
-    )
-
-
-def raw_reader(store: PrefixStore) -> Callable[[str], bytes]:
-    """Read a blob the plainest way the backend allows, bypassing the store's code."""
-    if hasattr(store, "root"):
-        root = store.root  # type: ignore[attr-defined]
-        return lambda sha: (root / "blobs" / sha[:2] / f"{sha}.safetensors").read_bytes()
-    client, namespace = store._redis, store.namespace  # type: ignore[attr-defined]
-    return lambda sha: client.get(f"{namespace}:blob:{sha}")
-
-
-def bench_load(store: PrefixStore, device: torch.device, blobs: list[bytes], samples: int) -> dict[str, Any]:
-    tasks = [f"load-{i}" for i in range(16)]
-    records = [
-        store.put(TENANT, t, blobs[i % len(blobs)], num_virtual_tokens=20, source_format="native")[0]
-        for i, t in enumerate(tasks)
-    ]
-    read_raw = raw_reader(store)
-    parts: dict[str, list[float]] = {
-        k: [] for k in ("acquire", "raw_read", "head", "get_blob", "decode_cast", "place")
-    }
-    with registry_for(
-        store, device, budget_prefixes=1, prefetch_on_change=False, reconcile_interval_s=None
-    ) as registry:
-        for i in range(samples + 10):  # the first 10 warm up
-            task, record = tasks[i % len(tasks)], records[i % len(tasks)]
-            started = time.perf_counter()
-            read_raw(record.sha256)
-            raw = time.perf_counter() - started
-            started = time.perf_counter()
-            handle = registry.acquire(TENANT, task)
-            sync(device)
-            acquire = time.perf_counter() - started
-            registry.release(handle)
-            # the parts, measured on their own right after
-            t0 = time.perf_counter()
-            store.head(TENANT, task)
-            t1 = time.perf_counter()
-            store.get_blob(record)
-            t2 = time.perf_counter()
-            cpu = fetch_prefix(store, record, GEOMETRY, PrefixLimits(), DTYPE)
-            t3 = time.perf_counter()
-            place_prefix(cpu, device)
-            sync(device)
-            t4 = time.perf_counter()
-            if i >= 10:
-                for name, value in (
-                    ("acquire", acquire),
-                    ("raw_read", raw),
-                    ("head", t1 - t0),
-                    ("get_blob", t2 - t1),
-                    ("decode_cast", (t3 - t2) - (t2 - t1)),
-                    ("place", t4 - t3),
-                ):
-                    parts[name].append(value)
-        stats = registry.stats()
-        assert stats.misses == samples + 10 and stats.hits == 0, stats
-    result = {name: summary_ms(values) for name, values in parts.items()}
-    result["ratio_p50"] = result["acquire"]["p50_ms"] / result["raw_read"]["p50_ms"]
-    result["ratio_p99"] = result["acquire"]["p99_ms"] / result["raw_read"]["p99_ms"]
-    return result
-
-
-def bench_thrash(store: PrefixStore, device: torch.device, blobs: list[bytes], rounds: int) -> dict[str, Any]:
-    budget = 8
-    tasks = [f"thrash-{i}" for i in range(2 * budget)]
-    for i, task in enumerate(tasks):
-        store.put(TENANT, task, blobs[i % len(blobs)], num_virtual_tokens=20, source_format="native")
-    result: dict[str, Any] = {}
-    for name, working_set in (("all_resident", tasks[:budget]), ("working_set_2x_budget", tasks)):
-        with registry_for(store, device, budget_prefixes=budget, reconcile_interval_s=None) as registry:
-            for task in working_set:
-                registry.release(registry.acquire(TENANT, task))
-            count = rounds * len(tasks)
-            started = time.perf_counter()
-            for i in range(count):
-                registry.release(registry.acquire(TENANT, working_set[i % len(working_set)]))
-            sync(device)
-            elapsed = time.perf_counter() - started
-            stats = registry.stats()
-            result[name] = {"acquires_per_s": count / elapsed, "hits": stats.hits, "misses": stats.misses}
-    result["slowdown"] = (
-        result["all_resident"]["acquires_per_s"] / result["working_set_2x_budget"]["acquires_per_s"]
-    )
-    return result
 
 
 class Replica:
@@ -255,7 +128,7 @@ def bench_visibility(
 
 def run_replica(url: str, device: torch.device) -> None:
     store = open_store(url)
-    registry = registry_for(store, device, budget_prefixes=16)
+    registry = registry_for(store, GEOMETRY, DTYPE, device, budget_prefixes=16)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         command, *args = line.split()
@@ -401,7 +274,7 @@ def main() -> None:
     if args.replica:
         run_replica(args.replica, device)
         return
-    blobs = make_blobs(8)
+    blobs = prefix_blobs(GEOMETRY, DTYPE, 8)
     results: dict[str, Any] = {
         "device": str(device),
         "torch": torch.__version__,
@@ -412,9 +285,9 @@ def main() -> None:
     for name in args.backends.split(","):
         with backend_url(name, args.redis_url) as url, open_store(url) as store:
             print(f"[{name}] load ...", file=sys.stderr, flush=True)
-            load = bench_load(store, device, blobs, args.samples)
+            load = measure_load(store, GEOMETRY, DTYPE, device, blobs, args.samples)
             print(f"[{name}] thrash ...", file=sys.stderr, flush=True)
-            thrash = bench_thrash(store, device, blobs, args.thrash_rounds)
+            thrash = measure_thrash(store, GEOMETRY, DTYPE, device, blobs, args.thrash_rounds)
             # the file store's other replicas learn by reconcile (1 s): fewer trials keep the run short
             trials = args.visibility_trials if name == "redis" else max(5, args.visibility_trials // 3)
             print(f"[{name}] visibility ({trials} trials) ...", file=sys.stderr, flush=True)

@@ -4,33 +4,14 @@ not depend on the weights' values, so a benchmark needs no download."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefix_store import ModelGeometry, Prefix
+from server.benchmark.settings import GEOMETRIES
 from server.demo_model import build_demo_tokenizer
 from server.engine.base_model import BaseModel
-
-
-@dataclass(frozen=True)
-class LlamaShape:
-    """The sizes that set a Llama model's cost."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    mlp: int
-
-
-GEOMETRIES = {
-    "tiny": LlamaShape(hidden=128, layers=2, heads=4, kv_heads=2, mlp=344),
-    "small": LlamaShape(hidden=512, layers=8, heads=8, kv_heads=4, mlp=1376),  # ~25M parameters: the CPU run
-    "llama-1b": LlamaShape(hidden=2048, layers=16, heads=32, kv_heads=8, mlp=8192),
-    "llama-8b": LlamaShape(hidden=4096, layers=32, heads=32, kv_heads=8, mlp=14336),
-}
 
 
 def build_model(

@@ -20,12 +20,31 @@ class WorkloadSpec:
         return replace(self, requests=max(2 * clients, min(self.requests, 8 * clients)))
 
 
-SECTIONS = ("baselines", "concurrency", "tasks", "prefix-length", "cache-budget", "http", "memory")
+@dataclass(frozen=True)
+class LlamaShape:
+    """The sizes that set a Llama model's cost."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mlp: int
+
+
+GEOMETRIES = {
+    "tiny": LlamaShape(hidden=128, layers=2, heads=4, kv_heads=2, mlp=344),
+    "small": LlamaShape(hidden=512, layers=8, heads=8, kv_heads=4, mlp=1376),  # ~25M parameters: the CPU run
+    "llama-1b": LlamaShape(hidden=2048, layers=16, heads=32, kv_heads=8, mlp=8192),
+    "llama-8b": LlamaShape(hidden=4096, layers=32, heads=32, kv_heads=8, mlp=14336),
+}
+
+
+SECTIONS = ("baselines", "concurrency", "tasks", "prefix-length", "cache-budget", "http", "store", "memory")
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    geometry: str = "small"  # a name in models.GEOMETRIES
+    geometry: str = "small"  # a name in GEOMETRIES
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 2  # torch CPU threads
@@ -41,6 +60,9 @@ class BenchSettings:
     cache_curve: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # working set / registry budget
     cache_tasks: int = 64  # the cache-budget curve's working set, in tasks
     http_concurrency: tuple[int, ...] = (1, 4, 16, 32)
+    store_samples: int = 100  # loads on a miss timed per store backend
+    store_thrash_rounds: int = 10  # passes over the thrash working set
+    redis_url: str | None = None  # also measure this Redis store (its keys are written to)
     sections: tuple[str, ...] = SECTIONS
     memory_budget_bytes: int = 4 << 30
 
@@ -60,4 +82,6 @@ QUICK = {  # `--quick`: every section on a tiny model in well under a minute (a 
     "cache_curve": (0.5, 2.0),
     "cache_tasks": 16,
     "http_concurrency": (1, 4),
+    "store_samples": 10,
+    "store_thrash_rounds": 2,
 }

@@ -19,6 +19,7 @@ from server.benchmark.memory import memory_table
 from server.benchmark.models import build_model
 from server.benchmark.over_http import http_vs_in_process, remote_concurrency_curve
 from server.benchmark.settings import BenchSettings
+from server.benchmark.store_costs import measure_stores
 from server.benchmark.targets import evaluate
 
 
@@ -48,6 +49,19 @@ def run_in_process(settings: BenchSettings, log: Log) -> dict[str, Any]:
         report["curves"] = curves
         if "http" in sections:
             report["http"] = http_vs_in_process(base, settings, workdir, log)
+        if "store" in sections:
+            urls = {"filesystem": (workdir / "store-costs").as_uri()}
+            if settings.redis_url:
+                urls["redis"] = settings.redis_url
+            log(f"store: load and thrash on {', '.join(urls)}")
+            report["store"] = measure_stores(
+                urls,
+                base.geometry,
+                base.dtype,
+                base.device,
+                samples=settings.store_samples,
+                rounds=settings.store_thrash_rounds,
+            )
     if "memory" in sections:
         report["memory"] = [dataclasses.asdict(row) for row in memory_table(settings.memory_budget_bytes)]
     report["targets"] = [target.to_json() for target in evaluate(report, settings.concurrency)]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
-from server.benchmark.settings import QUICK, SECTIONS, BenchSettings
+from server.benchmark.settings import GEOMETRIES, QUICK, SECTIONS, BenchSettings
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -24,17 +24,39 @@ def _range(text: str) -> tuple[int, int]:
     return bounds
 
 
-def _numbers(kind: type) -> Callable[[str], tuple]:
+def _numbers(kind: type, minimum: float) -> Callable[[str], tuple]:
+    """A comma-separated list of numbers, each at least ``minimum``."""
+
     def parse(text: str) -> tuple:
         try:
             values = tuple(kind(v) for v in text.split(","))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-        if any(v < 0 for v in values):
-            raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
+        if any(not v >= minimum for v in values):  # `not >=` also refuses nan
+            raise argparse.ArgumentTypeError(f"expected numbers >= {minimum:g}, got {text!r}")
         return values
 
     return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _sections(text: str) -> tuple[str, ...]:
@@ -62,34 +84,41 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--check", action="store_true", help="exit with status 1 if a target fails")
     bench.add_argument("--sections", type=_sections, help=f"comma-separated subset of {','.join(SECTIONS)}")
     model = bench.add_argument_group("model")
-    model.add_argument("--geometry", choices=["tiny", "small", "llama-1b", "llama-8b"], help="(small)")
+    model.add_argument("--geometry", choices=list(GEOMETRIES), help="(small)")
     model.add_argument("--device", help="cpu, cuda, cuda:1 ... (cpu)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="(float32)")
-    model.add_argument("--threads", type=int, help="torch CPU threads (2)")
+    model.add_argument("--threads", type=_positive, help="torch CPU threads (2)")
     work = bench.add_argument_group("workload")
-    work.add_argument("--requests", type=int, help="requests per run (48)")
+    work.add_argument("--requests", type=_positive, help="requests per run (48)")
     work.add_argument(
         "--prompt-tokens", type=_range, metavar="MIN-MAX", help="prompt lengths, uniform (16-64)"
     )
     work.add_argument("--new-tokens", type=_range, metavar="MIN-MAX", help="output lengths, uniform (32)")
-    work.add_argument("--concurrency", type=int, help="closed-loop clients of the baselines (16)")
-    work.add_argument("--tasks", type=int, help="distinct tasks in the baselines' mix (8)")
+    work.add_argument("--concurrency", type=_positive, help="closed-loop clients of the baselines (16)")
+    work.add_argument("--tasks", type=_positive, help="distinct tasks in the baselines' mix (8)")
     work.add_argument(
-        "--rate", type=float, dest="arrival_rate", help="open-loop requests/s (70%% of capacity)"
+        "--rate", type=_positive_number, dest="arrival_rate", help="open-loop requests/s (70%% of capacity)"
     )
-    work.add_argument("--repeats", type=int, help="runs per measurement, median reported (3)")
+    work.add_argument("--repeats", type=_positive, help="runs per measurement, median reported (3)")
     curves = bench.add_argument_group("curves")
     curves.add_argument(
-        "--concurrency-curve", type=_numbers(int), metavar="N,N,...", help="(1,2,4,8,16,32,64)"
+        "--concurrency-curve", type=_numbers(int, 1), metavar="N,N,...", help="(1,2,4,8,16,32,64)"
     )
-    curves.add_argument("--tasks-curve", type=_numbers(int), metavar="N,N,...", help="(1,8,64,512)")
-    curves.add_argument("--prefix-curve", type=_numbers(int), metavar="N,N,...", help="(0,8,16,32,64,128)")
+    curves.add_argument("--tasks-curve", type=_numbers(int, 1), metavar="N,N,...", help="(1,8,64,512)")
+    curves.add_argument("--prefix-curve", type=_numbers(int, 0), metavar="N,N,...", help="(0,8,16,32,64,128)")
     curves.add_argument(
-        "--cache-curve", type=_numbers(float), metavar="X,X,...", help="working set / budget (0.5,1,2,4)"
+        "--cache-curve",
+        type=_numbers(float, 0.01),
+        metavar="X,X,...",
+        help="working set / budget (0.5,1,2,4)",
     )
-    curves.add_argument("--cache-tasks", type=int, help="the cache curve's working set, in tasks (64)")
-    curves.add_argument("--http-concurrency", type=_numbers(int), metavar="N,N,...", help="(1,4,16,32)")
-    curves.add_argument("--memory-budget-gib", type=float, help="budget of the memory table (4)")
+    curves.add_argument("--cache-tasks", type=_positive, help="the cache curve's working set, in tasks (64)")
+    curves.add_argument("--http-concurrency", type=_numbers(int, 1), metavar="N,N,...", help="(1,4,16,32)")
+    curves.add_argument("--store-samples", type=_positive, help="loads on a miss timed per store (100)")
+    curves.add_argument(
+        "--redis-url", help="also measure the Redis store at this URL (keys of tenant 'bench' are written)"
+    )
+    curves.add_argument("--memory-budget-gib", type=_positive_number, help="budget of the memory table (4)")
     remote = bench.add_argument_group("a running server")
     remote.add_argument("--url", help="measure this server over HTTP instead (its concurrency curve)")
     remote.add_argument(
@@ -112,13 +141,9 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
     if args.memory_budget_gib is not None:
         given["memory_budget_bytes"] = int(args.memory_budget_gib * (1 << 30))
     workload = {
-        name: getattr(args, option)
-        for name, option in (
-            ("requests", "requests"),
-            ("prompt_tokens", "prompt_tokens"),
-            ("new_tokens", "new_tokens"),
-        )
-        if getattr(args, option) is not None
+        name: getattr(args, name)
+        for name in ("requests", "prompt_tokens", "new_tokens")
+        if getattr(args, name) is not None
     }
     return replace(settings, **given, workload=replace(settings.workload, **workload))
 

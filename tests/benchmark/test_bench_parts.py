@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.benchmark.baselines import mix_lengths
 from server.benchmark.memory import memory_table
+from server.benchmark.report import write_report
 from server.benchmark.settings import QUICK, BenchSettings, WorkloadSpec
+from server.benchmark.tables import markdown, report_tables
 from server.benchmark.targets import evaluate
 from server.benchmark.timeline import Timeline, paired_ratio, percentile
 from server.benchmark.workload import WORDS, sample_shapes, single_token_words
@@ -40,6 +44,13 @@ def test_options_override_defaults_and_quick() -> None:
         ["--prefix-curve", "-8"],
         ["--sections", "baselines,warp-drive"],
         ["--geometry", "llama-405b"],
+        ["--requests", "0"],
+        ["--concurrency", "-3"],
+        ["--repeats", "two"],
+        ["--rate", "nan"],
+        ["--memory-budget-gib", "0"],
+        ["--concurrency-curve", "0,4"],
+        ["--cache-curve", "0,1"],
     ],
 )
 def test_bad_options_are_refused_by_the_parser(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,3 +150,48 @@ def test_memory_table_matches_the_published_shapes() -> None:
     assert rows["Llama-3.1-70B"].bytes_per_virtual_token == 2 * 80 * 8 * 128 * 2
     assert rows["demo"].dtype == "float32" and rows["demo"].bytes_per_virtual_token == 2 * 4 * 2 * 16 * 4
     assert all(row.prefix_share_of_weights < 0.05 for row in rows.values())
+
+
+def test_a_report_folder_holds_one_run(tmp_path: Path) -> None:
+    (tmp_path / "http.png").write_bytes(b"an earlier run's plot")
+    (tmp_path / "notes.txt").write_text("mine")
+    memory = [
+        {
+            "model": "m",
+            "geometry": "1x1x1",
+            "dtype": "float32",
+            "bytes_per_virtual_token": 8,
+            "bytes_per_prefix": 160,
+            "prefix_share_of_weights": 0.5,
+            "prefixes_in_budget": 3,
+        }
+    ]
+    written = write_report({"mode": "remote", "url": "u", "memory": memory}, tmp_path)
+    assert sorted(p.name for p in written) == ["memory.csv", "report.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "memory.csv",
+        "notes.txt",
+        "report.json",
+        "report.md",
+    ]
+
+
+def test_markdown_tables_align_numbers_right_and_escape_pipes() -> None:
+    targets = [
+        {"name": "a | b", "value": 0.9512, "threshold": 0.95, "verdict": "PASS"},
+        {"name": "c", "value": None, "threshold": 5.0, "verdict": "not run"},
+    ]
+    text = markdown(report_tables({"targets": targets, "curves": {"tasks": []}}))
+    assert text.splitlines() == [
+        "**curve: tasks**",
+        "",
+        "| distinct tasks in the mix | tok/s | p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s | requests |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "",
+        "**targets**",
+        "",
+        "| target | measured | threshold | verdict |",
+        "| --- | ---: | ---: | ---: |",
+        "| a \\| b | 0.951 | ≥ 0.95 | PASS |",
+        "| c | - | ≥ 5 | not run |",
+    ]

@@ -17,6 +17,7 @@ from server.benchmark.server_process import ServerProcess
 from server.benchmark.settings import QUICK
 from server.cli import main
 from server.engine.base_model import load_base_model
+from tests.redis_server import running_redis
 
 BASELINES = {
     "engine-mixed",
@@ -107,6 +108,9 @@ def test_tables_are_written_as_csv_and_curves_as_plots(quick_run: tuple[int, Pat
     assert all(float(row["tokens_per_s"]) > 0 for row in rows)
     with (out / "targets.csv").open() as f:
         assert {row["verdict"] for row in csv.DictReader(f)} <= {"PASS", "FAIL"}
+    with (out / "store.csv").open() as f:
+        (store_row,) = csv.DictReader(f)
+    assert store_row["backend"] == "filesystem" and float(store_row["load_p50_ms"]) > 0
     with (out / "memory.csv").open() as f:
         llama8b = next(row for row in csv.DictReader(f) if row["model"] == "Llama-3.1-8B")
     assert int(llama8b["bytes_per_prefix"]) == 20 * 2 * 32 * 8 * 128 * 2
@@ -115,6 +119,10 @@ def test_tables_are_written_as_csv_and_curves_as_plots(quick_run: tuple[int, Pat
             assert len(list(csv.DictReader(f))) == 2
         assert _png_size(out / f"curve-{name}.png") == (1000, 400)
     assert _png_size(out / "http.png") == (600, 400)
+    text = (out / "report.md").read_text()
+    for title in ("**systems (same run)**", "**curve: cache-budget**", "**prefix memory", "**targets**"):
+        assert title in text
+    assert text.count("| PASS |") + text.count("| FAIL |") == 7
 
 
 def test_remote_mode_measures_a_running_server(tmp_path: Path, demo_model_dir: Path) -> None:
@@ -149,6 +157,18 @@ def test_remote_mode_measures_a_running_server(tmp_path: Path, demo_model_dir: P
     measured = sum(p["tokens"] for p in points)
     assert 0 < measured <= 8 * 3 and measured <= generated
     assert "targets" not in report and _png_size(tmp_path / "out" / "curve-concurrency.png")[0] == 1000
+
+
+def test_store_section_measures_a_real_redis(tmp_path: Path) -> None:
+    with running_redis(tmp_path / "redis") as redis_server:
+        args = ["bench", "--quick", "--sections", "store", "--redis-url", redis_server.url]
+        assert main([*args, "--store-samples", "5", "--out", str(tmp_path / "out")]) == 0
+        # what the section wrote is in this Redis: 16 load tasks and 16 thrash tasks of tenant "bench"
+        assert len(list(redis_server.client().scan_iter("prefix-serve:rec:bench:*"))) == 32
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["store"]) == {"filesystem", "redis"}
+    assert report["store"]["redis"]["load"]["acquire"]["n"] == 5
+    assert all(t["verdict"] == "not run" for t in report["targets"])
 
 
 def test_build_model_geometries_share_the_demo_tokenizer() -> None:

@@ -1,0 +1,179 @@
+"""A report's tables as plain rows of text, rendered by ``report`` on the terminal (rich) and as
+Markdown (``report.md``): one place decides what each table shows and how its numbers read."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+CURVE_AXES = {  # curve name -> (x label, log-scaled x)
+    "concurrency": ("concurrent clients", True),
+    "prefix-length": ("virtual tokens per prefix", False),
+    "tasks": ("distinct tasks in the mix", True),
+    "cache-budget": ("working set / registry budget", True),
+}
+SUMMARY_KEYS = ("tokens_per_s", "p50_latency_s", "p99_latency_s", "p50_ttft_s", "p99_ttft_s", "requests")
+SUMMARY_COLUMNS = ("tok/s", "p50 latency s", "p99 latency s", "p50 TTFT s", "p99 TTFT s", "requests")
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    title: str
+    columns: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    text_columns: int = 1  # the first columns are names (left-aligned); the rest numbers
+
+
+def report_tables(report: Mapping[str, Any]) -> list[ReportTable]:
+    """Every table of a report, in reading order; the targets last."""
+    tables = []
+    if report.get("baselines"):
+        rows = [[name, *_summary_cells(s)] for name, s in report["baselines"].items()]
+        tables.append(ReportTable("systems (same run)", ["system", *SUMMARY_COLUMNS], rows))
+    for name, points in report.get("curves", {}).items():
+        extra = [key for key in ("relative", "hit_rate") if points and key in points[0]]
+        rows = [[number(p["x"]), *_summary_cells(p), *(number(p[k]) for k in extra)] for p in points]
+        columns = [
+            CURVE_AXES.get(name, (name, False))[0],
+            *SUMMARY_COLUMNS,
+            *(k.replace("_", " ") for k in extra),
+        ]
+        tables.append(ReportTable(f"curve: {name}", columns, rows))
+    if report.get("http"):
+        rows = [
+            [
+                str(row["clients"]),
+                number(row["http"]["tokens_per_s"]),
+                number(row["in_process"]["tokens_per_s"]),
+                number(row["http_over_in_process"]),
+                number(row["http"]["p50_latency_s"]),
+                number(row["http"]["p99_latency_s"]),
+            ]
+            for row in report["http"]
+        ]
+        columns = [
+            "clients",
+            "HTTP tok/s",
+            "in-process tok/s",
+            "HTTP / in-process",
+            "HTTP p50 s",
+            "HTTP p99 s",
+        ]
+        tables.append(ReportTable("HTTP vs in-process (same run)", columns, rows, text_columns=0))
+    if report.get("store"):
+        rows = [
+            [r["backend"], *(number(v) for k, v in r.items() if k != "backend")]
+            for r in store_rows(report["store"])
+        ]
+        columns = [
+            "backend",
+            "prefix bytes",
+            "load p50 ms",
+            "load p99 ms",
+            "raw read p50 ms",
+            "raw read p99 ms",
+            "load / raw read p50",
+            "acquires/s resident",
+            "acquires/s at 2x budget",
+        ]
+        tables.append(
+            ReportTable(
+                "prefix store: 20-token prefixes of this model, load on a miss (same run)", columns, rows
+            )
+        )
+    if report.get("memory"):
+        tables.append(_memory(report["memory"]))
+    if report.get("targets"):
+        rows = [
+            [
+                t["name"],
+                "-" if t["value"] is None else number(t["value"]),
+                f"≥ {t['threshold']:g}",
+                t["verdict"],
+            ]
+            for t in report["targets"]
+        ]
+        tables.append(ReportTable("targets", ["target", "measured", "threshold", "verdict"], rows))
+    return tables
+
+
+def store_rows(store: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per backend: load on a miss vs raw read, and acquisitions/s thrashing vs resident."""
+    return [
+        {
+            "backend": backend,
+            "prefix_bytes": r["prefix_bytes"],
+            "load_p50_ms": r["load"]["acquire"]["p50_ms"],
+            "load_p99_ms": r["load"]["acquire"]["p99_ms"],
+            "raw_read_p50_ms": r["load"]["raw_read"]["p50_ms"],
+            "raw_read_p99_ms": r["load"]["raw_read"]["p99_ms"],
+            "load_over_raw_p50": r["load"]["ratio_p50"],
+            "acquires_per_s_resident": r["thrash"]["all_resident"]["acquires_per_s"],
+            "acquires_per_s_2x_budget": r["thrash"]["working_set_2x_budget"]["acquires_per_s"],
+        }
+        for backend, r in store.items()
+    ]
+
+
+def _memory(rows: Sequence[Mapping[str, Any]]) -> ReportTable:
+    columns = [
+        "model",
+        "layers x kv heads x head_dim",
+        "dtype",
+        "bytes / virtual token",
+        "20-token prefix",
+        "share of weights",
+        "prefixes in budget",
+    ]
+    cells = [
+        [
+            row["model"],
+            row["geometry"],
+            row["dtype"],
+            f"{row['bytes_per_virtual_token']:,}",
+            size(row["bytes_per_prefix"]),
+            f"{row['prefix_share_of_weights']:.4%}",
+            f"{row['prefixes_in_budget']:,}",
+        ]
+        for row in rows
+    ]
+    return ReportTable("prefix memory (keys + values of every layer)", columns, cells, text_columns=3)
+
+
+def _summary_cells(summary: Mapping[str, Any]) -> list[str]:
+    return [number(summary[key]) for key in SUMMARY_KEYS]
+
+
+def number(value: float) -> str:
+    """Integers with thousands separators; ratios and seconds with 3 decimals; throughput with 1."""
+    if isinstance(value, int):
+        return f"{value:,}"
+    if math.isnan(value):
+        return "-"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:,.1f}"
+
+
+def size(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number at least 1."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def markdown(tables: Sequence[ReportTable]) -> str:
+    """The tables as GitHub Markdown, each under its title."""
+    parts = []
+    for table in tables:
+        align = ["---" if i < table.text_columns else "---:" for i in range(len(table.columns))]
+        lines = [f"**{table.title}**", "", _md_row(table.columns), _md_row(align)]
+        lines += [_md_row(row) for row in table.rows]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
