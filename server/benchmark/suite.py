@@ -63,7 +63,7 @@ def run_in_process(settings: BenchSettings, log: Log) -> dict[str, Any]:
                 rounds=settings.store_thrash_rounds,
             )
     if "memory" in sections:
-        report["memory"] = [dataclasses.asdict(row) for row in memory_table(settings.memory_budget_bytes)]
+        report["memory"] = _memory(settings)
     report["targets"] = [target.to_json() for target in evaluate(report, settings.concurrency)]
     return report
 
@@ -81,8 +81,12 @@ def run_remote(
         "curves": {"concurrency": points},
     }
     if "memory" in settings.sections:
-        report["memory"] = [dataclasses.asdict(row) for row in memory_table(settings.memory_budget_bytes)]
+        report["memory"] = _memory(settings)
     return report
+
+
+def _memory(settings: BenchSettings) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(row) for row in memory_table(settings.memory_budget_bytes)]
 
 
 def machine(settings: BenchSettings) -> dict[str, Any]:
