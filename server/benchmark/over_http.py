@@ -14,7 +14,15 @@ import httpx
 
 from server.benchmark.baselines import Log, mix_lengths
 from server.benchmark.models import random_tasks
-from server.benchmark.served import TENANT, InProcessServer, closed_loop, http_sender, save_model, upload
+from server.benchmark.served import (
+    TENANT,
+    InProcessServer,
+    ServerRefused,
+    closed_loop,
+    http_sender,
+    save_model,
+    upload,
+)
 from server.benchmark.server_process import ServerProcess
 from server.benchmark.settings import BenchSettings
 from server.benchmark.timeline import Timeline, paired_ratio, summarize
@@ -93,7 +101,10 @@ async def _remote(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers) as client:
         if not task_ids:  # the caller's tasks (cards with a parent), else the base model alone
-            cards = (await client.get("/v1/models")).raise_for_status().json()["data"]
+            models = await client.get("/v1/models")
+            if models.status_code != 200:
+                raise ServerRefused(f"GET /v1/models answered {models.status_code}: {models.text}")
+            cards = models.json()["data"]
             task_ids = sorted(card["id"] for card in cards if card.get("parent"))[: settings.tasks]
         tasks: list[str | None] = list(task_ids) if task_ids else [None]
         send = http_sender(client)

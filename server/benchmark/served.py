@@ -29,6 +29,10 @@ TENANT = "default"  # the tenant of a server that runs without API keys
 Sender = Callable[[dict, Timeline], Awaitable[None]]  # sends one body, records it on the timeline
 
 
+class ServerRefused(Exception):
+    """The server answered a benchmark request with an error status (its message says which and why)."""
+
+
 def upload(store_url: str, base: BaseModel, prefixes: Mapping[str, Prefix]) -> None:
     """Store each task's prefix (native format) as its current version."""
     with open_store(store_url) as store:
@@ -109,7 +113,7 @@ def http_sender(client: httpx.AsyncClient) -> Sender:
         async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
             if response.status_code != 200:
                 await response.aread()
-                raise RuntimeError(f"POST /v1/generate answered {response.status_code}: {response.text}")
+                raise ServerRefused(f"POST /v1/generate answered {response.status_code}: {response.text}")
             async for line in response.aiter_lines():
                 if line.startswith('data: {"token_id"'):
                     timeline.record([(request_id, 1, False)])

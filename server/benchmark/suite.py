@@ -23,6 +23,19 @@ from server.benchmark.store_costs import measure_stores
 from server.benchmark.targets import evaluate
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot run the benchmark here, or None."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        return f"--device {device!r}: {error}"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device!r}: this torch build or machine has no CUDA device"
+    if parsed.type not in ("cpu", "cuda"):
+        return f"--device {device!r}: only cpu and cuda are supported"
+    return None
+
+
 def run_in_process(settings: BenchSettings, log: Log) -> dict[str, Any]:
     """Build the random model and measure every section against its baselines."""
     torch.set_num_threads(settings.threads)

@@ -163,11 +163,25 @@ def run(args: argparse.Namespace) -> int:
         )
 
     from server.benchmark.report import print_report, write_report
-    from server.benchmark.suite import run_in_process, run_remote
+    from server.benchmark.suite import device_problem, run_in_process, run_remote
 
     if args.url:
-        report = run_remote(settings, args.url, args.api_key, args.task_ids, console.log)
+        import httpx
+
+        from server.benchmark.served import ServerRefused
+
+        try:
+            report = run_remote(settings, args.url, args.api_key, args.task_ids, console.log)
+        except ServerRefused as refused:
+            console.print(f"the server refused: {refused}", style="red")
+            return 1
+        except httpx.TransportError as error:
+            console.print(f"cannot reach {args.url}: {error!r}", style="red")
+            return 1
     else:
+        if problem := device_problem(settings.device):
+            console.print(problem, style="red")
+            return 2
         report = run_in_process(settings, console.log)
     print_report(report, console)
     written = write_report(report, args.out, plots=plots)

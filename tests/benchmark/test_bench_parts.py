@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.benchmark.baselines import mix_lengths
 from server.benchmark.memory import memory_table
 from server.benchmark.report import write_report
 from server.benchmark.settings import QUICK, BenchSettings, WorkloadSpec
+from server.benchmark.suite import device_problem
 from server.benchmark.tables import markdown, report_tables
 from server.benchmark.targets import evaluate
 from server.benchmark.timeline import Timeline, paired_ratio, percentile
@@ -195,3 +197,17 @@ def test_markdown_tables_align_numbers_right_and_escape_pipes() -> None:
         "| a \\| b | 0.951 | ≥ 0.95 | PASS |",
         "| c | - | ≥ 5 | not run |",
     ]
+
+
+@pytest.mark.parametrize(
+    ("device", "problem"),
+    [
+        ("cpu", None),
+        ("gpu", "--device 'gpu'"),
+        ("meta", "only cpu and cuda"),
+        ("cuda:0", None if torch.cuda.is_available() else "no CUDA"),
+    ],
+)
+def test_devices_are_checked_before_the_model_is_built(device: str, problem: str | None) -> None:
+    found = device_problem(device)
+    assert found is None if problem is None else problem in found

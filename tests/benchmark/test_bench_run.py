@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from prefix_store import encode_native
+from server.api.auth import Role, create_key
 from server.benchmark.models import build_model, random_prefixes
-from server.benchmark.server_process import ServerProcess
+from server.benchmark.server_process import ServerProcess, free_port
 from server.benchmark.settings import QUICK
 from server.cli import main
 from server.engine.base_model import load_base_model
@@ -157,6 +158,24 @@ def test_remote_mode_measures_a_running_server(tmp_path: Path, demo_model_dir: P
     measured = sum(p["tokens"] for p in points)
     assert 0 < measured <= 8 * 3 and measured <= generated
     assert "targets" not in report and _png_size(tmp_path / "out" / "curve-concurrency.png")[0] == 1000
+
+
+def test_remote_mode_reports_refusals_and_unreachable_servers(
+    tmp_path: Path, demo_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys.json"
+    user_key = create_key(keys, "acme", Role.USER)
+    env = {"PREFIX_SERVE_API_KEYS": str(keys)}
+    out = ["--sections", "concurrency", "--repeats", "1", "--out", str(tmp_path / "out")]
+    with ServerProcess(demo_model_dir, (tmp_path / "store").as_uri(), env=env) as server:
+        assert main(["bench", "--url", server.url, "--api-key", "", *out]) == 1  # no key
+        assert "GET /v1/models answered 401" in capsys.readouterr().out
+        unknown_task = ["--api-key", user_key, "--task-ids", "no-such-task"]
+        assert main(["bench", "--url", server.url, *unknown_task, *out]) == 1
+        assert "POST /v1/generate answered 404" in capsys.readouterr().out
+    assert main(["bench", "--url", f"http://127.0.0.1:{free_port()}", *out]) == 1
+    assert "cannot reach" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_store_section_measures_a_real_redis(tmp_path: Path) -> None:
