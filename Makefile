@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e clients/python
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,7 +43,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 .PHONY: bench
-# the performance report of the README (about 12 minutes on 2 cores): tables, then JSON, CSV and PNG files
+# the performance report of the README (about 11 minutes on 2 cores): tables, then JSON, CSV and PNG files
 bench: $(STAMP)
 	$(BIN)/prefix-serve bench --out bench/results/cpu
 
