@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -80,44 +77,6 @@ def write_jsonl(path: Path, prompts: list[str], task: Callable[[str], str]) -> N
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model_dir: Path, store_dir: Path, log_path: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir)]
-    command += ["--store", store_dir.resolve().as_uri(), "--port", str(port), "--device", "cpu"]
-    log = log_path.open("w")
-    return subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
-
-
-def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited early; its log:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"the server did not become ready in {timeout:.0f} s; see {log_path}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def train(model_dir: Path, workdir: Path, task: str, url: str) -> None:
     from server.cli import main as prefix_serve
 
@@ -149,6 +108,7 @@ def main() -> int:
     parser.add_argument("--shown", type=int, default=6, help="held-out prompts shown in the table")
     args = parser.parse_args()
 
+    from server.benchmark.server_process import ServerProcess
     from server.demo_model import ensure_demo_model
 
     started = time.perf_counter()
@@ -166,11 +126,9 @@ def main() -> int:
         f"demo model: {model_dir}; data: {len(train_prompts) - 32} training examples per task in {workdir}/"
     )
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(model_dir, workdir / "store", workdir / "server.log", port)
-    try:
-        wait_until_ready(server, url, workdir / "server.log")
+    store_url = (workdir / "store").resolve().as_uri()
+    with ServerProcess(model_dir, store_url, ready_s=120, log_path=workdir / "server.log") as server:
+        url = server.url
         print(f"server ready at {url}")
         for task in TASKS:
             train(model_dir, workdir, task, url)
@@ -190,8 +148,6 @@ def main() -> int:
             for task, fn in TASKS.items()
         ]
         print("\nexact answers on all held-out prompts: " + ", ".join(scores))
-    finally:
-        stop_server(server)
     print(f"server stopped; demo done in {time.perf_counter() - started:.0f} s (outputs in {workdir}/)")
     return 0
 

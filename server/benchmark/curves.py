@@ -107,12 +107,11 @@ def tasks_curve(base: BaseModel, settings: BenchSettings, workdir: Path, log: Lo
     names = list(prefixes)
     store_url = (workdir / "tasks-store").as_uri()
     upload(store_url, base, prefixes)
+    words = single_token_words(base.tokenizer)
 
     def run(tasks: float) -> Timeline:
         chosen = names[: int(tasks)]
-        bodies = http_bodies(
-            sample_shapes(settings.workload, chosen, random_tasks=True), single_token_words(base.tokenizer)
-        )
+        bodies = http_bodies(sample_shapes(settings.workload, chosen, random_tasks=True), words)
         return asyncio.run(_serve(base, store_url, bodies, settings.concurrency, preload=chosen))
 
     return _curve(

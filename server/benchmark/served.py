@@ -24,7 +24,7 @@ from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
 
-TENANT = "default"  # the tenant of a server that runs without API keys
+TENANT = "default"  # server.api.auth.DEFAULT_TENANT (not imported: the GPU image has no pydantic)
 
 Sender = Callable[[dict, Timeline], Awaitable[None]]  # sends one body, records it on the timeline
 

@@ -29,16 +29,24 @@ _GAUGE = re.compile(r"^(prefix_serve_[a-z_]+) ([0-9.eE+-]+)$", re.MULTILINE)
 
 class ServerProcess:
     """``with ServerProcess(model_dir, store_url) as server: server.url``. ``env`` holds extra
-    ``PREFIX_SERVE_*`` settings. The log goes to a temporary file (``log_tail()``), never a pipe."""
+    ``PREFIX_SERVE_*`` settings. The log goes to ``log_path`` or a temporary file (``log_tail()``),
+    never a pipe."""
 
     def __init__(
-        self, model_dir: Path, store_url: str, *, env: dict[str, str] | None = None, ready_s: float = 90.0
+        self,
+        model_dir: Path,
+        store_url: str,
+        *,
+        env: dict[str, str] | None = None,
+        ready_s: float = 90.0,
+        log_path: Path | None = None,
     ) -> None:
         self.model_dir, self.store_url, self.ready_s = model_dir, store_url, ready_s
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.port = free_port()
         self.process: subprocess.Popen[str] | None = None
-        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by __exit__)
+        # closed by close(); a temporary file unless the caller keeps the log
+        self._log = log_path.open("w+") if log_path else tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
 
     @property
     def url(self) -> str:

@@ -74,12 +74,13 @@ class _StreamState(Generic[T]):
 
 
 class _StreamResults:
-    """The accessors both stream kinds share: the HTTP response and, once finished, how it ended."""
+    """What both stream kinds share: the HTTP response, the text and ids so far, and how it ended."""
 
-    response: httpx.Response
-    _state: _StreamState[Any]
-    _texts: list[str]
-    _token_ids: list[int]
+    def __init__(self, response: httpx.Response, parse_item: Callable[[dict[str, Any]], Any]) -> None:
+        self.response = response
+        self._state: _StreamState[Any] = _StreamState(parse_item)
+        self._texts: list[str] = []
+        self._token_ids: list[int] = []
 
     @property
     def end(self) -> StreamEnd | None:
@@ -114,9 +115,7 @@ class Stream(_StreamResults, Generic[T]):
     """A synchronous stream of events; iterate it (``for event in stream``), then read ``end``."""
 
     def __init__(self, response: httpx.Response, parse_item: Callable[[dict[str, Any]], T]) -> None:
-        self.response = response
-        self._state = _StreamState(parse_item)
-        self._texts, self._token_ids = [], []
+        super().__init__(response, parse_item)
         self._iterator = self._iterate()
 
     def __iter__(self) -> Iterator[T]:
@@ -162,9 +161,7 @@ class AsyncStream(_StreamResults, Generic[T]):
     """An asynchronous stream of events; ``async for event in stream``, then read ``end``."""
 
     def __init__(self, response: httpx.Response, parse_item: Callable[[dict[str, Any]], T]) -> None:
-        self.response = response
-        self._state = _StreamState(parse_item)
-        self._texts, self._token_ids = [], []
+        super().__init__(response, parse_item)
         self._iterator = self._iterate()
 
     def __aiter__(self) -> AsyncIterator[T]:
