@@ -32,7 +32,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# the tests start their own redis-server and nginx on free ports: installed here where missing
 test: lint
+	scripts/provision-test-services
 	$(BIN)/pytest
 
 format: $(STAMP)

@@ -1,6 +1,8 @@
-"""Write a random native prefix for a model, to try the server before training a real one.
+"""Write a random prefix for a model, to try the server before training a real one: a native
+``.safetensors`` file, or with ``--peft`` a PEFT ``PREFIX_TUNING`` adapter folder.
 
     python examples/random_prefix.py summarize.safetensors --num-virtual-tokens 8 --seed 1
+    python examples/random_prefix.py --peft adapter/ --num-virtual-tokens 8 --seed 2
 
 Without ``--model`` the prefix fits the offline demo model that ``prefix-serve serve`` uses by default.
 """
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from prefix_store import ModelGeometry, Prefix, encode_native
+from prefix_store import ModelGeometry, Prefix, encode_native, write_peft_folder
 from server.demo_model import ensure_demo_model
 
 
@@ -21,16 +23,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, help="the .safetensors file, or with --peft the adapter folder")
+    parser.add_argument(
+        "--peft",
+        action="store_true",
+        help="write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)",
+    )
     parser.add_argument("--model", help="model folder (default: the demo model)")
-    parser.add_argument("--num-virtual-tokens", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-virtual-tokens", type=int, default=8, help="prefix length (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args()
-    geometry = ModelGeometry.from_config(AutoConfig.from_pretrained(args.model or ensure_demo_model()))
+    model = args.model or str(ensure_demo_model())
+    geometry = ModelGeometry.from_config(AutoConfig.from_pretrained(model))
     generator = torch.Generator().manual_seed(args.seed)
     shape = geometry.prefix_shape(args.num_virtual_tokens)
     prefix = Prefix(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
-    args.out.write_bytes(encode_native(prefix, geometry))
+    if args.peft:
+        write_peft_folder(prefix, geometry, args.out, base_model_name_or_path=model)
+    else:
+        args.out.write_bytes(encode_native(prefix, geometry))
     print(f"wrote {args.out} ({args.num_virtual_tokens} virtual tokens for {geometry.fingerprint})")
 
 

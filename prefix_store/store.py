@@ -18,7 +18,7 @@ import abc
 import builtins
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from prefix_store.changes import ChangeEvent, ChangeFeed, ChangeListener, ResyncListener, Subscription
 from prefix_store.errors import PrefixStoreError
@@ -246,7 +246,7 @@ def open_store(url: str, **options: object) -> PrefixStore:
 
         if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
             raise ValueError(f"a file store URL is file:///absolute/path, got {url!r}")
-        return FileStore(parsed.path, **options)  # type: ignore[arg-type]
+        return FileStore(unquote(parsed.path), **options)  # type: ignore[arg-type]
     if parsed.scheme in ("redis", "rediss", "unix"):
         from prefix_store.redis_store import RedisStore
 

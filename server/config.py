@@ -5,9 +5,21 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "PREFIX_SERVE_"
+STORE_SCHEMES = ("file", "redis", "rediss", "unix")  # what prefix_store.open_store opens
+# with auth on, the rate and concurrency limits of a tenant that neither the keys file nor the serve
+# options give any; with auth off (one local tenant) those two limits are off unless the options set them
+AUTH_ON_REQUESTS_PER_MINUTE = 600
+AUTH_ON_MAX_CONCURRENT = 64
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; the message is one line that names the setting."""
 
 
 def default_store_url() -> str:
@@ -17,26 +29,43 @@ def default_store_url() -> str:
 class ServeSettings(BaseSettings):
     """Options of ``prefix-serve serve``; each also reads ``PREFIX_SERVE_<OPTION>``."""
 
-    model_config = SettingsConfigDict(env_prefix="PREFIX_SERVE_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    model: str | None = Field(None, description="local model folder or hub id; none = the offline demo model")
-    store: str = Field(
-        default_factory=default_store_url, description="file:///abs/path or redis://host:port/db"
+    model: str | None = Field(
+        None, description="local model folder or file, or hub id; none = the offline demo model"
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    store: str = Field(
+        default_factory=default_store_url,
+        description="a folder (a plain path or file:///abs/path) or redis://host:port/db",
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on; 0 = any free port")
     api_keys: Path | None = Field(None, description="keys file (hashes only); none = auth off, single tenant")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_prompt_tokens: int = Field(2048, ge=1)
-    max_new_tokens: int = Field(1024, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available, else cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 (float16) on cuda, float32 on cpu"
+    )
+    tenant_requests_per_minute: int | None = Field(
+        None,
+        ge=0,
+        description="per tenant without its own limit in the keys file; 0 = no limit; "
+        f"none = {AUTH_ON_REQUESTS_PER_MINUTE} with auth on, no limit with auth off",
+    )
+    tenant_max_concurrent: int | None = Field(
+        None,
+        ge=0,
+        description="requests in flight per tenant without its own limit in the keys file; 0 = no limit; "
+        f"none = {AUTH_ON_MAX_CONCURRENT} with auth on, no limit with auth off",
+    )
+    max_prompt_tokens: int = Field(2048, ge=1, description="tokens of a prompt; longer ones get 413")
+    max_new_tokens: int = Field(1024, ge=1, description="the most a request may ask for")
     max_upload_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="a prefix file or PEFT adapter model"
     )
     max_request_bytes: int = Field(1024 * 1024, ge=1024, description="any other request body")
-    max_virtual_tokens: int = Field(512, ge=1)
-    max_stop_sequences: int = Field(8, ge=0)
-    max_stop_sequence_chars: int = Field(64, ge=1)
+    max_virtual_tokens: int = Field(512, ge=1, description="virtual tokens of an uploaded prefix")
+    max_stop_sequences: int = Field(8, ge=0, description="stop sequences of a request")
+    max_stop_sequence_chars: int = Field(64, ge=1, description="characters of one stop sequence")
     prefix_cache_bytes: int | None = Field(
         None,
         ge=1,
@@ -56,11 +85,39 @@ class ServeSettings(BaseSettings):
     max_batch_tokens: int = Field(
         32_768, ge=64, description="prefix + prompt + max_new_tokens over running rows"
     )
-    max_queue: int = Field(256, ge=1, description="waiting requests; more get 429")
+    max_queue: int = Field(256, ge=1, description="waiting requests, server-wide; more get 429")
     request_timeout_s: float = Field(300.0, gt=0, description="a request still unfinished after this ends")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time running requests get to finish at shutdown")
     replica_name: str = Field(
         default_factory=socket.gethostname,
         description="names this process in the X-Served-By response header",
     )
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="critical, error, warning, info or debug"
+    )
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_url(cls, value: object) -> object:
+        """A plain path is the folder of a file store; a URL must be one the store layer opens."""
+        if value == "":
+            raise ValueError("give a folder or a store URL")
+        if isinstance(value, Path) or (isinstance(value, str) and "://" not in value):
+            return Path(value).expanduser().resolve().as_uri()
+        if isinstance(value, str):
+            parsed = urlparse(value)
+            if parsed.scheme not in STORE_SCHEMES:
+                raise ValueError(
+                    f"unsupported store URL scheme {parsed.scheme!r}: "
+                    "use a folder, file:///abs/path or redis://host:port/db"
+                )
+            if parsed.scheme == "file" and (
+                parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/")
+            ):
+                raise ValueError("a file store URL is file:///absolute/path (or give the folder's path)")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value

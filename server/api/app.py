@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
-from prefix_store import PrefixLimits
+from prefix_store import PrefixLimits, PrefixStoreError
 from prefix_store.registry import PrefixRegistry
 from prefix_store.store import open_store
 from server.api.auth import DEFAULT_TENANT, load_auth_config
@@ -22,12 +23,13 @@ from server.api.openapi import install_openapi
 from server.api.routes import admin, generate, health
 from server.api.state import AppState
 from server.api.tenancy import TenantGate
-from server.config import ServeSettings
+from server.config import ServeSettings, StartupError
 from server.demo_model import ensure_demo_model
 from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import load_base_model
 from server.engine.core import EngineCore
 from server.engine.scheduler import SchedulerConfig
+from server.version import package_version
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,20 @@ _UPLOAD_OVERHEAD_BYTES = 256 * 1024  # multipart framing and the PEFT config bes
 
 def build_state(settings: ServeSettings) -> AppState:
     """Read the keys, load the model, open the store and start the engine."""
-    auth = load_auth_config(settings.api_keys)
+    auth = load_auth_config(
+        settings.api_keys,
+        requests_per_minute=settings.tenant_requests_per_minute,
+        max_concurrent=settings.tenant_max_concurrent,
+    )
     model_path = settings.model or str(ensure_demo_model())
-    base = load_base_model(model_path, device=settings.device, dtype=settings.dtype)
-    store = open_store(settings.store)
+    try:
+        base = load_base_model(model_path, device=settings.device, dtype=settings.dtype)
+    except (OSError, ValueError) as exc:  # no such model, not one transformers can load
+        raise StartupError(f"--model {model_path}: cannot load it: {exc}") from exc
+    try:
+        store = open_store(settings.store)
+    except (OSError, ValueError, PrefixStoreError) as exc:
+        raise StartupError(f"--store {settings.store}: {exc}") from exc
     limits = PrefixLimits(
         max_file_bytes=settings.max_upload_bytes, max_virtual_tokens=settings.max_virtual_tokens
     )
@@ -89,6 +101,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
             log.warning(
                 "AUTH IS OFF: no --api-keys given; every caller is tenant 'default' with the admin role"
             )
+        log.info(
+            "per-tenant limits (%s): %s; server-wide: %d waiting requests",
+            "tenants without their own in the keys file" if state.auth.enabled else "auth off",
+            state.auth.default_limits.describe(),
+            settings.max_queue,
+        )
+        if state.auth.tenant_limits:
+            log.info("%d tenants have limits of their own in the keys file", len(state.auth.tenant_limits))
         app.state.prefix_serve = state
         freeze_startup_objects()
         try:
@@ -103,7 +123,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return settings.max_upload_bytes + _UPLOAD_OVERHEAD_BYTES
         return settings.max_request_bytes
 
-    app = FastAPI(title="PrefixServe", version="0.1.0", lifespan=lifespan)
+    app = FastAPIOffline(  # /docs and /redoc from the installed package's files, never a CDN
+        title="PrefixServe",
+        version=package_version(),
+        lifespan=lifespan,
+        static_url="/docs/assets",
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from the online validator
+    )
     install_error_handlers(app)
     install_openapi(app, settings)
     for router in (health.router, generate.router, admin.router, openai_router):

@@ -12,13 +12,14 @@ import json
 import os
 import secrets
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefix_store.names import InvalidName, validate_tenant
+from server.config import AUTH_ON_MAX_CONCURRENT, AUTH_ON_REQUESTS_PER_MINUTE
 
 DEFAULT_TENANT = "default"
 KEY_PREFIX = "ps-"
@@ -37,15 +38,54 @@ class Caller:
     role: Role
 
 
-class TenantLimits(BaseModel):
-    """Per-tenant limits of the keys file; a tenant without an entry gets the server defaults."""
+@dataclass(frozen=True)
+class TenantLimits:
+    """The limits one tenant's calls are held to. None: no limit."""
+
+    max_prefixes: int = 1000
+    max_prefix_bytes: int = 1 << 30  # all of the tenant's current prefixes together
+    requests_per_minute: int | None = AUTH_ON_REQUESTS_PER_MINUTE
+    max_concurrent: int | None = AUTH_ON_MAX_CONCURRENT  # requests of the tenant in the engine at once
+
+    def describe(self) -> str:
+        """``600 requests/minute, 64 in flight, 1000 prefixes, 1024 MiB of prefixes``."""
+        rate = f"{self.requests_per_minute} requests/minute" if self.requests_per_minute else "no rate limit"
+        in_flight = f"{self.max_concurrent} in flight" if self.max_concurrent else "no concurrency limit"
+        return (
+            f"{rate}, {in_flight}, {self.max_prefixes} prefixes, "
+            f"{self.max_prefix_bytes / (1 << 20):g} MiB of prefixes"
+        )
+
+
+def default_tenant_limits(
+    *, auth_enabled: bool, requests_per_minute: int | None = None, max_concurrent: int | None = None
+) -> TenantLimits:
+    """The limits of a tenant without an entry in the keys file. ``requests_per_minute`` and
+    ``max_concurrent`` are the serve options: None = unset, 0 = no limit."""
+
+    def chosen(option: int | None, auth_on_default: int) -> int | None:
+        if option is None:
+            return auth_on_default if auth_enabled else None
+        return option or None
+
+    return TenantLimits(
+        requests_per_minute=chosen(requests_per_minute, AUTH_ON_REQUESTS_PER_MINUTE),
+        max_concurrent=chosen(max_concurrent, AUTH_ON_MAX_CONCURRENT),
+    )
+
+
+class _TenantEntry(BaseModel):
+    """A tenant's entry in the keys file; what it leaves out comes from the server's defaults."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_prefixes: int = Field(1000, ge=0)
-    max_prefix_bytes: int = Field(1 << 30, ge=0)  # all of the tenant's current prefixes together
-    requests_per_minute: int = Field(600, ge=1)
-    max_concurrent: int = Field(64, ge=1)  # requests of the tenant in the engine at once
+    max_prefixes: int | None = Field(None, ge=0)
+    max_prefix_bytes: int | None = Field(None, ge=0)
+    requests_per_minute: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+
+    def over(self, defaults: TenantLimits) -> TenantLimits:
+        return replace(defaults, **self.model_dump(exclude_none=True))
 
 
 class _KeyEntry(BaseModel):
@@ -60,7 +100,7 @@ class _KeysFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     keys: list[_KeyEntry] = Field(default_factory=list)
-    tenants: dict[str, TenantLimits] = Field(default_factory=dict)
+    tenants: dict[str, _TenantEntry] = Field(default_factory=dict)
 
 
 class KeysFileError(ValueError):
@@ -96,26 +136,42 @@ class AuthConfig:
         return found
 
 
-def load_auth_config(path: Path | None, default_limits: TenantLimits | None = None) -> AuthConfig:
-    """Read the keys file; no file means auth off (single tenant)."""
-    defaults = default_limits or TenantLimits()
-    if path is None:
-        return AuthConfig(default_limits=defaults)
+def load_auth_config(
+    path: Path | None, *, requests_per_minute: int | None = None, max_concurrent: int | None = None
+) -> AuthConfig:
+    """Read the keys file; no file means auth off (single tenant). ``requests_per_minute`` and
+    ``max_concurrent`` (the serve options; None = unset, 0 = no limit) are the limits of tenants
+    without their own in the file: see ``default_tenant_limits``."""
+    parsed = _read_keys_file(path) if path is not None else _KeysFile()
+    keys = tuple((bytes.fromhex(entry.sha256), Caller(entry.tenant, entry.role)) for entry in parsed.keys)
+    defaults = default_tenant_limits(
+        auth_enabled=bool(keys), requests_per_minute=requests_per_minute, max_concurrent=max_concurrent
+    )
+    tenant_limits = {name: entry.over(defaults) for name, entry in parsed.tenants.items()}
+    return AuthConfig(keys=keys, tenant_limits=tenant_limits, default_limits=defaults)
+
+
+def _read_keys_file(path: Path) -> _KeysFile:
     try:
         parsed = _KeysFile.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         raise KeysFileError(
             f"the keys file {path} does not exist (create keys with `prefix-serve keys create`)"
         ) from None
+    except OSError as exc:
+        raise KeysFileError(f"cannot read the keys file {path}: {exc.strerror}") from None
     except ValidationError as exc:
-        raise KeysFileError(f"the keys file {path} is malformed: {exc.errors()[0]['msg']}") from None
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise KeysFileError(
+            f"the keys file {path} is malformed: {f'{where}: ' if where else ''}{error['msg']}"
+        ) from None
     try:
         for name in [entry.tenant for entry in parsed.keys] + list(parsed.tenants):
             validate_tenant(name)
     except InvalidName as exc:
         raise KeysFileError(f"the keys file {path}: {exc}") from None
-    keys = tuple((bytes.fromhex(entry.sha256), Caller(entry.tenant, entry.role)) for entry in parsed.keys)
-    return AuthConfig(keys=keys, tenant_limits=dict(parsed.tenants), default_limits=defaults)
+    return parsed
 
 
 def create_key(keys_file: Path, tenant: str, role: Role) -> str:

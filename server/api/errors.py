@@ -132,6 +132,40 @@ def _translate(exc: Exception) -> ApiError | None:
     return None
 
 
+_BODY_RULE = "the body must be a JSON object (content-type: application/json)"
+_JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def _schema_problem(error: Any, body: Any, request: Request) -> str:
+    """One of a ``RequestValidationError``'s errors, said for a client: where, and what is wrong."""
+    loc = tuple(error["loc"])
+    if error["type"] == "json_invalid":
+        return _invalid_json(error, body)
+    if loc == ("body",) and error["type"] in ("missing", "model_attributes_type", "dict_type"):
+        return f"{_BODY_RULE}; {_what_came(error.get('input'), request)}"
+    return f"{'.'.join(str(part) for part in loc if part != 'body') or 'body'}: {error['msg']}"
+
+
+def _invalid_json(error: Any, document: Any) -> str:
+    """``invalid JSON: <reason> at line L column C`` (FastAPI gives the reason and the offset only)."""
+    reason = error.get("ctx", {}).get("error", "not JSON")
+    offset = error["loc"][-1]
+    if not isinstance(document, str) or not isinstance(offset, int):
+        return f"invalid JSON: {reason}"
+    line = document.count("\n", 0, offset) + 1
+    column = offset - document.rfind("\n", 0, offset)  # as json.JSONDecodeError counts: from 1
+    return f"invalid JSON: {reason} at line {line} column {column}"
+
+
+def _what_came(body: Any, request: Request) -> str:
+    if isinstance(body, bytes | bytearray):  # not parsed: the content type is not JSON
+        content_type = request.headers.get("content-type")
+        return f"got content-type {content_type[:100]!r}" if content_type else "got no content-type"
+    if body is None:
+        return "got no body"
+    return f"got {_JSON_KINDS.get(type(body), 'another JSON value')}"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def known(_: Request, exc: Exception) -> JSONResponse:
         error = _translate(exc)
@@ -142,10 +176,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return error_response(exc.status_code, _STATUS_TYPES.get(exc.status_code, "error"), message)
 
-    async def schema_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
-        )
+    async def schema_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(_schema_problem(error, exc.body, request) for error in exc.errors())
         return error_response(422, "validation_error", problems[:2000])
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -3,12 +3,16 @@ process never share or clash. Label values are bounded: route *templates* (never
 codes, finish reasons, and tenants (named by the keys file).
 
 - HTTP: requests and latency by method, route template and status (a middleware), and requests per
-  authenticated tenant.
+  tenant (of the routes that identify the caller).
 - Generation: time to first token, prompt and generated tokens (also per tenant), requests by how
   they ended (aborted and expired ones included), recorded by :meth:`ServerMetrics.observer` as the
   engine delivers each request's outputs.
 - Read at scrape time: queue depth and running rows from the engine, and the prefix cache's
   hits/misses/evictions/bytes/load latency from the registry's ``stats()`` when it has one.
+
+Counters and histograms are exported without their ``*_created`` series (when each label set was first
+seen): noise to a Prometheus server, which tracks resets itself. They are dropped from this app's
+scrape only; ``prometheus_client``'s process-wide switch would change every other registry too.
 """
 
 from __future__ import annotations
@@ -79,7 +83,11 @@ class ServerMetrics:
             registry=r,
         )
         self.tenant_requests = Counter(
-            f"{_NS}_tenant_requests", "authenticated HTTP requests per tenant", ["tenant"], registry=r
+            f"{_NS}_tenant_requests",
+            "HTTP requests per tenant, of the routes that identify the caller "
+            "(with auth off every caller is the tenant 'default')",
+            ["tenant"],
+            registry=r,
         )
         self.ttft = Histogram(
             f"{_NS}_time_to_first_token_seconds",
@@ -137,7 +145,20 @@ class ServerMetrics:
         return observe
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated:
+    """``registry``'s metrics less their ``*_created`` samples."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():  # fresh objects on every collect: safe to edit
+            created = f"{metric.name}_created"
+            metric.samples = [sample for sample in metric.samples if sample.name != created]
+            yield metric
 
 
 class _ScrapeTimeCollector:
@@ -207,15 +228,29 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_see)
         finally:
-            route = scope.get("route")  # set by the router on the scope it was handed
             tenant = scope.get("state", {}).get("tenant")  # set by authentication, if the route has it
             self.metrics.observe_http(
                 scope["method"],
-                getattr(route, "path", _UNMATCHED),
+                route_label(scope),
                 status,
                 time.perf_counter() - started,
                 tenant if isinstance(tenant, str) else None,
             )
+
+
+def route_label(scope: Scope) -> str:
+    """The template of the route that answered (``/v1/admin/prefixes/{task_id}``), once routing is done.
+
+    FastAPI's routes leave themselves on the scope; the others (``/openapi.json``, the docs' static
+    files) leave only their endpoint, which names them among the app's routes."""
+    route = scope.get("route")
+    endpoint = scope.get("endpoint")
+    if route is None and endpoint is not None and "app" in scope:
+        for candidate in scope["app"].routes:
+            if endpoint in (getattr(candidate, "endpoint", None), getattr(candidate, "app", None)):
+                route = candidate
+                break
+    return getattr(route, "path", _UNMATCHED)
 
 
 router = APIRouter(tags=["health"])

@@ -1,7 +1,7 @@
 """The OpenAPI document with the server's configured generation limits written into the request schemas,
-so that clients (and fuzzers) read the bounds this server enforces rather than the wire schemas' outer
-bounds: ``max_new_tokens``/``max_tokens`` ≤ ``--max-new-tokens``, at most ``max_stop_sequences`` stop
-sequences of 1 to ``max_stop_sequence_chars`` characters."""
+so that clients (and fuzzers) read the bounds this server enforces: ``max_new_tokens``/``max_tokens`` ≤
+``--max-new-tokens`` with the default an unset field gets, at most ``max_stop_sequences`` stop sequences
+of 1 to ``max_stop_sequence_chars`` characters."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from server.api.openai.protocol import COMPLETIONS_DEFAULT_MAX_TOKENS
+from server.api.schemas import GenerateBody
 from server.config import ServeSettings
 
-_BODIES = {  # request schema -> its fields bounded by the server's max_new_tokens
-    "GenerateBody": ("max_new_tokens",),
-    "CompletionRequest": ("max_tokens",),
-    "ChatCompletionRequest": ("max_tokens", "max_completion_tokens"),
+# request schema -> its fields bounded by the server's max_new_tokens, and what an unset one means:
+# that many tokens (cut to the limit), or None: as many as fit in the model's context
+_TOKEN_FIELDS: dict[str, dict[str, int | None]] = {
+    "GenerateBody": {"max_new_tokens": GenerateBody.model_fields["max_new_tokens"].default},
+    "CompletionRequest": {"max_tokens": COMPLETIONS_DEFAULT_MAX_TOKENS},
+    "ChatCompletionRequest": {"max_tokens": None, "max_completion_tokens": None},
 }
 
 
@@ -34,16 +38,19 @@ def install_openapi(app: FastAPI, settings: ServeSettings) -> None:
 
 def apply_limits(components: dict[str, Any], settings: ServeSettings) -> None:
     """Bound the generation fields of the request schemas in ``components`` in place."""
-    for name, token_fields in _BODIES.items():
+    limit = settings.max_new_tokens
+    for name, token_fields in _TOKEN_FIELDS.items():
         properties = components.get(name, {}).get("properties", {})
-        for field in token_fields:
+        for field, default in token_fields.items():
             prop = properties.get(field, {})
-            if isinstance(prop.get("default"), int):  # a default past the limit is cut to it
-                prop["default"] = min(prop["default"], settings.max_new_tokens)
             for branch in _branches(prop, "integer"):
-                branch["maximum"] = min(
-                    branch.get("maximum", settings.max_new_tokens), settings.max_new_tokens
-                )
+                branch["maximum"] = limit
+            if default is None:
+                unset = f"as many as fit in the model's context, up to {limit}"
+            else:
+                prop["default"] = min(default, limit)  # a default past the limit is cut to it
+                unset = str(prop["default"])
+            prop["description"] = f"at most {limit} (this server's limit); unset: {unset}"
         stop = properties.get("stop", {})
         for array in _branches(stop, "array"):
             array["maxItems"] = min(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -41,14 +42,16 @@ GENERATION_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 class GenerateBody(BaseModel):
-    # strict: JSON types as declared (no true-as-1, no "5"-as-5), so the OpenAPI types are the truth
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: JSON types as declared (no true-as-1, no "5"-as-5), so the OpenAPI types are the truth;
+    # NaN and infinities (which Python's JSON reads) are not numbers here
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     task_id: Annotated[str, Field(json_schema_extra=_TASK_ID_SCHEMA)] | None = Field(
         None, description="a task id of the caller; null = the base model alone"
     )
     prompt: str = Field(..., min_length=1, max_length=200_000)
-    max_new_tokens: Annotated[int, Integral] = Field(64, ge=1, le=65_536)
+    # at most the server's --max-new-tokens (checked with the other server limits, written into the OpenAPI)
+    max_new_tokens: Annotated[int, Integral] = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: Annotated[int, Integral] = Field(0, ge=0, le=1_000_000)
@@ -77,7 +80,7 @@ class PrefixInfo(BaseModel):
     version: str
     num_virtual_tokens: int
     bytes: int
-    created_at: float
+    created_at: datetime = Field(description="when this version was stored: ISO 8601, UTC")
     resident: bool
 
 

@@ -1,4 +1,5 @@
-"""Per-tenant admission limits: requests per minute (a token bucket) and requests in flight."""
+"""Per-tenant admission limits: requests per minute (a token bucket) and requests in flight; a limit
+of None is not enforced."""
 
 from __future__ import annotations
 
@@ -31,25 +32,23 @@ class TenantGate:
     def admit(self, tenant: str) -> None:
         """Take one request slot for ``tenant`` or raise a 429 ``ApiError`` with ``Retry-After``."""
         limits = self._auth.limits_for(tenant)
-        rate = limits.requests_per_minute / 60.0  # bucket refill per second
+        per_minute = limits.requests_per_minute
         with self._lock:
             now = self._clock()
-            state = self._states.setdefault(tenant, _TenantState(float(limits.requests_per_minute), now))
-            state.tokens = min(
-                float(limits.requests_per_minute), state.tokens + (now - state.refilled_at) * rate
-            )
-            state.refilled_at = now
-            if state.in_flight >= limits.max_concurrent:
+            state = self._states.setdefault(tenant, _TenantState(float(per_minute or 0), now))
+            if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
                 raise _too_many(
                     f"tenant has {state.in_flight} requests in flight, the limit is {limits.max_concurrent}",
                     1,
                 )
-            if state.tokens < 1.0:
-                wait = (1.0 - state.tokens) / rate
-                raise _too_many(
-                    f"tenant is over its limit of {limits.requests_per_minute} requests per minute", wait
-                )
-            state.tokens -= 1.0
+            if per_minute is not None:
+                rate = per_minute / 60.0  # bucket refill per second
+                state.tokens = min(float(per_minute), state.tokens + (now - state.refilled_at) * rate)
+                state.refilled_at = now
+                if state.tokens < 1.0:
+                    wait = (1.0 - state.tokens) / rate
+                    raise _too_many(f"tenant is over its limit of {per_minute} requests per minute", wait)
+                state.tokens -= 1.0
             state.in_flight += 1
 
     def release(self, tenant: str) -> None:

@@ -1,5 +1,5 @@
-"""The server over HTTP: against the same stack in process (same model, store and workload, same
-run), or on its own against a server that is already running (``--url``)."""
+"""The server over HTTP against the same stack in process: same model, store and workload, same run
+(a server that is already running is measured by ``remote``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from server.benchmark.models import random_tasks
 from server.benchmark.served import (
     TENANT,
     InProcessServer,
-    ServerRefused,
     closed_loop,
     http_sender,
     save_model,
@@ -86,36 +85,3 @@ async def _compare(
                     f"{runs['http', clients][-1].tokens_per_s:.1f} / {runs['in-process', clients][-1].tokens_per_s:.1f} tok/s"
                 )
     return runs
-
-
-def remote_concurrency_curve(
-    url: str, api_key: str | None, task_ids: list[str] | None, settings: BenchSettings, log: Log
-) -> tuple[list[dict], list[str]]:
-    """The concurrency curve of a running server, over the caller's tasks (or ``task_ids``)."""
-    return asyncio.run(_remote(url, api_key, task_ids, settings, log))
-
-
-async def _remote(
-    url: str, api_key: str | None, task_ids: list[str] | None, settings: BenchSettings, log: Log
-) -> tuple[list[dict], list[str]]:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers) as client:
-        if not task_ids:  # the caller's tasks (cards with a parent), else the base model alone
-            models = await client.get("/v1/models")
-            if models.status_code != 200:
-                raise ServerRefused(f"GET /v1/models answered {models.status_code}: {models.text}")
-            cards = models.json()["data"]
-            task_ids = sorted(card["id"] for card in cards if card.get("parent"))[: settings.tasks]
-        tasks: list[str | None] = list(task_ids) if task_ids else [None]
-        send = http_sender(client)
-        await closed_loop(send, _bodies(settings, tasks, 1)[:2], 2)  # warm-up
-        repeated: dict[int, list[Timeline]] = defaultdict(list)
-        for repeat in range(settings.repeats):
-            for clients in settings.concurrency_curve:
-                repeated[clients].append(await closed_loop(send, _bodies(settings, tasks, clients), clients))
-                log(
-                    f"remote {repeat + 1}/{settings.repeats}: {clients} clients -> "
-                    f"{repeated[clients][-1].tokens_per_s:.1f} tok/s"
-                )
-    points = [{"x": c, **summarize(runs)} for c, runs in repeated.items()]
-    return points, [t for t in tasks if t is not None]

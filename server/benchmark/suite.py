@@ -17,7 +17,8 @@ from server.benchmark.baselines import Log, run_baselines
 from server.benchmark.curves import cache_budget_curve, concurrency_curve, prefix_length_curve, tasks_curve
 from server.benchmark.memory import memory_table
 from server.benchmark.models import build_model
-from server.benchmark.over_http import http_vs_in_process, remote_concurrency_curve
+from server.benchmark.over_http import http_vs_in_process
+from server.benchmark.remote import RemoteTarget, measure_server, requests_per_point
 from server.benchmark.settings import BenchSettings
 from server.benchmark.store_costs import measure_stores
 from server.benchmark.targets import evaluate
@@ -81,17 +82,20 @@ def run_in_process(settings: BenchSettings, log: Log) -> dict[str, Any]:
     return report
 
 
-def run_remote(
-    settings: BenchSettings, url: str, api_key: str | None, task_ids: list[str] | None, log: Log
-) -> dict[str, Any]:
+def run_remote(settings: BenchSettings, target: RemoteTarget, log: Log) -> dict[str, Any]:
     """Measure a running server: its concurrency curve over HTTP (no in-process baselines)."""
-    points, tasks = remote_concurrency_curve(url, api_key, task_ids, settings, log)
+    measured = measure_server(target, settings, log)
     report: dict[str, Any] = {
         "mode": "remote",
-        "url": url,
-        "tasks": tasks,
+        "url": target.url,
+        "tasks": measured.pop("tasks"),
         "settings": settings.to_json(),
-        "curves": {"concurrency": points},
+        "remote": {
+            "requests_per_point": {c: requests_per_point(settings, c) for c in settings.concurrency_curve},
+            "min_seconds": target.min_seconds,
+            "max_retry_wait_s": target.max_retry_wait_s,
+        },
+        **measured,
     }
     if "memory" in settings.sections:
         report["memory"] = _memory(settings)

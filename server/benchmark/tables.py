@@ -15,6 +15,16 @@ CURVE_AXES = {  # curve name -> (x label, log-scaled x)
     "cache-budget": ("working set / registry budget", True),
 }
 SUMMARY_KEYS = ("tokens_per_s", "p50_latency_s", "p99_latency_s", "p50_ttft_s", "p99_ttft_s", "requests")
+# columns of curves that have them -> their titles: relative throughput, hit rate; a running server's
+# prompt tokens as it counted them, its 429 answers and the requests given up on 429s
+EXTRA_CURVE_COLUMNS = {
+    "relative": "relative",
+    "hit_rate": "hit rate",
+    "prompt_tokens_min": "prompt tokens min",
+    "prompt_tokens_max": "prompt tokens max",
+    "rate_limited": "429 answers",
+    "refused": "given up",
+}
 SUMMARY_COLUMNS = ("tok/s", "p50 latency s", "p99 latency s", "p50 TTFT s", "p99 TTFT s", "requests")
 
 
@@ -33,12 +43,12 @@ def report_tables(report: Mapping[str, Any]) -> list[ReportTable]:
         rows = [[name, *_summary_cells(s)] for name, s in report["baselines"].items()]
         tables.append(ReportTable("systems (same run)", ["system", *SUMMARY_COLUMNS], rows))
     for name, points in report.get("curves", {}).items():
-        extra = [key for key in ("relative", "hit_rate") if points and key in points[0]]
+        extra = [key for key in EXTRA_CURVE_COLUMNS if points and key in points[0]]
         rows = [[number(p["x"]), *_summary_cells(p), *(number(p[k]) for k in extra)] for p in points]
         columns = [
             CURVE_AXES.get(name, (name, False))[0],
             *SUMMARY_COLUMNS,
-            *(k.replace("_", " ") for k in extra),
+            *(EXTRA_CURVE_COLUMNS[k] for k in extra),
         ]
         tables.append(ReportTable(f"curve: {name}", columns, rows))
     if report.get("http"):

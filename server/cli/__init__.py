@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from server.cli import bench, generate, keys, models, prefixes, serve, train
+from server.version import package_version
 
 COMMAND_MODULES = (serve, models, keys, prefixes, generate, train, bench)
 
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefix-serve", description="Serve many prefix-tuned tasks on one model."
     )
+    parser.add_argument("--version", action="version", version=f"prefix-serve {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         module.register(commands)

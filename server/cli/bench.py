@@ -11,6 +11,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from server.benchmark.settings import GEOMETRIES, QUICK, SECTIONS, BenchSettings
+from server.cli.argtypes import positive_int
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -39,16 +40,6 @@ def _numbers(kind: type, minimum: float) -> Callable[[str], tuple]:
     return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
-    return value
-
-
 def _positive_number(text: str) -> float:
     try:
         value = float(text)
@@ -56,6 +47,16 @@ def _positive_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
@@ -67,7 +68,16 @@ def _sections(text: str) -> tuple[str, ...]:
     return chosen
 
 
+def _listed(values: tuple) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def _span(bounds: tuple[int, int]) -> str:
+    return str(bounds[0]) if bounds[0] == bounds[1] else f"{bounds[0]}-{bounds[1]}"
+
+
 def register(commands: argparse._SubParsersAction) -> None:
+    default = BenchSettings()
     bench = commands.add_parser(
         "bench",
         help="measure throughput and latency against PEFT and the other baselines, in one run",
@@ -75,57 +85,175 @@ def register(commands: argparse._SubParsersAction) -> None:
             "Build a randomly initialised Llama of a named geometry and measure, in one run: the engine "
             "against one task, PEFT one at a time, PEFT grouped by task and static batching; curves over "
             "concurrency, distinct tasks, prefix length and cache budget; HTTP against in-process; prefix "
-            "memory. With --url, measure a running server instead. Prints tables with PASS/FAIL per "
-            "target and writes report.json, CSVs and PNG plots to --out."
+            "memory. With --url, measure a running server instead (its concurrency curve). Prints tables "
+            "with PASS/FAIL per target and writes report.json, CSVs and PNG plots to --out."
         ),
     )
-    bench.add_argument("--out", type=Path, default=Path("bench/results/latest"), metavar="DIR")
-    bench.add_argument("--quick", action="store_true", help="every section on a tiny model: a smoke run")
-    bench.add_argument("--check", action="store_true", help="exit with status 1 if a target fails")
-    bench.add_argument("--sections", type=_sections, help=f"comma-separated subset of {','.join(SECTIONS)}")
-    model = bench.add_argument_group("model")
-    model.add_argument("--geometry", choices=list(GEOMETRIES), help="(small)")
-    model.add_argument("--device", help="cpu, cuda, cuda:1 ... (cpu)")
-    model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="(float32)")
-    model.add_argument("--threads", type=_positive, help="torch CPU threads (2)")
+    bench.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/results/latest"),
+        metavar="DIR",
+        help="where the report's files go (default: bench/results/latest)",
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="every section on a tiny model with small workloads: a smoke run (default: off)",
+    )
+    bench.add_argument(
+        "--check", action="store_true", help="exit with status 1 if a target fails (default: off)"
+    )
+    bench.add_argument(
+        "--sections",
+        type=_sections,
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; with --url the "
+        "concurrency curve always runs, and memory if listed)",
+    )
+    model = bench.add_argument_group("model (in process)")
+    model.add_argument(
+        "--geometry", choices=list(GEOMETRIES), help=f"the random model's shape (default: {default.geometry})"
+    )
+    model.add_argument("--device", help=f"cpu, cuda, cuda:1 ... (default: {default.device})")
+    model.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help=f"(default: {default.dtype})"
+    )
+    model.add_argument("--threads", type=positive_int, help=f"torch CPU threads (default: {default.threads})")
     work = bench.add_argument_group("workload")
-    work.add_argument("--requests", type=_positive, help="requests per run (48)")
     work.add_argument(
-        "--prompt-tokens", type=_range, metavar="MIN-MAX", help="prompt lengths, uniform (16-64)"
+        "--requests",
+        type=positive_int,
+        help="requests per run. The baselines and the tasks, prefix-length and cache-budget curves send "
+        "this many; a point of the in-process concurrency curve with C clients sends 2C-8C (this many "
+        "where it falls in that range); with --url every point sends this many, or one per client where "
+        f"that is more, for at least --min-seconds (default: {default.workload.requests})",
     )
-    work.add_argument("--new-tokens", type=_range, metavar="MIN-MAX", help="output lengths, uniform (32)")
-    work.add_argument("--concurrency", type=_positive, help="closed-loop clients of the baselines (16)")
-    work.add_argument("--tasks", type=_positive, help="distinct tasks in the baselines' mix (8)")
     work.add_argument(
-        "--rate", type=_positive_number, dest="arrival_rate", help="open-loop requests/s (70%% of capacity)"
+        "--prompt-tokens",
+        type=_range,
+        metavar="MIN-MAX",
+        help="prompt lengths in tokens, uniform; with --url in the server's tokens, calibrated with a few "
+        f"requests first (default: {_span(default.workload.prompt_tokens)})",
     )
-    work.add_argument("--repeats", type=_positive, help="runs per measurement, median reported (3)")
+    work.add_argument(
+        "--new-tokens",
+        type=_range,
+        metavar="MIN-MAX",
+        help=f"output lengths, uniform (default: {_span(default.workload.new_tokens)})",
+    )
+    work.add_argument(
+        "--concurrency",
+        type=positive_int,
+        help="closed-loop clients of the baselines and of the tasks, prefix-length and cache-budget "
+        f"curves (default: {default.concurrency})",
+    )
+    work.add_argument(
+        "--tasks",
+        type=positive_int,
+        help="distinct tasks in the baselines' mix; with --url, the most of the caller's tasks used "
+        f"(default: {default.tasks})",
+    )
+    work.add_argument(
+        "--rate",
+        type=_positive_number,
+        dest="arrival_rate",
+        help="requests/s of the open-loop baselines (default: 70%% of the measured capacity)",
+    )
+    work.add_argument(
+        "--repeats",
+        type=positive_int,
+        help=f"runs per measurement, the median reported (default: {default.repeats})",
+    )
     curves = bench.add_argument_group("curves")
     curves.add_argument(
-        "--concurrency-curve", type=_numbers(int, 1), metavar="N,N,...", help="(1,2,4,8,16,32,64)"
+        "--concurrency-curve",
+        type=_numbers(int, 1),
+        metavar="N,N,...",
+        help=f"clients of each point, in process or with --url (default: {_listed(default.concurrency_curve)})",
     )
-    curves.add_argument("--tasks-curve", type=_numbers(int, 1), metavar="N,N,...", help="(1,8,64,512)")
-    curves.add_argument("--prefix-curve", type=_numbers(int, 0), metavar="N,N,...", help="(0,8,16,32,64,128)")
+    curves.add_argument(
+        "--tasks-curve",
+        type=_numbers(int, 1),
+        metavar="N,N,...",
+        help=f"distinct tasks of each point (default: {_listed(default.tasks_curve)})",
+    )
+    curves.add_argument(
+        "--prefix-curve",
+        type=_numbers(int, 0),
+        metavar="N,N,...",
+        help=f"virtual tokens per prefix of each point (default: {_listed(default.prefix_curve)})",
+    )
     curves.add_argument(
         "--cache-curve",
         type=_numbers(float, 0.01),
         metavar="X,X,...",
-        help="working set / budget (0.5,1,2,4)",
+        help=f"working set / budget of each point (default: {_listed(default.cache_curve)})",
     )
-    curves.add_argument("--cache-tasks", type=_positive, help="the cache curve's working set, in tasks (64)")
-    curves.add_argument("--http-concurrency", type=_numbers(int, 1), metavar="N,N,...", help="(1,4,16,32)")
-    curves.add_argument("--store-samples", type=_positive, help="loads on a miss timed per store (100)")
     curves.add_argument(
-        "--redis-url", help="also measure the Redis store at this URL (keys of tenant 'bench' are written)"
+        "--cache-tasks",
+        type=positive_int,
+        help=f"the cache curve's working set, in tasks (default: {default.cache_tasks})",
     )
-    curves.add_argument("--memory-budget-gib", type=_positive_number, help="budget of the memory table (4)")
+    curves.add_argument(
+        "--http-concurrency",
+        type=_numbers(int, 1),
+        metavar="N,N,...",
+        help=f"clients of each HTTP / in-process point (default: {_listed(default.http_concurrency)})",
+    )
+    curves.add_argument(
+        "--store-samples",
+        type=positive_int,
+        help=f"loads on a miss timed per store (default: {default.store_samples})",
+    )
+    curves.add_argument(
+        "--redis-url",
+        help="also measure the Redis store at this URL; keys of tenant 'bench' are written "
+        "(default: none, the filesystem store only)",
+    )
+    curves.add_argument(
+        "--memory-budget-gib",
+        type=_positive_number,
+        help=f"budget of the memory table (default: {default.memory_budget_bytes / (1 << 30):g})",
+    )
     remote = bench.add_argument_group("a running server")
-    remote.add_argument("--url", help="measure this server over HTTP instead (its concurrency curve)")
     remote.add_argument(
-        "--api-key", default=os.environ.get("PREFIX_SERVE_API_KEY"), help="(env PREFIX_SERVE_API_KEY)"
+        "--url",
+        help="measure the server at this URL over HTTP instead: its concurrency curve "
+        "(default: none, build a model and measure in process)",
     )
     remote.add_argument(
-        "--task-ids", type=lambda t: [s for s in t.split(",") if s], help="(the caller's tasks)"
+        "--api-key",
+        default=os.environ.get("PREFIX_SERVE_API_KEY"),
+        help="the key --url's requests send (default: env PREFIX_SERVE_API_KEY, else none)",
+    )
+    remote.add_argument(
+        "--task-ids",
+        type=lambda t: tuple(s for s in t.split(",") if s),
+        metavar="A,B,...",
+        help="the tasks the requests go to, round-robin (default: the caller's tasks, at most --tasks; "
+        "the base model alone if it has none)",
+    )
+    remote.add_argument(
+        "--base-model",
+        action="store_true",
+        help="send requests to the base model (no prefix) too: alone, or in the mix with --task-ids "
+        "(default: off)",
+    )
+    remote.add_argument(
+        "--min-seconds",
+        type=_non_negative_number,
+        default=0.0,
+        metavar="S",
+        help="keep each point's clients sending until S seconds have passed, even past --requests "
+        "(default: 0, the request count alone)",
+    )
+    remote.add_argument(
+        "--max-retry-wait",
+        type=_non_negative_number,
+        default=30.0,
+        metavar="S",
+        help="a request answered 429 is retried after its Retry-After, until its waits would pass S "
+        "seconds; then it counts as refused. 429s are counted in the report (default: 30)",
     )
     bench.set_defaults(handler=run)
 
@@ -168,15 +296,24 @@ def run(args: argparse.Namespace) -> int:
     if args.url:
         import httpx
 
+        from server.benchmark.remote import RemoteTarget
         from server.benchmark.served import ServerRefused
 
+        target = RemoteTarget(
+            url=args.url,
+            api_key=args.api_key,
+            task_ids=args.task_ids or (),
+            base_model=args.base_model,
+            min_seconds=args.min_seconds,
+            max_retry_wait_s=args.max_retry_wait,
+        )
         try:
-            report = run_remote(settings, args.url, args.api_key, args.task_ids, console.log)
-        except ServerRefused as refused:
-            console.print(f"the server refused: {refused}", style="red")
+            report = run_remote(settings, target, console.log)
+        except ServerRefused as refused:  # one line, however wide the terminal
+            console.print(f"the server refused: {refused}", style="red", soft_wrap=True, markup=False)
             return 1
         except httpx.TransportError as error:
-            console.print(f"cannot reach {args.url}: {error!r}", style="red")
+            console.print(f"cannot reach {args.url}: {error!r}", style="red", soft_wrap=True)
             return 1
     else:
         if problem := device_problem(settings.device):

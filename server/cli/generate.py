@@ -19,13 +19,36 @@ def register(commands: argparse._SubParsersAction) -> None:
         "generate", parents=[remote_options()], help="generate text, printing tokens as they come"
     )
     generate.add_argument("prompt", metavar="PROMPT", help="the prompt ('-' reads it from stdin)")
-    generate.add_argument("--task", metavar="TASK_ID", help="the task whose prefix to use (default: none)")
-    generate.add_argument("--max-new-tokens", type=int, metavar="N")
-    generate.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (the default)")
-    generate.add_argument("--top-p", type=float, metavar="P")
-    generate.add_argument("--top-k", type=int, metavar="K")
-    generate.add_argument("--seed", type=int)
-    generate.add_argument("--stop", action="append", metavar="TEXT", help="a stop sequence (repeatable)")
+    generate.add_argument(
+        "--task", metavar="TASK_ID", help="the task whose prefix to use (default: none, the base model alone)"
+    )
+    generate.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help="tokens to generate at most (default: the server's, 64 or its limit if lower)",
+    )
+    generate.add_argument(
+        "--temperature", type=float, metavar="T", help="sampling temperature; 0 = greedy (default: 0)"
+    )
+    generate.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        help="nucleus sampling: the smallest set of tokens holding probability P (default: 1.0, off)",
+    )
+    generate.add_argument(
+        "--top-k", type=int, metavar="K", help="sample among the K likeliest tokens (default: 0, off)"
+    )
+    generate.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="the same seed and parameters give the same text (default: none, a fresh draw each time)",
+    )
+    generate.add_argument(
+        "--stop", action="append", metavar="TEXT", help="a stop sequence, repeatable (default: none)"
+    )
     generate.set_defaults(handler=with_client(_generate))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def register(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo-model", help="build the small offline demo model into OUTDIR")
-    demo.add_argument("outdir")
+    demo.add_argument("outdir", metavar="OUTDIR", help="the folder to write (created if needed)")
     demo.set_defaults(handler=_demo_model)
 
 

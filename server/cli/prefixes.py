@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC
 from typing import TYPE_CHECKING
 
 from server.cli.remote import print_json, remote_options, with_client
@@ -21,12 +22,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     push.add_argument(
         "path", metavar="PATH", help="a native .safetensors file or a PEFT PREFIX_TUNING folder"
     )
-    push.add_argument("--if-match", metavar="VERSION", help="replace only if the current version is VERSION")
+    push.add_argument(
+        "--if-match",
+        metavar="VERSION",
+        help="replace only if the current version is VERSION (default: whatever version is there)",
+    )
     push.set_defaults(handler=with_client(_push))
 
     pull = commands.add_parser("pull", parents=remote, help="download a prefix as a native .safetensors file")
     pull.add_argument("task_id", metavar="TASK_ID")
-    pull.add_argument("path", metavar="PATH", help="the file to write (or a folder for TASK_ID.safetensors)")
+    pull.add_argument(
+        "path",
+        metavar="PATH",
+        help="the file to write; an existing folder, or a path ending in '/', is a folder (created if "
+        "needed) that gets TASK_ID.safetensors",
+    )
     pull.set_defaults(handler=with_client(_pull))
 
     ls = commands.add_parser("ls", parents=remote, help="list the tenant's prefixes")
@@ -34,7 +44,11 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     rm = commands.add_parser("rm", parents=remote, help="delete a prefix")
     rm.add_argument("task_id", metavar="TASK_ID")
-    rm.add_argument("--if-match", metavar="VERSION", help="delete only if the current version is VERSION")
+    rm.add_argument(
+        "--if-match",
+        metavar="VERSION",
+        help="delete only if the current version is VERSION (default: whatever version is there)",
+    )
     rm.set_defaults(handler=with_client(_rm))
 
 
@@ -98,7 +112,7 @@ def _print_table(prefixes: list[PrefixInfo]) -> None:
             str(p.num_virtual_tokens),
             human_bytes(p.bytes),
             "yes" if p.resident else "no",
-            p.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            p.created_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),  # as --json, to the second
         )
     # a terminal folds a long task id to fit; a pipe gets whole lines for scripts to read
     Console(width=None if sys.stdout.isatty() else 10_000).print(table)

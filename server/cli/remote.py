@@ -27,18 +27,26 @@ def remote_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--server", metavar="URL", help="the server (default: $PREFIX_SERVE_URL or http://127.0.0.1:8000)"
     )
-    group.add_argument("--api-key", metavar="KEY", help="the API key (default: $PREFIX_SERVE_API_KEY)")
     group.add_argument(
-        "--timeout", type=_positive(float), default=300.0, metavar="SECONDS", help="per request (default 300)"
+        "--api-key", metavar="KEY", help="the API key (default: $PREFIX_SERVE_API_KEY, else none)"
+    )
+    group.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=300.0,
+        metavar="SECONDS",
+        help="per request (default: %(default)g)",
     )
     group.add_argument(
         "--max-retries",
         type=_positive(int, zero_ok=True),
         default=2,
         metavar="N",
-        help="retries of connection errors, 429 and 503 (default 2)",
+        help="retries of connection errors, 429 and 503 (default: %(default)s)",
     )
-    group.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
+    group.add_argument(
+        "--json", action="store_true", help="print JSON for scripts (default: text for people)"
+    )
     return options
 
 

@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from server.cli.argtypes import positive_int
+from server.training.config import MAX_DEFAULT_WARMUP_STEPS
+
+DEFAULT_SERVER_URL = "http://127.0.0.1:8000"  # where --push uploads without --server or PREFIX_SERVE_URL
+
 # option name -> TrainConfig field; every one defaults to None ("not given"), so a resumed run can tell
 # what the user asked for from what it should take from its checkpoint
 _CONFIG_OPTIONS = (
@@ -39,48 +44,101 @@ def register(commands: argparse._SubParsersAction) -> None:
             "and DIR/checkpoint.safetensors (per epoch; --resume continues from it)."
         ),
     )
-    train.add_argument("--model", help="local Hugging Face model folder (default: the offline demo model)")
-    train.add_argument("--data", type=Path, required=True, metavar="FILE.jsonl", help="training examples")
-    train.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     train.add_argument(
-        "--eval-data", type=Path, metavar="FILE.jsonl", help="examples for a per-epoch eval loss"
+        "--model",
+        help="local Hugging Face model folder (default: the offline demo model, built on first use)",
     )
-    hyper = train.add_argument_group("training (defaults in parentheses)")
+    train.add_argument(
+        "--data", type=Path, required=True, metavar="FILE.jsonl", help="training examples (required)"
+    )
+    train.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (required)")
+    train.add_argument(
+        "--eval-data",
+        type=Path,
+        metavar="FILE.jsonl",
+        help="examples for a per-epoch eval loss (default: none, no eval loss)",
+    )
+    hyper = train.add_argument_group("training")
     hyper.add_argument(
-        "--num-virtual-tokens", type=int, help="prefix length (20; with --init-text: its token count)"
+        "--num-virtual-tokens",
+        type=int,
+        help="prefix length (default: 20; with --init-text: the text's token count)",
     )
-    hyper.add_argument("--epochs", type=int, help="passes over the data, in total (3)")
-    hyper.add_argument("--lr", type=float, help="peak AdamW learning rate (1e-2)")
-    hyper.add_argument("--batch-size", type=int, help="examples per step (8)")
-    hyper.add_argument("--seed", type=int, help="initialisation and data order (0)")
-    hyper.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up (10)")
+    hyper.add_argument("--epochs", type=int, help="passes over the data, in total (default: 3)")
+    hyper.add_argument("--lr", type=float, help="peak AdamW learning rate (default: 1e-2)")
+    hyper.add_argument("--batch-size", type=int, help="examples per optimizer step (default: 8)")
+    hyper.add_argument(
+        "--seed", type=int, help="initialisation and data order; reruns are bit-identical (default: 0)"
+    )
+    hyper.add_argument(
+        "--warmup-steps",
+        type=int,
+        help="linear learning-rate warm-up, fewer than the run's steps "
+        f"(default: a tenth of the run's steps, at most {MAX_DEFAULT_WARMUP_STEPS})",
+    )
     hyper.add_argument(
         "--lr-schedule",
         choices=["constant", "linear"],
-        help="after warm-up: linear decay to 0, or constant (linear; only constant runs can be extended)",
+        help="after warm-up: linear decay to 0, or constant; only constant runs can be extended "
+        "(default: linear)",
     )
-    hyper.add_argument("--weight-decay", type=float, help="AdamW weight decay (0)")
-    hyper.add_argument("--max-grad-norm", type=float, help="gradient clipping, 0 = off (1.0)")
+    hyper.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0)")
+    hyper.add_argument("--max-grad-norm", type=float, help="gradient clipping, 0 = off (default: 1.0)")
     hyper.add_argument(
         "--prefix-projection",
         action=argparse.BooleanOptionalAction,
-        help="reparameterise through an MLP, folded into plain K/V at export (off)",
+        help="reparameterise through an MLP, folded into plain K/V at export (default: off)",
     )
-    hyper.add_argument("--projection-hidden", type=int, help="hidden width of that MLP (512)")
+    hyper.add_argument("--projection-hidden", type=int, help="hidden width of that MLP (default: 512)")
     hyper.add_argument(
         "--init-text", help="initialise from the frozen model's own K/V of this text (default: random)"
     )
-    hyper.add_argument("--init-std", type=float, help="std of a random initialisation (1.0)")
-    hyper.add_argument("--max-steps", type=int, help="stop after this many steps in total (checkpointed)")
-    hyper.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    hyper.add_argument("--init-std", type=float, help="std of a random initialisation (default: 1.0)")
+    hyper.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop after this many steps in total, with a checkpoint (default: no limit)",
+    )
+    hyper.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (default: off, a new run)",
+    )
     run = train.add_argument_group("running")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines only)")
+    run.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to train (default: auto, cuda if available)",
+    )
+    run.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="the base model's dtype; the prefix trains in float32 "
+        "(default: auto, float32 on cpu, bfloat16 or float16 on cuda)",
+    )
+    run.add_argument(
+        "--threads",
+        type=positive_int,
+        help="CPU threads, recorded in training.json; a bit-identical rerun needs the same count "
+        "(default: torch's, one per core)",
+    )
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar, per-epoch lines only (default: a progress bar on a terminal)",
+    )
     push = train.add_argument_group("upload when done")
-    push.add_argument("--push", metavar="TASK_ID", help="upload the prefix to a server as TASK_ID")
-    push.add_argument("--server", help="server URL (env PREFIX_SERVE_URL; default http://127.0.0.1:8000)")
-    push.add_argument("--api-key", help="an admin key of the tenant (env PREFIX_SERVE_API_KEY)")
+    push.add_argument(
+        "--push", metavar="TASK_ID", help="upload the prefix to a server as TASK_ID (default: no upload)"
+    )
+    push.add_argument(
+        "--server", help=f"server URL (default: env PREFIX_SERVE_URL, else {DEFAULT_SERVER_URL})"
+    )
+    push.add_argument(
+        "--api-key", help="an admin key of the tenant (default: env PREFIX_SERVE_API_KEY, else none)"
+    )
     train.set_defaults(handler=_train)
 
 
@@ -93,6 +151,8 @@ def _train(args: argparse.Namespace) -> int:
             validate_task_id(args.push)  # before training: a bad name should not cost a run
         except InvalidName as exc:
             return _fail(f"--push: {exc}")
+    # deterministic cuBLAS for a bit-identical rerun on CUDA; read when CUDA first runs a matmul
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         result = _train_and_export(args)
     except TrainingError as exc:
@@ -112,24 +172,36 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_and_export(args: argparse.Namespace) -> Any:
-    from server.demo_model import ensure_demo_model
+    from server.demo_model import default_demo_model_dir, ensure_demo_model
     from server.engine.base_model import load_base_model
     from server.training.errors import TrainingError
-    from server.training.run import RunPaths, run_training
+    from server.training.model_facts import ModelFacts, read_model_facts
+    from server.training.run import RunPaths, prepare_run, run_training
 
-    model_path = args.model or str(ensure_demo_model())
+    model_path = args.model or str(default_demo_model_dir())
+
+    def model_facts() -> ModelFacts:  # called once the data files have passed the checks that need no model
+        if args.model is None:
+            ensure_demo_model(Path(model_path))
+        return read_model_facts(model_path)
+
+    options = {name: getattr(args, name) for name in _CONFIG_OPTIONS if getattr(args, name) is not None}
+    paths = RunPaths(model=model_path, data=args.data, eval_data=args.eval_data, out_dir=args.out)
+    run = prepare_run(paths, options, model_facts, resume=args.resume)
+    print(
+        f"{len(run.train)} training examples: {run.total_steps} steps "
+        f"({run.config.steps_per_epoch(len(run.train))} per epoch × {run.config.epochs} epochs), "
+        f"warm-up {run.config.warmup_steps} steps"
+    )
     try:
         base = load_base_model(model_path, device=args.device, dtype=args.dtype)
     except (OSError, ValueError) as exc:
         raise TrainingError(f"cannot load the model {model_path}: {exc}") from None
     print(f"base model {model_path} ({base.geometry.fingerprint}) on {base.device}, {base.dtype}")
-    options = {name: getattr(args, name) for name in _CONFIG_OPTIONS if getattr(args, name) is not None}
-    paths = RunPaths(model=model_path, data=args.data, eval_data=args.eval_data, out_dir=args.out)
     result = run_training(
         base,
-        paths,
-        options,
-        resume=args.resume,
+        run,
+        threads=args.threads,
         progress=not args.no_progress and sys.stderr.isatty(),
         on_epoch=lambda record, epochs: print(_epoch_line(record, epochs), flush=True),
     )
@@ -157,7 +229,7 @@ def _epoch_line(record: Any, epochs: int) -> str:
 
 
 def _push(args: argparse.Namespace, native_path: Path) -> None:
-    from server.training.push import DEFAULT_SERVER_URL, push_prefix
+    from server.training.push import push_prefix
 
     server_url = args.server or os.environ.get("PREFIX_SERVE_URL") or DEFAULT_SERVER_URL
     api_key = args.api_key or os.environ.get("PREFIX_SERVE_API_KEY")

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from prefix_store import ModelGeometry
 
@@ -59,6 +65,12 @@ def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return frozenset(ids)
 
 
+def max_positions_of(config: PretrainedConfig) -> int | None:
+    """How many positions the model has (prefix + prompt + new tokens must fit); None = no fixed table."""
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(positions) if positions else None
+
+
 def load_base_model(
     model_path: str | Path, *, device: DeviceOption = "auto", dtype: DtypeOption = "auto"
 ) -> BaseModel:
@@ -69,7 +81,6 @@ def load_base_model(
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     model.to(torch_device).eval().requires_grad_(False)
     config = model.config.get_text_config()
-    max_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     base = BaseModel(
         model_id=Path(str(model_path)).name or str(model_path),
         model=model,
@@ -77,7 +88,7 @@ def load_base_model(
         geometry=ModelGeometry.from_config(config),
         device=torch_device,
         dtype=torch_dtype,
-        max_positions=int(max_positions) if max_positions else None,
+        max_positions=max_positions_of(config),
         eos_token_ids=_eos_token_ids(model, tokenizer),
     )
     log.info(

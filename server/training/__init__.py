@@ -7,7 +7,8 @@ in the native format and as a PEFT adapter through ``prefix_store``.
 Modules, one concept each: ``config`` (the run's options), ``data`` (JSONL examples), ``prefix_params``
 (the trainable prefix, direct or through the reparameterisation MLP), ``init_text`` (real-word activation
 initialisation), ``forward`` (logits and loss through the engine's injection), ``loop`` (the training
-loop), ``checkpoint`` (per-epoch, for an exact resume), ``export`` (native + PEFT), ``run`` (a whole run:
-check, initialise or resume, train, export), ``push`` (upload to a server), ``sizes`` (parameter counts)
-and ``errors``.
+loop), ``checkpoint`` (per-epoch, for an exact resume), ``export`` (native + PEFT), ``model_facts`` (the
+tokenizer and config, read before the weights), ``determinism`` (thread settings pinned for bit-identical
+reruns), ``run`` (a whole run: check, initialise or resume, train, export), ``push`` (upload to a server),
+``sizes`` (parameter counts) and ``errors``.
 """

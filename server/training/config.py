@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 LrSchedule = Literal["constant", "linear"]
+
+# A run that gives no warm-up warms up over a tenth of its steps, at most this many: long runs keep the
+# old fixed 10 steps, short ones still reach the peak learning rate (4 steps: no warm-up at all).
+MAX_DEFAULT_WARMUP_STEPS = 10
 
 # Options that may differ when a run is resumed: how long to go on, not what is trained.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps"})
@@ -20,7 +25,7 @@ class TrainConfig:
     lr: float = 1e-2  # peak learning rate of AdamW
     batch_size: int = 8  # examples per optimiser step
     seed: int = 0  # initialisation and data order
-    warmup_steps: int = 10  # linear warm-up from 0 to `lr` over this many steps
+    warmup_steps: int | None = None  # linear warm-up from 0 to `lr`; None: default_warmup_steps of the run
     lr_schedule: LrSchedule = "linear"  # after warm-up: linear decay to 0 at the last step, or constant
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 = no clipping
@@ -38,15 +43,27 @@ class TrainConfig:
         for name in ("lr", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "max_grad_norm"):
+        for name in ("weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must not be negative, got {self.warmup_steps}")
         if self.lr_schedule not in ("constant", "linear"):
             raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.init_text is not None and not self.init_text.strip():
             raise ValueError("init_text must not be empty")
+
+    def steps_per_epoch(self, num_examples: int) -> int:
+        return math.ceil(num_examples / self.batch_size)
+
+    def total_steps(self, num_examples: int) -> int:
+        """Optimiser steps of the whole schedule (``max_steps`` may stop the run earlier)."""
+        return self.steps_per_epoch(num_examples) * self.epochs
+
+    def effective_warmup_steps(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else default_warmup_steps(total_steps)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,3 +80,8 @@ class TrainConfig:
             for field in fields(self)
             if field.name not in RESUMABLE_CHANGES and getattr(self, field.name) != getattr(other, field.name)
         ]
+
+
+def default_warmup_steps(total_steps: int) -> int:
+    """The warm-up of a run that gives none: a tenth of its steps, at most ``MAX_DEFAULT_WARMUP_STEPS``."""
+    return min(MAX_DEFAULT_WARMUP_STEPS, total_steps // 10)

@@ -1,9 +1,11 @@
 """Training data: JSONL lines ``{"prompt": str, "completion": str}``, tokenised and checked up front.
 
-Every line is validated before training starts (and before anything is written): malformed JSON, a
-missing, non-string or empty field, or an example whose prefix + prompt + completion does not fit the
-model's positions is refused with a message naming the file and the line. Blank lines are skipped;
-other keys on a line are ignored.
+Every line is validated before training starts (and before anything is written), in two passes so that
+a bad file fails fast: ``read_records`` needs nothing but the file (a missing or unreadable file,
+malformed JSON, a missing, non-string or empty field) and runs before any part of the model is read;
+``tokenize_records`` needs only the tokenizer (an example whose prefix + prompt + completion does not fit
+the model's positions) and runs before the weights are loaded. Each refusal names the file and the line.
+Blank lines are skipped; other keys on a line are ignored.
 
 The prompt is tokenised exactly as the server tokenises a prompt; the completion is tokenised on its
 own (no special tokens) and followed by the end-of-sequence token, so a trained task also learns to
@@ -51,6 +53,63 @@ class Dataset:
         return len(self.examples)
 
 
+@dataclass(frozen=True)
+class Record:
+    """One line's fields, checked to be non-empty strings (not tokenised yet)."""
+
+    line: int  # 1-based line number in its file
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class RecordFile:
+    """A JSONL file read and parsed; every check that needs no tokenizer has passed."""
+
+    path: Path
+    sha256: str
+    records: tuple[Record, ...]
+
+
+def read_records(path: Path) -> RecordFile:
+    """Read and parse every line of ``path`` (no tokenizer, no model): raises ``TrainingDataError`` naming
+    the file, and the first bad line, if it is missing, unreadable, malformed or holds no examples."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TrainingDataError(f"cannot read {path}: {exc.strerror}") from None
+    records = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if raw.strip():
+            prompt, completion = _parse_line(raw, f"{path} line {number}")
+            records.append(Record(number, prompt, completion))
+    if not records:
+        raise TrainingDataError(f"{path} holds no examples (one JSON object per line)")
+    return RecordFile(path=path, sha256=hashlib.sha256(data).hexdigest(), records=tuple(records))
+
+
+def tokenize_records(
+    file: RecordFile,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    num_virtual_tokens: int,
+    max_positions: int | None,
+) -> Dataset:
+    """Tokenise every record and check that it fits the model; raises ``TrainingDataError`` naming the line."""
+    eos = tokenizer.eos_token_id
+    examples = []
+    for record in file.records:
+        example = Example(
+            line=record.line,
+            prompt_ids=tuple(tokenizer(record.prompt).input_ids),
+            completion_ids=tuple(tokenizer(record.completion, add_special_tokens=False).input_ids)
+            + ((eos,) if eos is not None else ()),
+        )
+        _check_fits(example, f"{file.path} line {record.line}", num_virtual_tokens, max_positions)
+        examples.append(example)
+    return Dataset(path=file.path, sha256=file.sha256, examples=tuple(examples))
+
+
 def load_dataset(
     path: Path,
     tokenizer: PreTrainedTokenizerBase,
@@ -58,28 +117,10 @@ def load_dataset(
     num_virtual_tokens: int,
     max_positions: int | None,
 ) -> Dataset:
-    """Read and validate every line of ``path``; raises ``TrainingDataError`` naming the first bad line."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TrainingDataError(f"cannot read {path}: {exc.strerror}") from None
-    eos = tokenizer.eos_token_id
-    examples = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        prompt, completion = _parse_line(raw, f"{path} line {number}")
-        example = Example(
-            line=number,
-            prompt_ids=tuple(tokenizer(prompt).input_ids),
-            completion_ids=tuple(tokenizer(completion, add_special_tokens=False).input_ids)
-            + ((eos,) if eos is not None else ()),
-        )
-        _check_fits(example, f"{path} line {number}", num_virtual_tokens, max_positions)
-        examples.append(example)
-    if not examples:
-        raise TrainingDataError(f"{path} holds no examples (one JSON object per line)")
-    return Dataset(path=path, sha256=hashlib.sha256(data).hexdigest(), examples=tuple(examples))
+    """``read_records`` then ``tokenize_records``: the whole file, validated and tokenised."""
+    return tokenize_records(
+        read_records(path), tokenizer, num_virtual_tokens=num_virtual_tokens, max_positions=max_positions
+    )
 
 
 def _parse_line(raw: bytes, where: str) -> tuple[str, str]:

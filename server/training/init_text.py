@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from prefix_store import Prefix
 from server.engine.base_model import BaseModel
@@ -18,10 +19,12 @@ from server.engine.batch import BatchRow, PrefixBatch
 from server.engine.runner import ModelRunner
 
 
-def init_text_token_ids(base: BaseModel, text: str, num_virtual_tokens: int | None) -> list[int]:
+def init_text_token_ids(
+    tokenizer: PreTrainedTokenizerBase, text: str, num_virtual_tokens: int | None
+) -> list[int]:
     """The text's tokens, repeated or cut to ``num_virtual_tokens`` (PEFT's rule for text initialisation);
-    all of them when ``num_virtual_tokens`` is None."""
-    ids = list(base.tokenizer(text).input_ids)
+    all of them when ``num_virtual_tokens`` is None. Needs only the tokenizer, not the model's weights."""
+    ids = list(tokenizer(text).input_ids)
     if not ids:
         raise ValueError("the init text has no tokens")
     if num_virtual_tokens is None:

@@ -9,7 +9,6 @@ the epoch only, and the learning rate on the step only, so a resumed run continu
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,11 +27,12 @@ from server.training.prefix_params import TrainablePrefix
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     """The learning rate of 0-based optimiser step ``step``: warm-up, then constant or linear decay."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+    warmup = config.effective_warmup_steps(total_steps)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
     if config.lr_schedule == "linear":
         remaining = max(0, total_steps - step)
-        return config.lr * remaining / max(1, total_steps - config.warmup_steps)
+        return config.lr * remaining / max(1, total_steps - warmup)
     return config.lr
 
 
@@ -85,8 +85,7 @@ class PrefixTrainer:
         self.state = state or TrainState()
         self.progress = progress
         self.on_epoch = on_epoch
-        self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
-        self.total_steps = self.steps_per_epoch * config.epochs
+        self.total_steps = config.total_steps(len(train))
         self._base_parameters = list(base.model.parameters())
         base.model.eval().requires_grad_(False)  # frozen, and no dropout: the served model is in eval mode
 

@@ -13,8 +13,6 @@ import httpx
 
 from server.training.errors import PushError
 
-DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
-
 
 def push_prefix(path: Path, task_id: str, *, server_url: str, api_key: str | None) -> dict[str, Any]:
     """Upload the native prefix file ``path`` as ``task_id``; returns the server's answer (API.md's upload result)."""

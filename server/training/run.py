@@ -1,7 +1,9 @@
-"""A whole training run: check the output folder and the data, initialise or resume, train, export.
+"""A whole training run: check everything, then train and export.
 
-Everything that can be refused (options, the output folder, every line of the data, the checkpoint's
-match with the model and the data) is checked before the first file is written.
+``prepare_run`` checks whatever can be refused (the output folder, every line of the data, the options,
+the checkpoint's match with the model and the data), cheapest first and before the model's weights are
+loaded; nothing is written until it has passed. ``run_training`` then trains on the loaded model, with
+the thread settings pinned for a bit-identical rerun, and exports the prefix.
 """
 
 from __future__ import annotations
@@ -25,12 +27,19 @@ from server.training.checkpoint import (
     load_checkpoint,
     restore,
 )
-from server.training.config import RESUMABLE_CHANGES, TrainConfig
-from server.training.data import Dataset, load_dataset
+from server.training.config import (
+    MAX_DEFAULT_WARMUP_STEPS,
+    RESUMABLE_CHANGES,
+    TrainConfig,
+    default_warmup_steps,
+)
+from server.training.data import Dataset, RecordFile, read_records, tokenize_records
+from server.training.determinism import pinned_threads
 from server.training.errors import CheckpointError, TrainingError
 from server.training.export import NATIVE_NAME, PEFT_DIR_NAME, export_prefix, write_summary
 from server.training.init_text import init_text_token_ids, prefix_from_text
 from server.training.loop import PrefixTrainer, build_optimizer
+from server.training.model_facts import ModelFacts
 from server.training.prefix_params import TrainablePrefix, build_trainable_prefix
 from server.training.sizes import prefix_parameter_count
 
@@ -44,6 +53,22 @@ class RunPaths:
 
 
 @dataclass(frozen=True)
+class PreparedRun:
+    """A run whose every check has passed; nothing has been written yet."""
+
+    paths: RunPaths
+    config: TrainConfig  # the warm-up resolved to a number of steps
+    train: Dataset
+    evaluation: Dataset | None
+    identity: RunIdentity  # what a checkpoint of this run must agree with
+    checkpoint: Checkpoint | None  # the run to continue; None for a new run
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.total_steps(len(self.train))
+
+
+@dataclass(frozen=True)
 class RunResult:
     config: TrainConfig
     state: TrainState
@@ -54,65 +79,110 @@ class RunResult:
     summary: dict[str, Any]  # what out_dir/training.json holds
 
 
-def run_training(
-    base: BaseModel,
+def prepare_run(
     paths: RunPaths,
     options: dict[str, Any],
+    model_facts: Callable[[], ModelFacts],
     *,
     resume: bool = False,
+) -> PreparedRun:
+    """Check a run before any weights are loaded; raises ``TrainingError`` subclasses with a message for
+    the user.
+
+    ``options`` are the ``TrainConfig`` fields the user gave (absent = default, or the resumed run's).
+    ``model_facts`` (the tokenizer and the config) is called only once the output folder and every line
+    of the data files have passed the checks that need no model.
+    """
+    checkpoint = _existing_run(paths.out_dir, resume)
+    train_file = read_records(paths.data)
+    eval_file = read_records(paths.eval_data) if paths.eval_data is not None else None
+    model = model_facts()
+    config = _resumed_config(checkpoint.config, options) if checkpoint else _new_config(model, options)
+    train = _tokenize(train_file, model, config)
+    evaluation = _tokenize(eval_file, model, config) if eval_file is not None else None
+    identity = RunIdentity(
+        model.geometry.fingerprint, train.sha256, evaluation.sha256 if evaluation else None
+    )
+    if checkpoint:  # which keeps the warm-up it started with, even when extended
+        _check_identity(checkpoint.identity, identity)
+    else:
+        config = _resolve_warmup(config, len(train))
+    return PreparedRun(paths, config, train, evaluation, identity, checkpoint)
+
+
+def run_training(
+    base: BaseModel,
+    run: PreparedRun,
+    *,
+    threads: int | None = None,
     progress: bool = True,
     on_epoch: Callable[[EpochRecord, int], None] | None = None,
 ) -> RunResult:
-    """Train (or resume) a prefix for ``base`` and export it into ``paths.out_dir``.
-
-    ``options`` are the ``TrainConfig`` fields the user gave (absent = default, or the resumed run's).
-    Raises ``TrainingError`` subclasses with a message for the user; nothing is written before every
-    check has passed.
-    """
-    checkpoint = _existing_run(paths.out_dir, resume)
-    config = _resumed_config(checkpoint.config, options) if checkpoint else _new_config(base, options)
-    train = load_dataset(
-        paths.data,
-        base.tokenizer,
-        num_virtual_tokens=config.num_virtual_tokens,
-        max_positions=base.max_positions,
-    )
-    evaluation = None
-    if paths.eval_data is not None:
-        evaluation = load_dataset(
-            paths.eval_data,
-            base.tokenizer,
-            num_virtual_tokens=config.num_virtual_tokens,
-            max_positions=base.max_positions,
+    """Train (or resume) ``run`` on ``base``, the model its checks were made against, and export the prefix
+    into ``run.paths.out_dir``. ``threads``: CPU threads (None: torch's current count)."""
+    if base.geometry.fingerprint != run.identity.model_fingerprint:
+        raise TrainingError(
+            f"the run was checked against base model {run.identity.model_fingerprint}, "
+            f"not {base.geometry.fingerprint}"
         )
-    identity = RunIdentity(base.geometry.fingerprint, train.sha256, evaluation.sha256 if evaluation else None)
-    if checkpoint:
-        _check_identity(checkpoint.identity, identity)
-    module = _trainable_prefix(base, config, fresh=checkpoint is None)
-    optimizer = build_optimizer(module, config)
-    if checkpoint:
-        restore(checkpoint, module, optimizer)
-    trainer = PrefixTrainer(
-        base,
-        config,
-        module,
-        optimizer,
-        train,
-        evaluation,
-        out_dir=paths.out_dir,
-        identity=identity,
-        state=checkpoint.state if checkpoint else None,
-        progress=progress,
-        on_epoch=on_epoch,
-    )
-    outcome = trainer.run()
-    prefix = module.export()
-    native = export_prefix(prefix, base.geometry, paths.out_dir, base_model_name=paths.model)
-    summary = _summary(base, paths, config, outcome.state, outcome.finished, module, train, evaluation)
-    write_summary(paths.out_dir, summary)
+    config, checkpoint = run.config, run.checkpoint
+    with pinned_threads(threads) as thread_count:
+        module = _trainable_prefix(base, config, fresh=checkpoint is None)
+        optimizer = build_optimizer(module, config)
+        if checkpoint:
+            restore(checkpoint, module, optimizer)
+        trainer = PrefixTrainer(
+            base,
+            config,
+            module,
+            optimizer,
+            run.train,
+            run.evaluation,
+            out_dir=run.paths.out_dir,
+            identity=run.identity,
+            state=checkpoint.state if checkpoint else None,
+            progress=progress,
+            on_epoch=on_epoch,
+        )
+        outcome = trainer.run()
+        prefix = module.export()
+    out_dir = run.paths.out_dir
+    native = export_prefix(prefix, base.geometry, out_dir, base_model_name=run.paths.model)
+    summary = _summary(base, run, outcome.state, outcome.finished, module, thread_count)
+    write_summary(out_dir, summary)
     return RunResult(
-        config, outcome.state, outcome.finished, prefix, native, paths.out_dir / PEFT_DIR_NAME, summary
+        config, outcome.state, outcome.finished, prefix, native, out_dir / PEFT_DIR_NAME, summary
     )
+
+
+def _tokenize(file: RecordFile, model: ModelFacts, config: TrainConfig) -> Dataset:
+    return tokenize_records(
+        file,
+        model.tokenizer,
+        num_virtual_tokens=config.num_virtual_tokens,
+        max_positions=model.max_positions,
+    )
+
+
+def _resolve_warmup(config: TrainConfig, num_examples: int) -> TrainConfig:
+    """``config`` with its warm-up in steps: by default a share of the run; a given one must end within it.
+
+    A warm-up that does not end before the last step leaves the learning rate below ``lr`` for the whole
+    run (and a linear schedule never decays): refused, before any weights are loaded, rather than a
+    warning that scrolls by while the run is wasted.
+    """
+    total = config.total_steps(num_examples)
+    if config.warmup_steps is None:
+        return dataclasses.replace(config, warmup_steps=default_warmup_steps(total))
+    if config.warmup_steps >= total:
+        raise TrainingError(
+            f"--warmup-steps {config.warmup_steps} is not less than the run's {total} optimizer steps "
+            f"({num_examples} examples in batches of {config.batch_size}: "
+            f"{config.steps_per_epoch(num_examples)} per epoch × {config.epochs} epochs), so the learning "
+            f"rate would never reach --lr {config.lr:g}; give at most {total - 1} (0: no warm-up), or leave "
+            f"it out (a tenth of the steps, at most {MAX_DEFAULT_WARMUP_STEPS})"
+        )
+    return config
 
 
 def _existing_run(out_dir: Path, resume: bool) -> Checkpoint | None:
@@ -125,12 +195,14 @@ def _existing_run(out_dir: Path, resume: bool) -> Checkpoint | None:
     return None
 
 
-def _new_config(base: BaseModel, options: dict[str, Any]) -> TrainConfig:
+def _new_config(model: ModelFacts, options: dict[str, Any]) -> TrainConfig:
     options = dict(options)
     try:
         if options.get("init_text") and options.get("num_virtual_tokens") is None:
             # one virtual token per token of the text: the prefix is then exactly the text's activations
-            options["num_virtual_tokens"] = len(init_text_token_ids(base, options["init_text"], None))
+            options["num_virtual_tokens"] = len(
+                init_text_token_ids(model.tokenizer, options["init_text"], None)
+            )
         return TrainConfig(**options)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
@@ -184,7 +256,7 @@ def _trainable_prefix(base: BaseModel, config: TrainConfig, *, fresh: bool) -> T
     initial = None
     if fresh and config.init_text is not None:
         initial = prefix_from_text(
-            base, init_text_token_ids(base, config.init_text, config.num_virtual_tokens)
+            base, init_text_token_ids(base.tokenizer, config.init_text, config.num_virtual_tokens)
         )
     module = build_trainable_prefix(
         base.geometry,
@@ -200,29 +272,30 @@ def _trainable_prefix(base: BaseModel, config: TrainConfig, *, fresh: bool) -> T
 
 def _summary(
     base: BaseModel,
-    paths: RunPaths,
-    config: TrainConfig,
+    run: PreparedRun,
     state: TrainState,
     finished: bool,
     module: TrainablePrefix,
-    train: Dataset,
-    evaluation: Dataset | None,
+    threads: int,
 ) -> dict[str, Any]:
+    config, train, evaluation = run.config, run.train, run.evaluation
     prefix_parameters = prefix_parameter_count(base.geometry, config.num_virtual_tokens)
     base_parameters = sum(p.numel() for p in base.model.parameters())
     return {
-        "model": paths.model,
+        "model": run.paths.model,
         "base_model": base.geometry.fingerprint,
-        "config": config.to_json(),
-        "data": {"path": str(paths.data), "sha256": train.sha256, "examples": len(train)},
+        "config": config.to_json(),  # warmup_steps: the warm-up used, defaulted or given
+        "data": {"path": str(run.paths.data), "sha256": train.sha256, "examples": len(train)},
         "eval_data": (
-            {"path": str(paths.eval_data), "sha256": evaluation.sha256, "examples": len(evaluation)}
+            {"path": str(run.paths.eval_data), "sha256": evaluation.sha256, "examples": len(evaluation)}
             if evaluation
             else None
         ),
         "finished": finished,
         "epochs_done": state.epoch,
         "steps": state.global_step,
+        "total_steps": run.total_steps,  # of the whole schedule (max_steps may stop the run earlier)
+        "threads": threads,  # CPU threads; a bit-identical rerun needs the same count
         "history": [dataclasses.asdict(record) for record in state.history],
         "prefix_parameters": prefix_parameters,
         "trainable_parameters": module.num_trainable_parameters,

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from server.benchmark.baselines import mix_lengths
 from server.benchmark.memory import memory_table
+from server.benchmark.remote import _retry_after_s, requests_per_point
+from server.benchmark.remote_prompts import PROBE_WORDS, CountTokens, calibrate
 from server.benchmark.report import write_report
 from server.benchmark.settings import QUICK, BenchSettings, WorkloadSpec
 from server.benchmark.suite import device_problem
@@ -16,7 +25,7 @@ from server.benchmark.tables import markdown, report_tables
 from server.benchmark.targets import evaluate
 from server.benchmark.timeline import Timeline, paired_ratio, percentile
 from server.benchmark.workload import WORDS, sample_shapes, single_token_words
-from server.cli import build_parser
+from server.cli import bench, build_parser
 from server.cli.bench import settings_from
 from server.demo_model import build_demo_tokenizer
 
@@ -53,6 +62,8 @@ def test_options_override_defaults_and_quick() -> None:
         ["--memory-budget-gib", "0"],
         ["--concurrency-curve", "0,4"],
         ["--cache-curve", "0,1"],
+        ["--min-seconds", "-1"],
+        ["--max-retry-wait", "nan"],
     ],
 )
 def test_bad_options_are_refused_by_the_parser(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -78,6 +89,68 @@ def test_single_token_words_are_one_token_each() -> None:
     words = single_token_words(tokenizer)
     assert len(words) >= 20 and words != WORDS
     assert all(len(tokenizer(f" {word}").input_ids) == 1 for word in words)
+
+
+def test_every_bench_option_states_its_default() -> None:
+    commands = argparse.ArgumentParser().add_subparsers()
+    bench.register(commands)
+    options = [a for a in commands.choices["bench"]._actions if a.option_strings != ["-h", "--help"]]
+    assert len(options) > 25
+    missing = [a.option_strings[0] for a in options if "(default: " not in (a.help or "")]
+    assert not missing
+
+
+def _counter(tokenize: Callable[[str], Sequence[object]]) -> CountTokens:
+    """The server's prompt token count, as ``calibrate`` asks for it, with a tokenizer of this process."""
+
+    async def count(prompt: str) -> int:
+        return len(tokenize(prompt))
+
+    return count
+
+
+def test_calibrated_prompts_have_exactly_the_tokens_asked_for() -> None:
+    tokenizer = build_demo_tokenizer()
+    prompts = asyncio.run(calibrate(_counter(lambda p: tokenizer(p).input_ids)))
+    assert prompts.additive and prompts.offset == 0 and prompts.probes == 5
+    assert prompts.word_tokens == dict.fromkeys(PROBE_WORDS[:4], 1)
+    rng = random.Random(0)
+    for tokens in range(1, 300):
+        prompt = prompts.prompt(tokens, rng)
+        assert len(tokenizer(prompt).input_ids) == tokens, prompt
+
+
+def test_calibration_finds_an_offset_and_words_of_several_tokens() -> None:
+    # a character-level tokenizer that adds BOS: no word is one token, " the" is 4
+    prompts = asyncio.run(calibrate(_counter(lambda p: ["<s>", *p])))
+    assert prompts.additive and prompts.offset == 1 and prompts.shortest == 1 + 3
+    assert prompts.word_tokens["the"] == 4 and prompts.word_tokens["of"] == 3
+    assert prompts.probes == 1 + len(PROBE_WORDS)  # every word probed: none is one token
+    rng = random.Random(0)
+    for tokens in range(7, 200):  # 3 and 4 make every count from 6 on, with the offset 7
+        assert 1 + len(prompts.prompt(tokens, rng)) == tokens
+    assert 1 + len(prompts.prompt(2, rng)) == 4  # too short for any word: the shortest prompt
+
+
+def test_calibration_notices_a_tokenizer_that_does_not_add_up() -> None:
+    # repeats of a word merge: 16 words count as 2 tokens
+    prompts = asyncio.run(calibrate(_counter(lambda p: [*sorted(set(p.split())), "x"])))
+    assert not prompts.additive
+
+
+def test_retry_after_is_seconds_or_a_date() -> None:
+    def answered(value: str | None) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": value} if value is not None else {})
+
+    assert _retry_after_s(answered("12")) == 12.0
+    assert _retry_after_s(answered("0.5")) == 0.5
+    assert 8 < _retry_after_s(answered(email.utils.formatdate(time.time() + 10, usegmt=True))) <= 10
+    assert _retry_after_s(answered(None)) == 1.0 and _retry_after_s(answered("soon")) == 1.0
+
+
+def test_a_remote_point_sends_requests_or_one_per_client() -> None:
+    settings = _settings("--requests", "12")
+    assert [requests_per_point(settings, c) for c in (1, 4, 12, 64)] == [12, 12, 12, 64]
 
 
 def test_mix_lengths_spread_over_4_to_32() -> None:

@@ -1,5 +1,5 @@
 """``prefix-serve bench`` end to end: a quick in-process run (a real server process for the HTTP
-section) and a run against a running server (``--url``)."""
+section) and the store section on a real Redis (``--url`` runs: ``test_bench_remote``)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,11 @@ import json
 import struct
 from pathlib import Path
 
-import httpx
 import pytest
 
-from prefix_store import encode_native
-from server.api.auth import Role, create_key
-from server.benchmark.models import build_model, random_prefixes
-from server.benchmark.server_process import ServerProcess, free_port
+from server.benchmark.models import build_model
 from server.benchmark.settings import QUICK
 from server.cli import main
-from server.engine.base_model import load_base_model
 from tests.redis_server import running_redis
 
 BASELINES = {
@@ -124,58 +119,6 @@ def test_tables_are_written_as_csv_and_curves_as_plots(quick_run: tuple[int, Pat
     for title in ("**systems (same run)**", "**curve: cache-budget**", "**prefix memory", "**targets**"):
         assert title in text
     assert text.count("| PASS |") + text.count("| FAIL |") == 7
-
-
-def test_remote_mode_measures_a_running_server(tmp_path: Path, demo_model_dir: Path) -> None:
-    base = load_base_model(str(demo_model_dir))
-    (prefix,) = random_prefixes(base, [6], seed=5)
-    with ServerProcess(demo_model_dir, (tmp_path / "store").as_uri()) as server:
-        blob = encode_native(prefix, base.geometry)
-        httpx.put(
-            f"{server.url}/v1/admin/prefixes/remote-task", files={"file": ("p", blob)}
-        ).raise_for_status()
-        args = ["bench", "--url", server.url, "--concurrency-curve", "1,2", "--requests", "4"]
-        args += [
-            "--new-tokens",
-            "3",
-            "--repeats",
-            "1",
-            "--sections",
-            "concurrency",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-        assert main(args) == 0
-        served = server.counter(
-            "prefix_serve_http_requests_total", method="POST", route="/v1/generate", status="200"
-        )
-        generated = server.gauges()["prefix_serve_generated_tokens_total"]
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["mode"] == "remote" and report["tasks"] == ["remote-task"]
-    points = report["curves"]["concurrency"]
-    assert [p["x"] for p in points] == [1, 2] and all(p["requests"] == 4 for p in points)
-    assert served == 2 + 4 + 4  # the warm-up's two requests, then each point's four
-    measured = sum(p["tokens"] for p in points)
-    assert 0 < measured <= 8 * 3 and measured <= generated
-    assert "targets" not in report and _png_size(tmp_path / "out" / "curve-concurrency.png")[0] == 1000
-
-
-def test_remote_mode_reports_refusals_and_unreachable_servers(
-    tmp_path: Path, demo_model_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    keys = tmp_path / "keys.json"
-    user_key = create_key(keys, "acme", Role.USER)
-    env = {"PREFIX_SERVE_API_KEYS": str(keys)}
-    out = ["--sections", "concurrency", "--repeats", "1", "--out", str(tmp_path / "out")]
-    with ServerProcess(demo_model_dir, (tmp_path / "store").as_uri(), env=env) as server:
-        assert main(["bench", "--url", server.url, "--api-key", "", *out]) == 1  # no key
-        assert "GET /v1/models answered 401" in capsys.readouterr().out
-        unknown_task = ["--api-key", user_key, "--task-ids", "no-such-task"]
-        assert main(["bench", "--url", server.url, *unknown_task, *out]) == 1
-        assert "POST /v1/generate answered 404" in capsys.readouterr().out
-    assert main(["bench", "--url", f"http://127.0.0.1:{free_port()}", *out]) == 1
-    assert "cannot reach" in capsys.readouterr().out
-    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_store_section_measures_a_real_redis(tmp_path: Path) -> None:

@@ -81,6 +81,13 @@ def test_push_ls_generate_pull_rm(
     pulled = tmp_path / "summarize.safetensors"
     assert (code, out) == (0, f"saved summarize to {pulled}\n")
     assert pulled.stat().st_size == next(p["bytes"] for p in listed if p["task_id"] == "summarize")
+    backup = tmp_path / "backup"  # does not exist: the trailing '/' makes it a folder
+    code, out, _ = _run(capsys, "pull", "summarize", f"{backup}/", *admin)
+    assert (code, out) == (0, f"saved summarize to {backup / 'summarize.safetensors'}\n")
+    assert (backup / "summarize.safetensors").read_bytes() == pulled.read_bytes()
+    code, out, _ = _run(capsys, "pull", "summarize", str(tmp_path / "copy.bin"), *admin, "--json")
+    assert (code, json.loads(out)) == (0, {"task_id": "summarize", "path": str(tmp_path / "copy.bin")})
+    assert (tmp_path / "copy.bin").read_bytes() == pulled.read_bytes()
 
     assert _run(capsys, "rm", "summarize", *admin) == (0, "deleted summarize\n", "")
     code, out, _ = _run(capsys, "rm", "native-task", *admin, "--if-match", pushed["version"], "--json")

@@ -122,6 +122,40 @@ def test_async_client_every_method(server: str, keys: Keys, peft_adapter: Path, 
     asyncio.run(scenario())
 
 
+def _download_cases(root: Path) -> list[tuple[str | Path, Path]]:
+    """(path given, file expected): a path ending in '/' or an existing folder is a folder."""
+    (root / "existing").mkdir(parents=True)
+    return [
+        (f"{root}/backup/", root / "backup" / "dl-task.safetensors"),  # created
+        (f"{root}/deep/er/", root / "deep" / "er" / "dl-task.safetensors"),
+        (root / "existing", root / "existing" / "dl-task.safetensors"),
+        (str(root / "named.safetensors"), root / "named.safetensors"),
+        (root / "no-suffix", root / "no-suffix"),  # a file, as given
+    ]
+
+
+def test_download_prefix_to_a_folder_or_a_file(
+    server: str, keys: Keys, native_prefix: Path, tmp_path: Path
+) -> None:
+    expected_bytes = native_prefix.read_bytes()
+
+    async def download_async() -> None:
+        async with AsyncClient(server, keys.admin) as client:
+            for given, expected in _download_cases(tmp_path / "async"):
+                assert await client.download_prefix("dl-task", given) == expected
+                assert expected.read_bytes() == expected_bytes, given
+
+    with Client(server, keys.admin) as client:
+        client.upload_prefix("dl-task", native_prefix)
+        try:
+            for given, expected in _download_cases(tmp_path / "sync"):
+                assert client.download_prefix("dl-task", given) == expected
+                assert expected.read_bytes() == expected_bytes, given
+            asyncio.run(download_async())
+        finally:
+            client.delete_prefix("dl-task")
+
+
 def test_stop_sequences_end_generation(server: str, keys: Keys) -> None:
     with Client(server, keys.user) as client:
         full = client.generate(PROMPT, max_new_tokens=12)

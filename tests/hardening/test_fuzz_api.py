@@ -13,7 +13,7 @@ from server.config import ServeSettings
 from tests.hardening.conftest import Hardened
 
 EXAMPLES = 12  # per operation, key and mode: 12 operations x 3 keys x 2 modes, about 700 requests
-PUBLIC = {"/healthz", "/readyz"}
+PUBLIC = {"/healthz", "/health", "/readyz"}
 
 
 def test_the_openapi_declares_every_error_with_the_error_body() -> None:

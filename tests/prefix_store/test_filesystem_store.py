@@ -80,3 +80,10 @@ def test_store_urls() -> None:
         open_store("s3://bucket")
     with pytest.raises(ValueError, match="absolute"):
         open_store("file://relative/path")
+
+
+def test_a_file_url_names_its_folder_unescaped(tmp_path: Path) -> None:
+    folder = tmp_path / "my data"
+    store = open_store(folder.as_uri())  # file:///…/my%20data
+    assert isinstance(store, FileStore)
+    assert store.root == folder

@@ -181,18 +181,27 @@ def get_prefix(task_id: str) -> Operation[PrefixInfo]:
 
 
 def download_prefix(task_id: str, path: str | os.PathLike[str]) -> Operation[Path]:
-    """``GET /v1/admin/prefixes/{task_id}/download``, written to ``path`` (a file, or a folder to hold
-    ``<task_id>.safetensors``); returns the path written."""
+    """``GET /v1/admin/prefixes/{task_id}/download``, written to ``path``; returns the path written.
+
+    ``path`` is a folder, created if needed, that gets ``<task_id>.safetensors`` when it is an existing
+    folder or ends in a separator (``backup/``); otherwise it is the file to write."""
     validate_task_id(task_id)
-    target = Path(path)
-    if target.is_dir():
-        target = target / f"{task_id}.safetensors"
+    target = _download_target(task_id, path)
     return Operation(
         "GET",
         f"/v1/admin/prefixes/{task_id}/download",
         lambda response: _write_atomically(target, response.content),
         headers=_task_header(task_id),
     )
+
+
+def _download_target(task_id: str, path: str | os.PathLike[str]) -> Path:
+    """The file ``download_prefix`` writes for ``path`` (``Path`` drops a trailing ``/``, so look first)."""
+    text = os.fspath(path)
+    separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    if text.endswith(separators) or Path(text).is_dir():
+        return Path(text) / f"{task_id}.safetensors"
+    return Path(text)
 
 
 def delete_prefix(task_id: str, if_match: str | None) -> Operation[None]:

@@ -83,7 +83,8 @@ class Client(BaseClient):
         return self._call(_base.get_prefix(task_id))
 
     def download_prefix(self, task_id: str, path: str | os.PathLike[str]) -> Path:
-        """Save the current version as a native prefix file at ``path`` (or in the folder ``path``)."""
+        """Save the current version as a native prefix file at ``path``, or as ``<task_id>.safetensors``
+        in the folder ``path`` when it is one or ends in ``/`` (created if needed); returns the file."""
         return self._call(_base.download_prefix(task_id, path))
 
     def delete_prefix(self, task_id: str, *, if_match: str | None = None) -> None:

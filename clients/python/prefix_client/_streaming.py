@@ -3,14 +3,16 @@
 ``Stream`` and ``AsyncStream`` are iterators and context managers. Leaving the ``with`` block, calling
 ``close()``, breaking out of the loop and dropping the stream all close the HTTP response, and the
 server then cancels the generation, freeing its slot in the batch. The parsing is shared: only the
-reading of lines differs between the two.
+reading of the body differs between the two.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
@@ -23,7 +25,33 @@ from .types import StreamEnd, TokenEvent, Usage
 T = TypeVar("T")
 
 _DONE = "[DONE]"
+_LINE_END = re.compile(r"\r\n|\r|\n")  # the only line ends of an event stream
 _CLOSING: set[asyncio.Task[None]] = set()  # closes started by dropped async streams, kept until done
+
+
+class _SSELines:
+    """The bytes of a ``text/event-stream`` → its lines, split only at CR LF, LF or CR as the SSE spec
+    says. (httpx's ``iter_lines`` also splits at U+2028, U+2029, U+0085 … as ``str.splitlines`` does,
+    which cuts an event whose JSON holds such a character raw.) The stream is UTF-8, whatever its headers."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._rest = ""  # the start of a line whose end has not arrived
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """The lines that ``chunk`` completes."""
+        text = self._rest + self._decoder.decode(chunk)
+        held = "\r" if text.endswith("\r") else ""  # may be the first half of a CR LF: wait for the next
+        *lines, self._rest = _LINE_END.split(text.removesuffix(held))
+        self._rest += held
+        return lines
+
+    def close(self) -> list[str]:
+        """The lines still held when the stream ends: one ended by a CR, or one without a line end."""
+        rest, self._rest = self._rest + self._decoder.decode(b"", final=True), ""
+        if rest.endswith("\r"):
+            return [rest[:-1]]
+        return [rest] if rest else []
 
 
 class _SSEDecoder:
@@ -79,6 +107,7 @@ class _StreamResults:
     def __init__(self, response: httpx.Response, parse_item: Callable[[dict[str, Any]], Any]) -> None:
         self.response = response
         self._state: _StreamState[Any] = _StreamState(parse_item)
+        self._lines = _SSELines()
         self._texts: list[str] = []
         self._token_ids: list[int] = []
 
@@ -105,6 +134,15 @@ class _StreamResults:
         """The token ids received so far."""
         return list(self._token_ids)
 
+    def _items(self, lines: list[str]) -> Iterator[Any]:
+        """The items that ``lines`` complete, up to ``[DONE]``."""
+        for line in lines:
+            if self._state.done:
+                return
+            item = self._state.feed(line)
+            if item is not None:
+                yield item
+
     def _record(self, item: object) -> None:
         if isinstance(item, TokenEvent):
             self._texts.append(item.text)
@@ -126,13 +164,15 @@ class Stream(_StreamResults, Generic[T]):
 
     def _iterate(self) -> Iterator[T]:
         try:
-            for line in self.response.iter_lines():
-                item = self._state.feed(line)
-                if item is not None:
+            for chunk in self.response.iter_bytes():
+                for item in self._items(self._lines.feed(chunk)):
                     self._record(item)
                     yield item
                 if self._state.done:
                     break
+            for item in self._items(self._lines.close()):
+                self._record(item)
+                yield item
             self._state.check_complete()
         except httpx.TransportError as exc:
             raise connection_error(exc) from exc
@@ -172,13 +212,15 @@ class AsyncStream(_StreamResults, Generic[T]):
 
     async def _iterate(self) -> AsyncIterator[T]:
         try:
-            async for line in self.response.aiter_lines():
-                item = self._state.feed(line)
-                if item is not None:
+            async for chunk in self.response.aiter_bytes():
+                for item in self._items(self._lines.feed(chunk)):
                     self._record(item)
                     yield item
                 if self._state.done:
                     break
+            for item in self._items(self._lines.close()):
+                self._record(item)
+                yield item
             self._state.check_complete()
         except httpx.TransportError as exc:
             raise connection_error(exc) from exc

@@ -6,9 +6,9 @@ an older client.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 __all__ = ["Generation", "Health", "PrefixInfo", "StreamEnd", "TokenEvent", "UploadResult", "Usage"]
 
@@ -59,8 +59,14 @@ class PrefixInfo(_Result):
     version: str
     num_virtual_tokens: int
     bytes: int
-    created_at: datetime  # timezone-aware (UTC)
+    created_at: datetime  # timezone-aware (UTC); sent as ISO 8601 text
     resident: bool  # held in the device cache of the replica that answered
+
+    @field_validator("created_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        """A time without a zone is UTC (the server sends one with ``Z``; older ones sent epoch seconds)."""
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class UploadResult(_Result):

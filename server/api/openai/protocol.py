@@ -16,7 +16,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from server.api.schemas import Integral
 
 MAX_PROMPT_CHARS = 200_000
-_MAX_TOKENS = 65_536
 _MAX_STOP = 64
 _MAX_MESSAGES = 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -25,8 +24,8 @@ FinishReasonName = Literal["stop", "length"]
 
 
 class _Strict(BaseModel):
-    # no unknown fields, and JSON types as declared (no true-as-1, no "5"-as-5)
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # no unknown fields, JSON types as declared (no true-as-1, no "5"-as-5), finite numbers only
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -43,7 +42,8 @@ class GenerationFields(_Strict):
         max_length=256,
         description="a task id of the caller, or the base model id (no prefix)",
     )
-    max_tokens: Annotated[int, Field(ge=1, le=_MAX_TOKENS), Integral] | None = None
+    # at most the server's --max-new-tokens (checked by the route, written into the OpenAPI)
+    max_tokens: Annotated[int, Field(ge=1), Integral] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1; 0 = greedy")
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="default 1; 0 = the most likely token")
     top_k: Annotated[int, Field(ge=0, le=1_000_000), Integral] | None = Field(
@@ -203,7 +203,7 @@ class ChatCompletionRequest(GenerationFields):
     """``POST /v1/chat/completions``; the messages are rendered with the tokenizer's chat template."""
 
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=_MAX_MESSAGES)
-    max_completion_tokens: Annotated[int, Field(ge=1, le=_MAX_TOKENS), Integral] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), Integral] | None = None
     # accepted and ignored: hints to OpenAI's platform
     metadata: dict[str, str] | None = None
     store: bool | None = None

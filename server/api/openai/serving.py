@@ -5,7 +5,6 @@ outputs → completions, chat completions and their SSE chunks."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -33,6 +32,7 @@ from server.api.openai.protocol import (
     ModelList,
     UsageInfo,
 )
+from server.api.sse import DONE, event_stream, sse_event
 from server.api.state import AppState, Caller
 from server.engine.async_engine import RequestStream
 from server.engine.base_model import BaseModel as BaseLM
@@ -40,7 +40,6 @@ from server.engine.request import GenerationResult
 from server.engine.sampling import SamplingParams
 from server.engine.stopping import FinishReason
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no buffering by proxies
 _FINISH: dict[FinishReason, FinishReasonName] = {
     FinishReason.LENGTH: "length",
     FinishReason.STOP: "stop",
@@ -109,7 +108,8 @@ async def respond(
     Errors (unknown model, limits, queue full) raise before any output."""
     limit = state.settings.max_new_tokens
     if max_new_tokens > limit:
-        raise ApiError(422, "validation_error", f"max_tokens is over the limit of {limit}")
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise ApiError(422, "validation_error", f"{field} is over the limit of {limit}")
     http_request.state.task_id = task_id  # for the access log
     try:
         stream = await submit(
@@ -126,7 +126,7 @@ async def respond(
         raise unknown_model(body.model) from None
     if body.stream:
         events = stream_events(stream, body.model, http_request, chat=chat, include_usage=body.include_usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return event_stream(events)
     result = await result_unless_disconnected(http_request, stream, state.settings.request_timeout_s)
     http_request.state.completion_tokens = len(result.token_ids)
     return (chat_completion if chat else completion)(stream, result, body.model)
@@ -223,11 +223,6 @@ class _ChunkFormat:
         return Completion(**self.common, choices=[], usage=info)
 
 
-def _sse(chunk: BaseModel | dict[str, object]) -> str:
-    data = chunk.model_dump_json() if isinstance(chunk, BaseModel) else json.dumps(chunk, ensure_ascii=False)
-    return f"data: {data}\n\n"
-
-
 async def stream_events(
     stream: RequestStream, model: str, http_request: Request, *, chat: bool, include_usage: bool
 ) -> AsyncIterator[str]:
@@ -240,21 +235,21 @@ async def stream_events(
     try:
         opening = chunks.opening()
         if opening is not None:
-            yield _sse(opening)
+            yield sse_event(opening)
         async for output in stream:
             if output.finish_reason is None:
                 if output.text:
-                    yield _sse(chunks.text(output.text))
+                    yield sse_event(chunks.text(output.text))
                 continue
             http_request.state.completion_tokens = output.completion_tokens  # for the access log
             if output.finish_reason not in _FINISH:
                 _, error_type, message = _UNFINISHED[output.finish_reason]
-                yield _sse({"error": {"type": error_type, "message": message}})
+                yield sse_event({"error": {"type": error_type, "message": message}})
                 break
-            yield _sse(chunks.text(output.text, _FINISH[output.finish_reason]))
+            yield sse_event(chunks.text(output.text, _FINISH[output.finish_reason]))
             if include_usage:
-                yield _sse(chunks.usage(usage(output.prompt_tokens, output.completion_tokens)))
-        yield "data: [DONE]\n\n"
+                yield sse_event(chunks.usage(usage(output.prompt_tokens, output.completion_tokens)))
+        yield DONE
     finally:
         stream.abort()  # a no-op once finished; else the client left mid-stream
 

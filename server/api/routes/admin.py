@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, NoReturn
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from starlette.datastructures import FormData, UploadFile
@@ -56,7 +57,7 @@ def _info(state: AppState, record: PrefixRecord) -> PrefixInfo:
         version=record.version,
         num_virtual_tokens=record.num_virtual_tokens,
         bytes=record.bytes,
-        created_at=record.created_at,
+        created_at=datetime.fromtimestamp(record.created_at, UTC),
         resident=state.registry.is_resident(record),
     )
 
@@ -157,6 +158,7 @@ def _check_quota(state: AppState, tenant: str, task_id: str, new_bytes: int) -> 
 
 
 @router.get("", response_model=PrefixList)
+@router.get("/", response_model=PrefixList, include_in_schema=False)  # not the task id "": the list
 async def list_prefixes(state: StateDep, who: CallerDep) -> PrefixList:
     records = await asyncio.to_thread(state.store.list, who.tenant)
     return PrefixList(prefixes=[_info(state, record) for record in records])
@@ -205,3 +207,14 @@ async def delete_prefix(
     )
     state.registry.forget(who.tenant, task_id)
     return Response(status_code=204)
+
+
+@router.api_route(
+    "/{task_path:path}", methods=["GET", "PUT", "DELETE"], response_model=None, include_in_schema=False
+)
+async def refuse_task_path(task_path: str) -> NoReturn:
+    """Registered last: what reaches it has a "/" in its task id (``team/summarize``, ``a%2Fb``,
+    ``team/summarize/download``), which no route above matches. A name, never a path: 400 with the
+    naming rule (as for any other bad task id), not the router's bare 404."""
+    validate_task_id(task_path)  # raises: a valid name has no "/" and would have matched above
+    raise ApiError(404, "not_found", "Not Found")

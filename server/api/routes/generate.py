@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
@@ -11,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from server.api.engine_calls import result_unless_disconnected, submit, tokenize_prompt, within_limit
 from server.api.errors import error_responses
 from server.api.schemas import GENERATION_RESPONSES, GenerateBody, GenerateResponse, Usage
+from server.api.sse import DONE, event_stream, sse_event
 from server.api.state import CallerDep, StateDep, caller
 from server.engine.async_engine import RequestStream
 from server.engine.sampling import SamplingParams
@@ -37,7 +37,7 @@ async def generate(
         stop=body.stop,
     )
     if body.stream:
-        return StreamingResponse(_events(stream, body.task_id), media_type="text/event-stream")
+        return event_stream(_events(stream, body.task_id))
     result = await result_unless_disconnected(http_request, stream, state.settings.request_timeout_s)
     return GenerateResponse(
         id=result.request_id,
@@ -50,10 +50,6 @@ async def generate(
     )
 
 
-def _sse(data: object) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
 async def _events(stream: RequestStream, task_id: str | None) -> AsyncIterator[str]:
     """One event per token, a final event with the finish reason and usage, then ``[DONE]``.
 
@@ -62,9 +58,9 @@ async def _events(stream: RequestStream, task_id: str | None) -> AsyncIterator[s
     async for output in stream:
         for i, token_id in enumerate(output.token_ids):
             text = output.text if i == len(output.token_ids) - 1 else ""
-            yield _sse({"token_id": token_id, "text": text})
+            yield sse_event({"token_id": token_id, "text": text})
         if output.finish_reason is not None:
-            yield _sse(
+            yield sse_event(
                 {
                     "id": output.request_id,
                     "task_id": task_id,
@@ -76,4 +72,4 @@ async def _events(stream: RequestStream, task_id: str | None) -> AsyncIterator[s
                     },
                 }
             )
-    yield "data: [DONE]\n\n"
+    yield DONE

@@ -22,8 +22,10 @@ class Readiness(BaseModel):
     model: str | None = None  # the base model's id, once ready
 
 
-@router.get("/healthz", response_model=Liveness)
+@router.get("/healthz", response_model=Liveness, summary="Liveness")
+@router.get("/health", response_model=Liveness, summary="Liveness (an alias of /healthz)")
 async def healthz() -> dict[str, str]:
+    """200 while the process runs."""
     return {"status": "ok"}
 
 

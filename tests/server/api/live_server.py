@@ -22,3 +22,7 @@ def live_server(
     store_url = store if isinstance(store, str) else store.resolve().as_uri()
     with ServerProcess(model_dir, store_url, env=env, ready_s=timeout) as server:
         yield server.url
+
+
+# the --max-new-tokens of the `limited_client` server: below the native default (64), above OpenAI's (16)
+NEW_TOKENS_LIMIT = 40

@@ -19,7 +19,7 @@ from server.engine.base_model import BaseModel
 from tests.server.api.live_server import live_server
 from tests.server.engine.helpers import random_prefix
 
-PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics"}
+PUBLIC_PATHS = {"/healthz", "/health", "/readyz", "/metrics"}
 PROMPT = "Once upon a time"
 
 
@@ -81,6 +81,21 @@ def test_every_route_refuses_no_key_and_a_wrong_key(server: str) -> None:
                 assert response.status_code == 401, (method, path)
                 assert response.json()["error"]["type"] == "authentication_error"
                 assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_the_public_paths_need_no_key(server: str) -> None:
+    with _client(server, None) as client:
+        for path in (*PUBLIC_PATHS, "/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 200, path
+
+
+def test_a_task_id_with_a_slash_is_judged_after_the_key(server: str, keys) -> None:
+    """Like any admin route: 401 without a key, 403 for a user key, then 400 for the name."""
+    _, made = keys
+    for key, status in ((None, 401), (made["acme-user"], 403), (made["acme-admin"], 400)):
+        with _client(server, key) as client:
+            for method in ("GET", "PUT", "DELETE"):
+                assert client.request(method, "/v1/admin/prefixes/team/summarize").status_code == status
 
 
 def test_user_keys_get_403_on_admin_routes(server: str, keys) -> None:

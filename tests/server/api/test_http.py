@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from peft import PeftModel
+from prefix_client import Client
 from transformers import AutoModelForCausalLM
 
 from prefix_store import PrefixLimits, encode_native, load_prefix_source
+from server.cli import main
 from server.engine.base_model import BaseModel
 from server.engine.generation import generate
 from tests.peft_reference import make_peft_adapter, peft_greedy_tokens
@@ -137,10 +142,35 @@ def test_list_get_and_delete(server: httpx.Client, llama_base: BaseModel) -> Non
     )
     listed = {p["task_id"]: p for p in server.get("/v1/admin/prefixes").json()["prefixes"]}
     assert listed["short-lived"]["version"] == version.json()["version"]
+    one = server.get("/v1/admin/prefixes/short-lived").json()
+    assert one == listed["short-lived"]
+    # created_at is ISO 8601 text in UTC (API.md), e.g. "2026-12-01T08:53:07.123456Z"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)", one["created_at"])
+    created = datetime.fromisoformat(one["created_at"])
+    assert created.utcoffset() == timedelta(0) and abs(datetime.now(UTC) - created) < timedelta(minutes=5)
     assert server.delete("/v1/admin/prefixes/short-lived").status_code == 204
     assert server.get("/v1/admin/prefixes/short-lived").status_code == 404
     assert _generate(server, task_id="short-lived").status_code == 404
     assert server.delete("/v1/admin/prefixes/short-lived").status_code == 404
+
+
+def test_created_at_is_the_same_instant_over_http_in_the_sdk_and_in_ls(
+    server: httpx.Client, llama_base: BaseModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _upload(server, "dated", encode_native(random_prefix(llama_base, 2, seed=8), llama_base.geometry))
+    sent = server.get("/v1/admin/prefixes/dated").json()["created_at"]
+    created = datetime.fromisoformat(sent)
+    url = str(server.base_url)
+    with Client(url) as sdk:
+        parsed = sdk.get_prefix("dated").created_at
+    assert parsed == created and parsed.tzinfo is not None and parsed.utcoffset() == timedelta(0)
+
+    assert main(["ls", "--server", url, "--json"]) == 0
+    listed = {p["task_id"]: p for p in json.loads(capsys.readouterr().out)["prefixes"]}
+    assert datetime.fromisoformat(listed["dated"]["created_at"]) == created
+    assert main(["ls", "--server", url]) == 0
+    row = next(row for line in capsys.readouterr().out.splitlines() if (row := line.split())[:1] == ["dated"])
+    assert row[-1] == created.strftime("%Y-%m-%dT%H:%M:%SZ")  # UTC, as --json, to the second
 
 
 @pytest.mark.parametrize(

@@ -4,12 +4,15 @@ the requests did; label values are route templates, never raw paths."""
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefix_store import encode_native
@@ -116,3 +119,51 @@ def test_each_app_keeps_its_own_registry() -> None:
     healthz = {"method": "GET", "route": "/healthz", "status": "200"}
     assert _value(_scrape(first), "http_requests_total", **healthz) == 2
     assert _value(_scrape(second), "http_requests_total", **healthz) == 0
+
+
+def test_every_served_route_has_its_label_and_unmatched_is_only_for_404s(server: httpx.Client) -> None:
+    css = re.search(r'href="(/docs/assets/[^"]+\.css)"', server.get("/docs").text)
+    assert css is not None
+    routes = {"/docs": "/docs", "/redoc": "/redoc", "/openapi.json": "/openapi.json", "/health": "/health"}
+    routes |= {"/healthz": "/healthz", css.group(1): "/docs/assets"}  # path -> route label
+    before = _scrape(server)
+    for path in routes:
+        assert server.get(path).status_code == 200, path
+
+    def delta(samples: Samples, route: str) -> float:
+        labels = {"method": "GET", "route": route, "status": "200"}
+        return _value(samples, "http_requests_total", **labels) - _value(
+            before, "http_requests_total", **labels
+        )
+
+    deadline = time.monotonic() + 10  # a request is counted as it ends, just after its last byte
+    after = _scrape(server)
+    while any(delta(after, route) < 1 for route in routes.values()):
+        assert time.monotonic() < deadline, [(route, delta(after, route)) for route in routes.values()]
+        time.sleep(0.05)
+        after = _scrape(server)
+    assert all(delta(after, route) == 1 for route in routes.values())
+    assert delta(after, "<unmatched>") == 0
+
+
+def test_the_scrape_has_no_created_series_and_says_what_the_tenant_counter_counts(
+    server: httpx.Client,
+) -> None:
+    assert server.get("/v1/admin/prefixes").status_code == 200  # a tenant is counted
+    text = server.get("/metrics").text
+    assert "_created" not in text
+    assert _value(_parse(text), "tenant_requests_total", tenant="default") >= 1
+    help_text = next(
+        line for line in text.splitlines() if line.startswith("# HELP prefix_serve_tenant_requests")
+    )
+    assert "authenticated" not in help_text and "auth off" in help_text
+
+
+def test_other_registries_keep_their_created_series() -> None:
+    """The series are dropped from the app's scrape only, not by prometheus_client's process-wide switch."""
+    app = TestClient(create_app(ServeSettings()))
+    assert app.get("/healthz").status_code == 200
+    assert "_created" not in app.get("/metrics").text
+    other = CollectorRegistry()
+    Counter("other_requests", "another component's counter", registry=other).inc()
+    assert "other_requests_created" in generate_latest(other).decode()

@@ -162,6 +162,35 @@ def test_streamed_completion_equals_the_whole_one(acme: openai.OpenAI, task: str
     assert len({c.id for c in chunks}) == 1
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_streamed_chunks_are_ascii_lines_whatever_the_text(
+    acme: openai.OpenAI, server_url: str, base_id: str, route: str
+) -> None:
+    """Non-ASCII text arrives escaped: one line per chunk for any line-splitting client, same text."""
+    chat = route == "/v1/chat/completions"
+    body = {"model": base_id, "max_tokens": 24, "temperature": 1.5}
+    body |= {"messages": MESSAGES} if chat else {"prompt": PROMPT}
+    create = acme.chat.completions.create if chat else acme.completions.create
+    seed, whole = next(
+        (seed, text) for seed in range(50) if not (text := _text(create(**body, seed=seed), chat)).isascii()
+    )
+    headers = {"Authorization": "Bearer acme-user-key"}
+    with httpx.stream(
+        "POST", f"{server_url}{route}", json={**body, "seed": seed, "stream": True}, headers=headers
+    ) as response:
+        raw = response.read()
+    assert raw.isascii()
+    events = [line.removeprefix("data: ") for line in raw.decode().splitlines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event)["choices"][0] for event in events[:-1]]
+    assert "".join(c["delta"].get("content", "") if chat else c["text"] for c in chunks) == whole
+
+
+def _text(answer: object, chat: bool) -> str:
+    choice = answer.choices[0]  # type: ignore[attr-defined]
+    return choice.message.content if chat else choice.text
+
+
 @pytest.mark.parametrize("model", ["task", "base"])
 def test_chat_equals_native_generate_on_the_chat_template(
     acme: openai.OpenAI, admin: httpx.Client, llama_base: BaseModel, task: str, base_id: str, model: str

@@ -118,3 +118,19 @@ def test_hot_swap_under_load(client: httpx.Client, llama_base: BaseModel) -> Non
         assert version in expected, version
         assert tokens == expected[version], version
         assert sequence(version) >= floor
+
+
+def test_stream_events_are_ascii_lines_whatever_the_text(client: httpx.Client) -> None:
+    """Non-ASCII text arrives escaped: one line per event for any line-splitting client, same text."""
+    body = {"prompt": PROMPT, "max_new_tokens": 24, "temperature": 1.5}
+    seed, whole = next(
+        (seed, answer)
+        for seed in range(50)
+        if not (answer := client.post("/v1/generate", json={**body, "seed": seed}).json())["text"].isascii()
+    )
+    with client.stream("POST", "/v1/generate", json={**body, "seed": seed, "stream": True}) as response:
+        raw = response.read()
+    assert raw.isascii()
+    events = [line.removeprefix("data: ") for line in raw.decode().splitlines() if line]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(event)["text"] for event in events[:-2]) == whole["text"]

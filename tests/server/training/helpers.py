@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.base_model import BaseModel
-from server.training.run import RunPaths, RunResult, run_training
+from server.training.model_facts import ModelFacts
+from server.training.run import RunPaths, RunResult, prepare_run, run_training
 
 PROMPTS = [
     f"{subject} {verb} {adjective}"
@@ -37,10 +38,8 @@ def train(
     resume: bool = False,
     **options: Any,
 ) -> RunResult:
-    return run_training(
-        base,
-        RunPaths(model=str(base.model.name_or_path), data=data, eval_data=eval_data, out_dir=out_dir),
-        {**FAST, **options},
-        resume=resume,
-        progress=False,
-    )
+    """A run as the CLI makes it, with ``FAST`` options; an option given as None is left out (its default)."""
+    given = {name: value for name, value in {**FAST, **options}.items() if value is not None}
+    paths = RunPaths(model=str(base.model.name_or_path), data=data, eval_data=eval_data, out_dir=out_dir)
+    run = prepare_run(paths, given, lambda: ModelFacts.of(base), resume=resume)
+    return run_training(base, run, progress=False)

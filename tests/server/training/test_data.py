@@ -84,6 +84,86 @@ def test_the_cli_prints_the_message_and_exits_1(demo_model_dir: Path, tmp_path: 
     assert not out.exists()
 
 
+class NotReached(AssertionError):
+    """Raised by a loader that a bad file must not get to."""
+
+
+@pytest.fixture
+def loaders(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the calls that read the model: the tokenizer and config (fast), the weights (slow), and the
+    demo model's build; the weights and the build fail the test if reached."""
+    import server.demo_model
+    import server.engine.base_model
+    import server.training.model_facts
+
+    calls = {"facts": 0}
+    read_facts = server.training.model_facts.read_model_facts
+
+    def counted_read_facts(path: str | Path) -> object:
+        calls["facts"] += 1
+        return read_facts(path)
+
+    def not_reached(*args: object, **kwargs: object) -> None:
+        raise NotReached("a bad data file reached the model loader")
+
+    monkeypatch.setattr(server.training.model_facts, "read_model_facts", counted_read_facts)
+    monkeypatch.setattr(server.engine.base_model, "load_base_model", not_reached)
+    monkeypatch.setattr(server.demo_model, "ensure_demo_model", not_reached)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "cannot read {data}: No such file or directory"),
+        ("malformed", "{data} line 2: malformed JSON"),
+        ("bad-eval", "{eval} line 1: missing field 'completion'"),
+        ("empty", "{data} holds no examples"),
+    ],
+)
+@pytest.mark.parametrize("model", ["given", "demo"])
+def test_a_bad_file_fails_before_any_part_of_the_model_is_read(
+    loaders: dict[str, int], demo_model_dir: Path, tmp_path: Path, capsys, case: str, message: str, model: str
+) -> None:
+    data, eval_data, out = tmp_path / "data.jsonl", tmp_path / "eval.jsonl", tmp_path / "out"
+    write_jsonl(eval_data, [GOOD] if case != "bad-eval" else [{"prompt": "a"}])
+    if case == "malformed":
+        data.write_text(json.dumps(GOOD) + "\n" + '{"prompt": "a", "completion": \n')
+    elif case == "empty":
+        data.write_text("\n\n")
+    elif case != "missing":
+        write_jsonl(data, [GOOD])
+    argv = ["train", "--data", str(data), "--eval-data", str(eval_data), "--out", str(out)]
+    argv += ["--model", str(demo_model_dir)] if model == "given" else []  # demo: the build is not reached
+    assert main(argv) == 1
+    expected = message.format(data=data, eval=eval_data)
+    assert f"prefix-serve train: error: {expected}" in capsys.readouterr().err
+    assert loaders["facts"] == 0 and not out.exists()  # not even the tokenizer was read
+
+
+def test_a_line_too_long_is_found_with_the_tokenizer_alone(
+    loaders: dict[str, int], gpt2_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    data = write_jsonl(
+        tmp_path / "data.jsonl", [GOOD, {"prompt": " ".join(["hello"] * 300), "completion": " OK"}]
+    )
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(gpt2_model_dir), "--data", str(data), "--out", str(out)]) == 1
+    assert f"{data} line 2: too long for the model" in capsys.readouterr().err
+    assert loaders["facts"] == 1 and not out.exists()
+
+
+def test_a_warmup_longer_than_the_run_is_refused_before_the_weights_load(
+    loaders: dict[str, int], demo_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    data = fixed_answer_data(tmp_path / "data.jsonl", prompts=PROMPTS[:10])
+    argv = ["train", "--model", str(demo_model_dir), "--data", str(data), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--epochs", "2", "--warmup-steps", "10"]) == 1
+    error = capsys.readouterr().err
+    assert "--warmup-steps 10 is not less than the run's 4 optimizer steps" in error
+    assert loaders["facts"] == 1 and not (tmp_path / "out").exists()
+
+
 def test_epoch_order_depends_on_seed_and_epoch_only(llama_base: BaseModel, tmp_path: Path) -> None:
     data = fixed_answer_data(tmp_path / "data.jsonl")
     examples = load_dataset(data, llama_base.tokenizer, num_virtual_tokens=4, max_positions=None).examples

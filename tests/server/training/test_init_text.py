@@ -17,7 +17,7 @@ PROMPT = " the weather today is sunny"
 
 
 def test_the_prefix_is_the_models_own_cache_of_the_text(base: BaseModel) -> None:
-    ids = init_text_token_ids(base, TEXT, None)
+    ids = init_text_token_ids(base.tokenizer, TEXT, None)
     prefix = prefix_from_text(base, ids)
     assert prefix.fits(base.geometry) and prefix.num_virtual_tokens == len(ids)
     cache = DynamicCache()
@@ -29,7 +29,7 @@ def test_the_prefix_is_the_models_own_cache_of_the_text(base: BaseModel) -> None
 
 
 def test_serving_the_text_prefix_equals_prepending_the_text(base: BaseModel) -> None:
-    ids = init_text_token_ids(base, TEXT, None)
+    ids = init_text_token_ids(base.tokenizer, TEXT, None)
     prefix = prefix_from_text(base, ids)
     with_prefix = generate(base, [request(base, "a", PROMPT, prefix, max_new_tokens=10)])[0].token_ids
     prompt_ids = base.tokenizer(PROMPT).input_ids
@@ -39,6 +39,9 @@ def test_serving_the_text_prefix_equals_prepending_the_text(base: BaseModel) -> 
 
 
 def test_the_text_is_repeated_or_cut_to_the_prefix_length(llama_base: BaseModel) -> None:
-    ids = init_text_token_ids(llama_base, "hello", None)
-    assert init_text_token_ids(llama_base, "hello", 2 * len(ids) + 1) == ids * 2 + ids[:1]
-    assert init_text_token_ids(llama_base, TEXT, 2) == init_text_token_ids(llama_base, TEXT, None)[:2]
+    ids = init_text_token_ids(llama_base.tokenizer, "hello", None)
+    assert init_text_token_ids(llama_base.tokenizer, "hello", 2 * len(ids) + 1) == ids * 2 + ids[:1]
+    assert (
+        init_text_token_ids(llama_base.tokenizer, TEXT, 2)
+        == init_text_token_ids(llama_base.tokenizer, TEXT, None)[:2]
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,12 +11,12 @@ import torch
 from prefix_store import PrefixLimits, load_prefix_source
 from server.engine.base_model import BaseModel
 from server.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from server.training.config import TrainConfig
+from server.training.config import TrainConfig, default_warmup_steps
 from server.training.errors import CheckpointError, TrainingError
 from server.training.loop import assert_base_untouched, learning_rate
 from server.training.prefix_params import ProjectedPrefix, build_trainable_prefix
 from server.training.run import RunResult
-from tests.server.training.helpers import fixed_answer_data, train, write_jsonl
+from tests.server.training.helpers import PROMPTS, fixed_answer_data, train, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_init_text_starts_from_the_texts_activations_with_and_without_projection
     from server.training.init_text import init_text_token_ids, prefix_from_text
 
     text = "Answer the question."
-    expected = prefix_from_text(llama_base, init_text_token_ids(llama_base, text, None))
+    expected = prefix_from_text(llama_base, init_text_token_ids(llama_base.tokenizer, text, None))
     for projection in (False, True):
         result = train(
             llama_base, data, tmp_path / f"p{projection}", init_text=text, num_virtual_tokens=None,
@@ -175,6 +176,51 @@ def test_resume_refuses_what_would_not_continue_the_run(
     other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "a", "completion": " b"}])
     with pytest.raises(CheckpointError, match="the training data changed"):
         train(llama_base, other, out, resume=True)
+
+
+def test_the_default_warmup_is_a_tenth_of_the_run_at_most_ten_steps() -> None:
+    assert [default_warmup_steps(total) for total in (1, 4, 9, 10, 45, 100, 5000)] == [0, 0, 0, 1, 4, 10, 10]
+
+
+@pytest.mark.parametrize(
+    ("examples", "epochs", "total", "warmup"),
+    [(10, 2, 4, 0), (32, 10, 40, 4), (32, 40, 160, 10)],
+    ids=["4-steps", "40-steps", "160-steps"],
+)
+def test_a_run_without_warmup_steps_warms_up_within_it_and_records_it(
+    llama_base: BaseModel, tmp_path: Path, examples: int, epochs: int, total: int, warmup: int
+) -> None:
+    """10 lines × 2 epochs in batches of 8 is 4 steps: the old fixed 10-step warm-up never reached the peak."""
+    data = fixed_answer_data(tmp_path / "data.jsonl", prompts=(PROMPTS * 2)[:examples])
+    result = train(llama_base, data, tmp_path / "out", epochs=epochs, warmup_steps=None, max_steps=1)
+    assert result.config.warmup_steps == warmup
+    recorded = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert recorded["config"]["warmup_steps"] == warmup and recorded["total_steps"] == total
+    assert max(learning_rate(result.config, step, total) for step in range(total)) == result.config.lr
+
+
+def test_a_warmup_the_run_never_finishes_is_refused_with_both_numbers(
+    llama_base: BaseModel, tmp_path: Path
+) -> None:
+    data = fixed_answer_data(tmp_path / "data.jsonl", prompts=PROMPTS[:10])  # 2 steps per epoch
+    out = tmp_path / "out"
+    for warmup in (4, 10):
+        with pytest.raises(TrainingError) as caught:
+            train(llama_base, data, out, epochs=2, warmup_steps=warmup)
+        message = str(caught.value)
+        assert message.startswith(f"--warmup-steps {warmup} is not less than the run's 4 optimizer steps")
+        assert "give at most 3" in message and "\n" not in message
+    assert not out.exists()
+    assert train(llama_base, data, out, epochs=2, warmup_steps=3).config.warmup_steps == 3  # ends in time
+
+
+def test_a_resumed_run_keeps_the_warmup_it_started_with(llama_base: BaseModel, tmp_path: Path) -> None:
+    """Extending a constant run to 4 epochs does not move its warm-up to a tenth of the longer run."""
+    data = fixed_answer_data(tmp_path / "data.jsonl")  # 32 lines in batches of 1: 32 steps per epoch
+    options = {"batch_size": 1, "lr_schedule": "constant", "warmup_steps": None}
+    assert train(llama_base, data, tmp_path / "out", epochs=1, **options).config.warmup_steps == 3
+    resumed = train(llama_base, data, tmp_path / "out", resume=True, epochs=4, max_steps=33, **options)
+    assert resumed.config.warmup_steps == 3
 
 
 def test_learning_rate_warms_up_then_decays_or_stays() -> None:

@@ -1,0 +1,61 @@
+"""Seeded runs are bit-identical, even side by side on a busy machine whose OpenMP may shrink its threads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from server.training.determinism import omp_dynamic, pinned_threads
+from tests.server.training.helpers import fixed_answer_data
+
+# Numbers that depend on the thread count: with 8 threads torch splits this run's large reductions
+# differently from 1-4 threads, so a run whose OpenMP gives it fewer threads ends with other bits.
+THREAD_SENSITIVE = [
+    *("--num-virtual-tokens", "64", "--prefix-projection", "--batch-size", "32", "--epochs", "3"),
+    *("--threads", "8"),
+]
+
+
+def test_pinned_threads_fixes_the_count_and_restores_torchs_settings() -> None:
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    with pinned_threads(3) as threads:
+        assert threads == torch.get_num_threads() == 3
+        assert torch.are_deterministic_algorithms_enabled()
+        assert omp_dynamic() in (False, None)  # None: no OpenMP runtime in this build
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+    with pinned_threads() as threads:  # no count given: the one torch already uses
+        assert threads == before[0]
+
+
+def test_two_seeded_runs_side_by_side_are_bit_identical(demo_model_dir: Path, tmp_path: Path) -> None:
+    """Two processes train at once with the same seed, each loading the CPU the other runs on; the first
+    lets OpenMP size its thread teams by the load average (OMP_DYNAMIC), as a machine set up so would."""
+    data = fixed_answer_data(tmp_path / "data.jsonl")
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "MKL_DYNAMIC": "TRUE"}
+    runs = []
+    for name, extra in (("a", {"OMP_DYNAMIC": "TRUE"}), ("b", {})):
+        command = [sys.executable, "-m", "server.cli", "train", "--model", str(demo_model_dir)]
+        command += ["--data", str(data), "--eval-data", str(data), "--out", str(tmp_path / name)]
+        command += ["--seed", "0", "--no-progress", *THREAD_SENSITIVE]
+        runs.append(
+            subprocess.Popen(
+                command,
+                env={**environment, **extra},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [run.communicate(timeout=240)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    native = [(tmp_path / name / "prefix.safetensors").read_bytes() for name in ("a", "b")]
+    assert native[0] == native[1]
+    summaries = [json.loads((tmp_path / name / "training.json").read_text()) for name in ("a", "b")]
+    losses = [[(r["train_loss"], r["eval_loss"]) for r in s["history"]] for s in summaries]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    assert summaries[0]["threads"] == summaries[1]["threads"] == 8
