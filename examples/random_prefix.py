@@ -4,7 +4,8 @@
     python examples/random_prefix.py summarize.safetensors --num-virtual-tokens 8 --seed 1
     python examples/random_prefix.py --peft adapter/ --num-virtual-tokens 8 --seed 2
 
-Without ``--model`` the prefix fits the offline demo model that ``prefix-serve serve`` uses by default.
+``--model`` takes what ``prefix-serve serve --model`` takes; without it the prefix fits the server's
+default model (the built-in smollm2-135m-instruct).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from transformers import AutoConfig
 
 from prefix_store import ModelGeometry, Prefix, encode_native, write_peft_folder
-from server.demo_model import ensure_demo_model
+from server.model_source import resolve_model
 
 
 def main() -> None:
@@ -29,11 +30,13 @@ def main() -> None:
         action="store_true",
         help="write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)",
     )
-    parser.add_argument("--model", help="model folder (default: the demo model)")
+    parser.add_argument(
+        "--model", help="a built-in name, .gguf file or model folder (default: smollm2-135m-instruct)"
+    )
     parser.add_argument("--num-virtual-tokens", type=int, default=8, help="prefix length (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args()
-    model = args.model or str(ensure_demo_model())
+    model = str(resolve_model(args.model).path)
     geometry = ModelGeometry.from_config(AutoConfig.from_pretrained(model))
     generator = torch.Generator().manual_seed(args.seed)
     shape = geometry.prefix_shape(args.num_virtual_tokens)

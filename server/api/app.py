@@ -24,11 +24,11 @@ from server.api.routes import admin, generate, health
 from server.api.state import AppState
 from server.api.tenancy import TenantGate
 from server.config import ServeSettings, StartupError
-from server.demo_model import ensure_demo_model
 from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import load_base_model
 from server.engine.core import EngineCore
 from server.engine.scheduler import SchedulerConfig
+from server.model_source import ModelSourceError, resolve_model
 from server.version import package_version
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,16 @@ def build_state(settings: ServeSettings) -> AppState:
         requests_per_minute=settings.tenant_requests_per_minute,
         max_concurrent=settings.tenant_max_concurrent,
     )
-    model_path = settings.model or str(ensure_demo_model())
     try:
-        base = load_base_model(model_path, device=settings.device, dtype=settings.dtype)
+        source = resolve_model(settings.model)
+        log.info("base model %s: %s", source.model_id, source.description)
+        base = load_base_model(
+            source.path, device=settings.device, dtype=settings.dtype, model_id=source.model_id
+        )
+    except ModelSourceError as exc:
+        raise StartupError(f"--model {settings.model}: {exc}") from exc
     except (OSError, ValueError) as exc:  # no such model, not one transformers can load
-        raise StartupError(f"--model {model_path}: cannot load it: {exc}") from exc
+        raise StartupError(f"--model {settings.model}: cannot load it: {exc}") from exc
     try:
         store = open_store(settings.store)
     except (OSError, ValueError, PrefixStoreError) as exc:

@@ -28,13 +28,14 @@ _GAUGE = re.compile(r"^(prefix_serve_[a-z_]+) ([0-9.eE+-]+)$", re.MULTILINE)
 
 
 class ServerProcess:
-    """``with ServerProcess(model_dir, store_url) as server: server.url``. ``env`` holds extra
+    """``with ServerProcess(model, store_url) as server: server.url``: ``model`` is what ``--model`` takes
+    (a folder, a built-in name, a ``.gguf`` file). ``env`` holds extra
     ``PREFIX_SERVE_*`` settings. The log goes to ``log_path`` or a temporary file (``log_tail()``),
     never a pipe."""
 
     def __init__(
         self,
-        model_dir: Path,
+        model_dir: Path | str,
         store_url: str,
         *,
         env: dict[str, str] | None = None,

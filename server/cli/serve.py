@@ -33,6 +33,7 @@ from server.config import (
     ServeSettings,
     StartupError,
 )
+from server.model_source import BUILTIN_MODELS
 
 EXIT_STARTUP = 2
 _UVICORN_STARTUP_FAILURE = 3  # uvicorn's exit status when the app's start-up fails
@@ -204,17 +205,20 @@ def check_before_loading(settings: ServeSettings, args: argparse.Namespace) -> N
         load_auth_config(settings.api_keys)
     except KeysFileError as exc:
         raise StartupError(f"{_label(args, 'api_keys')}: {exc}") from None
-    if settings.model is not None:
-        _check_model(settings.model, _label(args, "model"))
+    _check_model(settings.model, _label(args, "model"))
     _check_store(settings.store, _label(args, "store"))
     _check_port(settings.host, settings.port, _label(args, "host"), _label(args, "port"))
     _check_device(settings)
 
 
 def _check_model(model: str, label: str) -> None:
-    """A local path must exist; anything else must at least be a possible hub id. (Whether the model
+    """A built-in name, or a local path that exists, or at least a possible hub id. (Whether the model
     can be served is for the loader to say.)"""
+    if model in BUILTIN_MODELS:
+        return
     path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf" and not path.is_file():
+        raise StartupError(f"{label} {model}: no such GGUF file")
     if path.is_dir() and not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
         raise StartupError(f"{label} {model}: not a model folder (it has no config.json)")
     if path.exists():
@@ -222,7 +226,10 @@ def _check_model(model: str, label: str) -> None:
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
         raise StartupError(f"{label} {model}: no such file or folder")
     if not _HUB_ID.fullmatch(model):
-        raise StartupError(f"{label} {model}: neither a local model folder or file nor a hub id (owner/name)")
+        raise StartupError(
+            f"{label} {model}: neither a built-in model ({', '.join(BUILTIN_MODELS)}), a local model folder "
+            "or .gguf file, nor a hub id (owner/name)"
+        )
 
 
 def _check_store(url: str, label: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -46,7 +47,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--model",
-        help="local Hugging Face model folder (default: the offline demo model, built on first use)",
+        metavar="PATH_OR_ID",
+        help="as serve's --model: a built-in model (smollm2-135m-instruct, demo), a .gguf file, a "
+        "Hugging Face model folder or a hub id (default: smollm2-135m-instruct)",
     )
     train.add_argument(
         "--data", type=Path, required=True, metavar="FILE.jsonl", help="training examples (required)"
@@ -172,22 +175,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_and_export(args: argparse.Namespace) -> Any:
-    from server.demo_model import default_demo_model_dir, ensure_demo_model
+    from server import model_source
     from server.engine.base_model import load_base_model
     from server.training.errors import TrainingError
     from server.training.model_facts import ModelFacts, read_model_facts
     from server.training.run import RunPaths, prepare_run, run_training
 
-    model_path = args.model or str(default_demo_model_dir())
+    @functools.cache
+    def source() -> model_source.ModelSource:  # first asked once the data has passed the model-free checks
+        try:
+            return model_source.resolve_model(args.model)
+        except model_source.ModelSourceError as exc:
+            raise TrainingError(f"--model {args.model}: {exc}") from None
 
-    def model_facts() -> ModelFacts:  # called once the data files have passed the checks that need no model
-        if args.model is None:
-            ensure_demo_model(Path(model_path))
-        return read_model_facts(model_path)
+    def model_facts() -> ModelFacts:
+        return read_model_facts(source().path)
 
     options = {name: getattr(args, name) for name in _CONFIG_OPTIONS if getattr(args, name) is not None}
-    paths = RunPaths(model=model_path, data=args.data, eval_data=args.eval_data, out_dir=args.out)
+    model_name = args.model or model_source.DEFAULT_MODEL
+    paths = RunPaths(model=model_name, data=args.data, eval_data=args.eval_data, out_dir=args.out)
     run = prepare_run(paths, options, model_facts, resume=args.resume)
+    model_path = source().path
     print(
         f"{len(run.train)} training examples: {run.total_steps} steps "
         f"({run.config.steps_per_epoch(len(run.train))} per epoch × {run.config.epochs} epochs), "

@@ -72,9 +72,14 @@ def max_positions_of(config: PretrainedConfig) -> int | None:
 
 
 def load_base_model(
-    model_path: str | Path, *, device: DeviceOption = "auto", dtype: DtypeOption = "auto"
+    model_path: str | Path,
+    *,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    model_id: str | None = None,
 ) -> BaseModel:
-    """Load a Hugging Face causal LM folder (or hub id) once, frozen, in eval mode."""
+    """Load a Hugging Face causal LM folder (or hub id) once, frozen, in eval mode. ``model_id`` names it
+    in the API (default: the folder's name)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -82,7 +87,7 @@ def load_base_model(
     model.to(torch_device).eval().requires_grad_(False)
     config = model.config.get_text_config()
     base = BaseModel(
-        model_id=Path(str(model_path)).name or str(model_path),
+        model_id=model_id or Path(str(model_path)).name or str(model_path),
         model=model,
         tokenizer=tokenizer,
         geometry=ModelGeometry.from_config(config),

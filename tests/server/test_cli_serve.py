@@ -96,7 +96,10 @@ def busy_port() -> int:
         (["--store", "file://relative/path"], "--store file://relative/path: a file store URL is"),
         (["--model", "/nonexistent"], "--model /nonexistent: no such file or folder"),
         (["--model", "{tmp}"], "--model {tmp}: not a model folder (it has no config.json)"),
-        (["--model", "not a model"], "--model not a model: neither a local model folder"),
+        (
+            ["--model", "not a model"],
+            "--model not a model: neither a built-in model (smollm2-135m-instruct, demo), a local model folder",
+        ),
         (["--api-keys", "{tmp}/missing.json"], "--api-keys: the keys file {tmp}/missing.json does not exist"),
         (["--api-keys", "{tmp}"], "--api-keys: cannot read the keys file {tmp}: Is a directory"),
         (["--api-keys", "{tmp}/bad.json"], "--api-keys: the keys file {tmp}/bad.json is malformed: "),

@@ -13,7 +13,7 @@ __all__ = ["free_port", "live_server"]
 
 @contextmanager
 def live_server(
-    model_dir: Path, store: Path | str, *, env: dict[str, str] | None = None, timeout: float = 60.0
+    model_dir: Path | str, store: Path | str, *, env: dict[str, str] | None = None, timeout: float = 60.0
 ) -> Iterator[str]:
     """Start the server, wait until ``/readyz`` answers 200, yield its base URL, stop it.
 

@@ -91,9 +91,10 @@ class NotReached(AssertionError):
 @pytest.fixture
 def loaders(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the calls that read the model: the tokenizer and config (fast), the weights (slow), and the
-    demo model's build; the weights and the build fail the test if reached."""
+    default model's install or conversion; the weights and the install fail the test if reached."""
     import server.demo_model
     import server.engine.base_model
+    import server.model_source
     import server.training.model_facts
 
     calls = {"facts": 0}
@@ -108,7 +109,12 @@ def loaders(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
     monkeypatch.setattr(server.training.model_facts, "read_model_facts", counted_read_facts)
     monkeypatch.setattr(server.engine.base_model, "load_base_model", not_reached)
-    monkeypatch.setattr(server.demo_model, "ensure_demo_model", not_reached)
+    for module, loader in [
+        (server.model_source, "packaged_gguf"),
+        (server.model_source, "gguf_folder"),
+        (server.demo_model, "ensure_demo_model"),
+    ]:
+        monkeypatch.setattr(module, loader, not_reached)
     return calls
 
 
@@ -121,7 +127,7 @@ def loaders(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         ("empty", "{data} holds no examples"),
     ],
 )
-@pytest.mark.parametrize("model", ["given", "demo"])
+@pytest.mark.parametrize("model", ["given", "default"])
 def test_a_bad_file_fails_before_any_part_of_the_model_is_read(
     loaders: dict[str, int], demo_model_dir: Path, tmp_path: Path, capsys, case: str, message: str, model: str
 ) -> None:
@@ -134,7 +140,9 @@ def test_a_bad_file_fails_before_any_part_of_the_model_is_read(
     elif case != "missing":
         write_jsonl(data, [GOOD])
     argv = ["train", "--data", str(data), "--eval-data", str(eval_data), "--out", str(out)]
-    argv += ["--model", str(demo_model_dir)] if model == "given" else []  # demo: the build is not reached
+    argv += (
+        ["--model", str(demo_model_dir)] if model == "given" else []
+    )  # default: not installed or converted
     assert main(argv) == 1
     expected = message.format(data=data, eval=eval_data)
     assert f"prefix-serve train: error: {expected}" in capsys.readouterr().err
