@@ -38,10 +38,10 @@ def test_lost_pubsub_events_converge_within_the_reconcile_interval(rig: Rig) -> 
 
 
 def test_a_paused_redis_gives_bounded_503s_and_leaves_the_pool_usable(rig: Rig) -> None:
-    result = redis_faults.paused(rig, pause_s=2.5, clients=40)
+    result = redis_faults.paused(rig, pause_s=4.0, clients=40)  # retries end well inside: 503s are sure
     during = result["statuses_during"]
     assert set(during["hot"]) == {"200"}, result
     assert set(during["cold"]) <= {"200", "503"} and "503" in during["cold"], result
-    assert max(result["slowest_s"].values()) <= 2.5 + 5.0, result
+    assert max(result["slowest_s"].values()) <= 4.0 + 5.0, result
     assert set(result["statuses_after"]) <= {"200", "201"}, result
     assert result["passed"]
