@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -110,11 +111,11 @@ def base_model_id(url: str) -> str:
     return httpx.get(f"{url}/v1/models", timeout=30.0).json()["data"][0]["id"]  # the base model comes first
 
 
-def ask_base(url: str, prompt: str, task: str) -> str:
+def ask_base(url: str, prompt: str, task: str, base_id: str) -> str:
     """``prompt`` to the base model as the instruct model it is: the task's instruction as the system
     message, the prompt as the user's (chat route, the model's chat template)."""
     messages = [{"role": "system", "content": INSTRUCTIONS[task]}, {"role": "user", "content": prompt}]
-    body = {"model": base_model_id(url), "messages": messages, "max_tokens": 12, "temperature": 0.0}
+    body = {"model": base_id, "messages": messages, "max_tokens": 12, "temperature": 0.0}
     response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120.0)
     response.raise_for_status()
     return response.json()["choices"][0]["message"]["content"]
@@ -122,12 +123,13 @@ def ask_base(url: str, prompt: str, task: str) -> str:
 
 def ask_all(url: str, held_out: list[str]) -> dict[str, list[str]]:
     """Every held-out prompt to the base model (told each task's instruction) and to each task, at once."""
-    questions = [(f"base+{task}", ask_base, p, task) for task in TASKS for p in held_out]
-    questions += [(task, ask, p, task) for task in TASKS for p in held_out]
+    base_id = base_model_id(url)
+    questions = [(f"base+{t}", partial(ask_base, url, p, t, base_id)) for t in TASKS for p in held_out]
+    questions += [(t, partial(ask, url, p, t)) for t in TASKS for p in held_out]
     with ThreadPoolExecutor(16) as pool:
-        texts = list(pool.map(lambda q: q[1](url, q[2], q[3]), questions))
+        texts = list(pool.map(lambda question: question[1](), questions))
     answers: dict[str, list[str]] = {}
-    for (column, *_), text in zip(questions, texts, strict=True):
+    for (column, _), text in zip(questions, texts, strict=True):
         answers.setdefault(column, []).append(text)
     return answers
 

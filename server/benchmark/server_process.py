@@ -30,7 +30,7 @@ _GAUGE = re.compile(r"^(prefix_serve_[a-z_]+) ([0-9.eE+-]+)$", re.MULTILINE)
 class ServerProcess:
     """``with ServerProcess(model, store_url) as server: server.url``: ``model`` is what ``--model`` takes
     (a folder, a built-in name, a ``.gguf`` file). ``env`` holds extra
-    ``PREFIX_SERVE_*`` settings. The log goes to ``log_path`` or a temporary file (``log_tail()``),
+    ``PREFIX_SERVE_*`` settings, ``args`` extra ``serve`` options, ``cwd`` where it runs. The log goes to ``log_path`` or a temporary file (``log_tail()``),
     never a pipe."""
 
     def __init__(
@@ -41,8 +41,11 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         ready_s: float = 90.0,
         log_path: Path | None = None,
+        args: tuple[str, ...] = (),
+        cwd: Path | None = None,
     ) -> None:
         self.model_dir, self.store_url, self.ready_s = model_dir, store_url, ready_s
+        self.args, self.cwd = args, cwd
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.port = free_port()
         self.process: subprocess.Popen[str] | None = None
@@ -66,9 +69,9 @@ class ServerProcess:
     def launch(self) -> None:
         """Start the process without waiting (several servers can then load their models at once)."""
         command = [sys.executable, "-m", "server.cli", "serve", "--model", str(self.model_dir)]
-        command += ["--store", self.store_url, "--port", str(self.port), "--device", "cpu"]
+        command += ["--store", self.store_url, "--port", str(self.port), "--device", "cpu", *self.args]
         self.process = subprocess.Popen(
-            command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, text=True
+            command, env=self.env, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT, text=True
         )
 
     def wait_until_answering(self, path: str = "/readyz") -> None:
