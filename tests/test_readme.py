@@ -165,3 +165,14 @@ def test_the_benchmark_targets_are_those_of_the_committed_run() -> None:
         value = target["value"]
         shown = (f"**{value:.2f}**", f"**{value:.1f}×**")
         assert any(text in performance for text in shown), (target["name"], shown)
+
+
+def test_the_quality_table_is_that_of_the_committed_run() -> None:
+    """The README's quality table is the one ``make bench-quality`` wrote (and its JSON agrees)."""
+    results = REPO / "bench" / "results" / "quality"
+    table = (results / "quality.md").read_text().strip()
+    assert table in section("Quality")
+    report = json.loads((results / "quality.json").read_text())
+    assert len(report["rows"]) == len(table.splitlines()) - 2
+    for row in report["rows"]:
+        assert f"| {row['bleu']:.1f} |" in table
