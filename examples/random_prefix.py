@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from prefix_store import ModelGeometry, Prefix, encode_native, write_peft_folder
+from prefix_store.formats.native import encode_native
+from prefix_store.formats.peft import write_peft_folder
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
 from server.model_source import resolve_model
 
 

@@ -1,4 +1,5 @@
-"""The one exception root of ``prefix_store``; foreign exceptions are translated into these at its edge."""
+"""Every exception ``prefix_store`` raises, under one root; foreign exceptions (OS, Redis, safetensors) are
+translated into these at its edge."""
 
 
 class PrefixStoreError(Exception):
@@ -22,3 +23,19 @@ class PrefixCacheFull(PrefixStoreError):
     """A prefix cannot be placed on the device: every resident prefix is pinned by a running request and
     the new one does not fit in the byte budget (or the prefix is larger than the whole budget, or the
     device is out of memory). Transient unless the prefix is larger than the budget: the API answers 503."""
+
+
+class InvalidName(PrefixStoreError):
+    """A task id or tenant name outside ``[A-Za-z0-9._-]{1,128}`` or starting with ``.``."""
+
+
+class PrefixNotFound(PrefixStoreError):
+    """No prefix of that task id in that tenant (or no such version)."""
+
+
+class VersionMismatch(PrefixStoreError):
+    """An ``If-Match`` precondition named a version that is not the current one."""
+
+
+class StoreUnavailable(PrefixStoreError):
+    """The storage backend cannot be reached (or refuses to work); retrying later may succeed."""

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from prefix_store.errors import PrefixValidationError
+from prefix_store.formats.safetensors_check import all_finite
 from prefix_store.geometry import ModelGeometry
-from prefix_store.safetensors_check import all_finite
 
 
 @dataclass(frozen=True)

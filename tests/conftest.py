@@ -1,7 +1,12 @@
-"""Shared fixtures: the offline demo model (tiny Llama with GQA) and a tiny GPT-2, both on the CPU in float32."""
+"""Shared fixtures: the offline demo model (tiny Llama with GQA), a tiny GPT-2 and Qwen2, all on the CPU
+in float32, and the real SmolLM2. And the ``e2e`` marker's guard: a test that starts a process (a server,
+Redis, nginx, a CLI run) must be marked ``e2e``, so that ``pytest -m "not e2e"`` is the fast subset."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,37 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 
 from server.demo_model import build_demo_model, build_demo_tokenizer
 from server.engine.base_model import BaseModel, load_base_model
+
+
+@contextlib.contextmanager
+def _processes_allowed(item: pytest.Item) -> Iterator[None]:
+    """Around a test's set-up and call: unless it is marked ``e2e``, starting a process fails the test
+    (fixtures of wider scope that the test is the first to use included)."""
+    if item.get_closest_marker("e2e") is not None:
+        yield
+        return
+    start = subprocess.Popen._execute_child
+
+    def refuse(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
+        raise AssertionError(f"{item.nodeid} starts a process ({args!r}): mark it with pytest.mark.e2e")
+
+    subprocess.Popen._execute_child = refuse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child = start  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _processes_allowed(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _processes_allowed(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,7 @@ def run_bash(script: str, url: str, cwd: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.real_model
 def test_the_tour_runs_as_written(server_url: str, workdir: Path) -> None:
     (tour,) = code_blocks(section("A short tour"), "bash")
@@ -101,6 +102,7 @@ def test_the_tour_runs_as_written(server_url: str, workdir: Path) -> None:
         assert copy.get_tensor("keys").shape[2] == 8  # [layers, kv_heads, virtual tokens, head_dim]
 
 
+@pytest.mark.e2e
 @pytest.mark.real_model
 def test_the_openai_example_runs_as_written(server_url: str, workdir: Path) -> None:
     (example,) = code_blocks(section("The HTTP API"), "python")
@@ -110,6 +112,7 @@ def test_the_openai_example_runs_as_written(server_url: str, workdir: Path) -> N
     assert any(colour in out.lower() for colour in ("red", "orange", "yellow", "green", "blue")), out
 
 
+@pytest.mark.e2e
 @pytest.mark.real_model
 def test_the_sdk_and_cli_examples_run_as_written(server_url: str, workdir: Path) -> None:
     text = section("Python SDK and CLI")
@@ -147,6 +150,7 @@ def test_every_path_and_link_it_names_exists() -> None:
     assert missing == []
 
 
+@pytest.mark.e2e
 def test_the_prefix_size_table_is_what_its_command_prints() -> None:
     printed = subprocess.run(
         [sys.executable, str(REPO / "examples" / "prefix_sizes.py")],

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from prefix_store import ModelGeometry, Prefix, encode_native
+from prefix_store.formats.native import encode_native
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
 from server.engine.base_model import max_positions_of
 from server.training.config import TrainConfig
 from server.training.data import Example, epoch_batches, load_dataset

@@ -31,8 +31,8 @@ from bench.quality.measured import run_measured
 from bench.quality.methods import INSTRUCTION, METHODS, NUM_VIRTUAL_TOKENS
 from bench.quality.metrics import corpus_bleu, slot_coverage
 from bench.quality.report import print_table, write_report
-from server.benchmark.server_process import ServerProcess
 from server.model_source import DEFAULT_MODEL, resolve_model
+from testing.server_process import ServerProcess
 
 SERVER_ENV = {"PREFIX_SERVE_MAX_BATCH_SIZE": "64"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -11,9 +12,10 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
-from prefix_store import PrefixLimits, PrefixStoreError
-from prefix_store.registry import PrefixRegistry
-from prefix_store.store import open_store
+from prefix_store.cache.registry import PrefixRegistry
+from prefix_store.errors import PrefixStoreError
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.storage.store import open_store
 from server.api.auth import DEFAULT_TENANT, load_auth_config
 from server.api.errors import install_error_handlers
 from server.api.metrics import install_metrics
@@ -77,7 +79,7 @@ def build_state(settings: ServeSettings) -> AppState:
         max_batch_tokens=settings.max_batch_tokens,
         max_waiting=settings.max_queue,
     )
-    engine = AsyncEngine(EngineCore(base, scheduler), registry)
+    engine = AsyncEngine(EngineCore(base, scheduler, pins=registry))
     engine.start()
     return AppState(settings, base, store, registry, engine, limits, auth, TenantGate(auth))
 
@@ -96,12 +98,29 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def begin_stopping(app: FastAPI) -> None:
+    """A stop signal came (called from the signal handler, on the event loop's thread): the engine stops
+    admitting at once and gives running requests the grace period, then aborts the rest, each of which
+    answers 503 — all before the HTTP server's own, slightly longer, timeout would cancel them into a
+    bare 500. The lifespan's shutdown then finds the engine drained."""
+    state: AppState | None = getattr(app.state, "prefix_serve", None)
+    if state is None or getattr(app.state, "draining", None) is not None:
+        return
+    loop = asyncio.get_running_loop()
+
+    def start() -> None:
+        app.state.draining = loop.create_task(state.engine.drain(state.settings.shutdown_grace_s))
+
+    loop.call_soon_threadsafe(start)
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("effective configuration: %s", settings.model_dump(mode="json"))
         state = build_state(settings)
         state.metrics = app.state.metrics
+        state.metrics.attach(state.engine, state.registry)
         if not state.auth.enabled:
             log.warning(
                 "AUTH IS OFF: no --api-keys given; every caller is tenant 'default' with the admin role"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prefix_store.names import InvalidName, validate_tenant
+from prefix_store.errors import InvalidName
+from prefix_store.storage.names import validate_tenant
 from server.config import AUTH_ON_MAX_CONCURRENT, AUTH_ON_REQUESTS_PER_MINUTE
 
 DEFAULT_TENANT = "default"

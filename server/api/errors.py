@@ -12,10 +12,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefix_store import PrefixValidationError
-from prefix_store.errors import PrefixCacheFull
-from prefix_store.names import InvalidName
-from prefix_store.store import PrefixNotFound, StoreUnavailable, VersionMismatch
+from prefix_store.errors import (
+    InvalidName,
+    PrefixCacheFull,
+    PrefixNotFound,
+    PrefixValidationError,
+    StoreUnavailable,
+    VersionMismatch,
+)
 from server.engine.async_engine import EngineStopped
 from server.engine.request import RequestTooLong
 from server.engine.scheduler import QueueFull, RequestTooLarge

@@ -7,8 +7,9 @@ codes, finish reasons, and tenants (named by the keys file).
 - Generation: time to first token, prompt and generated tokens (also per tenant), requests by how
   they ended (aborted and expired ones included), recorded by :meth:`ServerMetrics.observer` as the
   engine delivers each request's outputs.
-- Read at scrape time: queue depth and running rows from the engine, and the prefix cache's
-  hits/misses/evictions/bytes/load latency from the registry's ``stats()`` when it has one.
+- Read at scrape time, from what the lifespan attaches (:meth:`ServerMetrics.attach`): queue depth,
+  running rows and pinned requests from the engine, and the prefix cache's hits/misses/evictions/bytes/
+  load latency from its ``stats()``.
 
 Counters and histograms are exported without their ``*_created`` series (when each label set was first
 seen): noise to a Prometheus server, which tracks resets itself. They are dropped from this app's
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -28,10 +29,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from prefix_store.cache.registry_stats import RegistryStats
 from server.engine.request import RequestOutput
-
-if TYPE_CHECKING:
-    from server.api.state import AppState
 
 _NS = "prefix_serve"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -65,11 +64,30 @@ _CACHE_GAUGES = {
 }
 
 
-class ServerMetrics:
-    """The metrics of one app. Build it with :func:`install_metrics`."""
+class EngineGauges(Protocol):
+    """What the scrape-time gauges read of the engine."""
 
-    def __init__(self, sources: Callable[[], AppState | None]) -> None:
-        """``sources`` returns the app state once the lifespan has built it (None before)."""
+    def counts(self) -> dict[str, int]:
+        """``{"running": admitted requests, "waiting": queued requests}``."""
+        ...
+
+    @property
+    def num_pinned(self) -> int:
+        """Requests holding a prefix pin."""
+        ...
+
+
+class CacheStats(Protocol):
+    """What the scrape-time gauges read of the prefix cache."""
+
+    def stats(self) -> RegistryStats: ...
+
+
+class ServerMetrics:
+    """The metrics of one app. Build it with :func:`install_metrics`; the lifespan attaches the engine and
+    the prefix cache once it has built them (until then a scrape shows the HTTP series only)."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -111,8 +129,13 @@ class ServerMetrics:
             ["tenant", "kind"],
             registry=r,
         )
-        r.register(_ScrapeTimeCollector(sources))
+        self._scraped = _ScrapeTimeCollector()
+        r.register(self._scraped)
         ProcessCollector(registry=r)
+
+    def attach(self, engine: EngineGauges, cache: CacheStats) -> None:
+        """Read ``engine``'s and ``cache``'s gauges at every scrape from now on."""
+        self._scraped.sources = (engine, cache)
 
     def observe_http(self, method: str, route: str, status: int, seconds: float, tenant: str | None) -> None:
         labels = (method if method in _METHODS else "other", route, str(status))
@@ -164,14 +187,14 @@ class _WithoutCreated:
 class _ScrapeTimeCollector:
     """Gauges and counters owned by other components, read when Prometheus scrapes."""
 
-    def __init__(self, sources: Callable[[], AppState | None]) -> None:
-        self._sources = sources
+    def __init__(self) -> None:
+        self.sources: tuple[EngineGauges, CacheStats] | None = None
 
     def collect(self) -> Iterator[Metric]:
-        state = self._sources()
-        if state is None:
+        if self.sources is None:
             return
-        counts = state.engine.core.counts()
+        engine, cache = self.sources
+        counts = engine.counts()
         yield GaugeMetricFamily(f"{_NS}_queue_depth", "requests waiting to run", value=counts["waiting"])
         yield GaugeMetricFamily(
             f"{_NS}_running_requests",
@@ -179,31 +202,25 @@ class _ScrapeTimeCollector:
             value=counts["running"],
         )
         yield GaugeMetricFamily(
-            f"{_NS}_pinned_requests", "requests holding a prefix pin", value=state.engine.num_pinned
+            f"{_NS}_pinned_requests", "requests holding a prefix pin", value=engine.num_pinned
         )
-        stats = state.registry.stats() if hasattr(state.registry, "stats") else None
-        if stats is not None:
-            yield from _cache_metrics(stats)
+        yield from _cache_metrics(cache.stats())
 
 
-def _cache_metrics(stats: object) -> Iterator[Metric]:
-    """The prefix cache's counters; fields the registry lacks are skipped (it may change shape)."""
+def _cache_metrics(stats: RegistryStats) -> Iterator[Metric]:
+    """The prefix cache's counters and gauges (``store_available``, a bool, exports as 0/1)."""
     for field, documentation in _CACHE_COUNTERS.items():
-        value = getattr(stats, field, None)
-        if isinstance(value, int | float):
-            yield CounterMetricFamily(f"{_NS}_prefix_cache_{field}", documentation, value=value)
+        yield CounterMetricFamily(f"{_NS}_prefix_cache_{field}", documentation, value=getattr(stats, field))
     for field, documentation in _CACHE_GAUGES.items():
-        value = getattr(stats, field, None)
-        if isinstance(value, int | float):  # bool is an int: store_available exports as 0/1
-            yield GaugeMetricFamily(f"{_NS}_prefix_cache_{field}", documentation, value=float(value))
-    latency = getattr(stats, "load_latency", None)
-    if latency is not None and hasattr(latency, "count") and hasattr(latency, "total_s"):
-        yield SummaryMetricFamily(
-            f"{_NS}_prefix_load_seconds",
-            "prefix loads (store or host tier to device)",
-            count_value=latency.count,
-            sum_value=latency.total_s,
+        yield GaugeMetricFamily(
+            f"{_NS}_prefix_cache_{field}", documentation, value=float(getattr(stats, field))
         )
+    yield SummaryMetricFamily(
+        f"{_NS}_prefix_load_seconds",
+        "prefix loads (store or host tier to device)",
+        count_value=stats.load_latency.count,
+        sum_value=stats.load_latency.total_s,
+    )
 
 
 class HttpMetricsMiddleware:
@@ -265,7 +282,7 @@ async def metrics_endpoint(request: Request) -> Response:
 
 def install_metrics(app: FastAPI) -> ServerMetrics:
     """Give ``app`` its own metrics: the HTTP middleware, ``GET /metrics`` and ``app.state.metrics``."""
-    metrics = ServerMetrics(lambda: getattr(app.state, "prefix_serve", None))
+    metrics = ServerMetrics()
     app.state.metrics = metrics
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     app.include_router(router)

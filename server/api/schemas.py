@@ -19,7 +19,7 @@ def _integral(value: object) -> object:
 # 5.0 are 5 (``Annotated[int, Field(ge=0), Integral]``: bounds first, or they leave the JSON schema).
 Integral = BeforeValidator(_integral)
 
-# API.md's task id rule, for the OpenAPI document; ``prefix_store.names.validate_task_id`` enforces it
+# API.md's task id rule, for the OpenAPI document; ``prefix_store.storage.names.validate_task_id`` enforces it
 # (a test holds the two together). Not a pydantic constraint: a bad task id is a 400, not a 422.
 TASK_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 _TASK_ID_SCHEMA = {"pattern": TASK_ID_PATTERN, "minLength": 1, "maxLength": 128}

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from prefix_store import PrefixLimits
-from prefix_store.registry import PrefixRegistry
-from prefix_store.store import PrefixStore
+from prefix_store.cache.registry import PrefixRegistry
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.storage.store import PrefixStore
 from server.api.auth import AuthConfig, Caller, Role, bearer_token
 from server.api.errors import ApiError
 from server.api.metrics import ServerMetrics

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prefix_store import ModelGeometry
+from prefix_store.geometry import ModelGeometry
 from server.demo_model import build_demo_tokenizer, demo_model_config
 
 TYPICAL_PREFIX_TOKENS = 20

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prefix_store import ModelGeometry, Prefix
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
 from server.benchmark.settings import GEOMETRIES
 from server.demo_model import build_demo_tokenizer
 from server.engine.base_model import BaseModel

@@ -22,11 +22,11 @@ from server.benchmark.served import (
     save_model,
     upload,
 )
-from server.benchmark.server_process import ServerProcess
 from server.benchmark.settings import BenchSettings
 from server.benchmark.timeline import Timeline, paired_ratio, summarize
 from server.benchmark.workload import WORDS, http_bodies, sample_shapes, single_token_words
 from server.engine.base_model import BaseModel
+from testing.server_process import ServerProcess
 
 
 def _bodies(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from prefix_store import Prefix
+from prefix_store.prefix import Prefix
 from server.benchmark.loops import Event
 from server.engine.request import GenerationRequest
 

@@ -13,9 +13,11 @@ from types import TracebackType
 
 import httpx
 
-from prefix_store import Prefix, PrefixLimits, encode_native
-from prefix_store.registry import PrefixRegistry
-from prefix_store.store import open_store
+from prefix_store.cache.registry import PrefixRegistry
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.native import encode_native
+from prefix_store.prefix import Prefix
+from prefix_store.storage.store import open_store
 from server.benchmark.timeline import Timeline
 from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import BaseModel
@@ -73,7 +75,7 @@ class InProcessServer:
         scheduler = SchedulerConfig(
             max_batch_size=max_batch_size, max_batch_tokens=1 << 20, max_waiting=1 << 16
         )
-        self.engine = AsyncEngine(EngineCore(base, scheduler), self.registry)
+        self.engine = AsyncEngine(EngineCore(base, scheduler, pins=self.registry))
         self._ids = itertools.count()
 
     async def __aenter__(self) -> InProcessServer:

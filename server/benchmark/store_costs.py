@@ -17,10 +17,13 @@ from typing import Any
 
 import torch
 
-from prefix_store import ModelGeometry, Prefix, PrefixLimits, encode_native
-from prefix_store.loading import fetch_prefix, place_prefix
-from prefix_store.registry import PrefixRegistry
-from prefix_store.store import PrefixStore, open_store
+from prefix_store.cache.loading import fetch_prefix, place_prefix
+from prefix_store.cache.registry import PrefixRegistry
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.native import encode_native
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
+from prefix_store.storage.store import PrefixStore, open_store
 
 TENANT = "bench"
 NUM_VIRTUAL_TOKENS = 20

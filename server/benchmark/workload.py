@@ -15,7 +15,7 @@ from server.engine.sampling import SamplingParams
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from prefix_store import Prefix
+    from prefix_store.prefix import Prefix
 
 _COMMON_WORDS = (  # prompts of random common words: about one token each for an English BPE
     "the of and to in is was for on that with as by at from his her an have not are this but had they "

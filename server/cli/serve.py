@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import re
 import shutil
 import signal
 import socket
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -136,7 +139,19 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_STARTUP
     import uvicorn
 
-    from server.api.app import create_app
+    from server.api.app import begin_stopping, create_app
+
+    class _Server(uvicorn.Server):
+        """uvicorn's server, telling the app as soon as a stop signal comes (``begin_stopping``)."""
+
+        def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+            super().__init__(config)
+            self._on_stop = on_stop
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if not self.should_exit:
+                self._on_stop()
+            super().handle_exit(sig, frame)
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -145,15 +160,18 @@ def _serve(args: argparse.Namespace) -> int:
     # in place before it started: ours, so a graceful stop exits 0.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _exit_cleanly)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        StartupFailureInOneLine(app),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        # longer than the engine's grace, so that requests it aborts can still answer (503)
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 2,
+    )
     try:
-        uvicorn.run(
-            StartupFailureInOneLine(create_app(settings)),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
-        )
+        _Server(config, on_stop=lambda: begin_stopping(app)).run()
     except SystemExit as exc:
         if exc.code == _UVICORN_STARTUP_FAILURE:  # already said, in one line
             return EXIT_STARTUP

@@ -146,7 +146,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from prefix_store.names import InvalidName, validate_task_id
+    from prefix_store.errors import InvalidName
+    from prefix_store.storage.names import validate_task_id
     from server.training.errors import TrainingError
 
     if args.push is not None:

@@ -1,7 +1,8 @@
 """The engine as asyncio code sees it: ``add_request`` returns a stream of outputs; one background thread
 owns the model and runs ``EngineCore.step`` in a loop; prefixes are acquired (loaded and pinned) on a
-separate pool of loader threads, so the loop never waits on storage, and released exactly once when
-their request ends, however it ends."""
+separate pool of loader threads, so the loop never waits on storage. The pin then belongs to the
+request's record in the core, which releases it exactly once when the request ends, however it ends;
+this layer keeps only each request's delivery queue."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
 
-from prefix_store.registry import PrefixHandle
+from prefix_store.cache.registry import acquire_async
 from server.engine.core import EngineCore
 from server.engine.generation import merge_outputs
 from server.engine.request import GenerationRequest, GenerationResult, RequestOutput
@@ -25,35 +25,30 @@ _IDLE_WAIT_S = 0.05  # how long an idle loop sleeps before re-checking deadlines
 _STALL_S = 120.0  # a loop that has not come round for this long is reported not alive
 
 
-class PrefixPins(Protocol):
-    """What the engine needs of the prefix registry."""
-
-    def acquire(self, tenant: str, task_id: str) -> PrefixHandle: ...
-
-    def release(self, handle: PrefixHandle) -> None: ...
-
-
 class EngineStopped(Exception):
     """The engine is shutting down and admits no new requests."""
 
 
 @dataclass
 class _Route:
+    """Where a request's outputs go."""
+
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput]
     on_done: Callable[[], None] | None = None  # called once when the request leaves the engine
-    handle: PrefixHandle | None = None
     on_output: Callable[[RequestOutput], None] | None = None  # sees every output (engine thread)
 
 
 class RequestStream:
     """The outputs of one request, as they come. Closing it before the end aborts the request."""
 
-    def __init__(self, engine: AsyncEngine, request: GenerationRequest, route: _Route) -> None:
+    def __init__(
+        self, engine: AsyncEngine, request: GenerationRequest, route: _Route, prefix_version: str | None
+    ) -> None:
         self._engine = engine
         self.request = request
         self._route = route
-        self.prefix_version = route.handle.record.version if route.handle else None
+        self.prefix_version = prefix_version  # the version of the task's prefix it runs with
         self.finished = False
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
@@ -79,9 +74,9 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, pins: PrefixPins | None, *, loader_threads: int = 4) -> None:
+    def __init__(self, core: EngineCore, *, loader_threads: int = 4) -> None:
+        """Requests for a task need ``core.pins`` (the prefix registry)."""
         self.core = core
-        self.pins = pins
         self._loader = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="prefix-loader")
         self._routes: dict[str, _Route] = {}
         self._routes_lock = threading.Lock()
@@ -127,38 +122,29 @@ class AsyncEngine:
         except BaseException:
             self._unroute(request.request_id)
             raise
-        if request.task_id is not None:
-            await self._attach_prefix(request, route)
+        version = await self._attach_prefix(request) if request.task_id is not None else None
         self._wake.set()
-        return RequestStream(self, request, route)
+        return RequestStream(self, request, route, version)
 
-    async def _attach_prefix(self, request: GenerationRequest, route: _Route) -> None:
-        assert self.pins is not None and request.task_id is not None
-        loading = route.loop.run_in_executor(self._loader, self.pins.acquire, request.tenant, request.task_id)
+    async def _attach_prefix(self, request: GenerationRequest) -> str | None:
+        """Pin the task's prefix and give it to the request's record; the version it pinned."""
+        assert self.core.pins is not None and request.task_id is not None
         try:
-            handle = await asyncio.shield(loading)
-        except asyncio.CancelledError:
-            loading.add_done_callback(self._release_when_loaded)  # the pin arrives later: give it back
+            pin = await acquire_async(self.core.pins, request.tenant, request.task_id, executor=self._loader)
+        except BaseException:  # a failed load, or the caller cancelled (a late pin is given back)
             self.core.discard(request.request_id)
             self._unroute(request.request_id)
             raise
-        except BaseException:
-            self.core.discard(request.request_id)
-            self._unroute(request.request_id)
-            raise
-        route.handle = handle
         try:
-            accepted = self.core.set_prefix(request.request_id, handle.prefix)
+            accepted = self.core.set_prefix(request.request_id, pin)
         except BaseException:
             self._unroute(request.request_id)
-            self.pins.release(handle)
+            self.core.pins.release(pin)
             raise
         if not accepted:  # aborted or expired while loading: its final output is already queued
-            self._finish_route(request.request_id)
-
-    def _release_when_loaded(self, loading: Future[PrefixHandle] | asyncio.Future[PrefixHandle]) -> None:
-        if not loading.cancelled() and loading.exception() is None and self.pins is not None:
-            self.pins.release(loading.result())
+            self.core.pins.release(pin)
+            self._unroute(request.request_id)
+        return pin.record.version
 
     def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
@@ -190,13 +176,8 @@ class AsyncEngine:
             except Exception:
                 log.exception("output observer failed")
         if output.finish_reason is not None:
-            self._finish_route(output.request_id)  # the pin is gone before anyone sees the end
+            self._unroute(output.request_id)  # the core gave its pin back before the step returned
         route.loop.call_soon_threadsafe(route.queue.put_nowait, output)
-
-    def _finish_route(self, request_id: str) -> None:
-        route = self._unroute(request_id)
-        if route is not None and route.handle is not None and self.pins is not None:
-            self.pins.release(route.handle)
 
     def _unroute(self, request_id: str) -> _Route | None:
         with self._routes_lock:
@@ -205,15 +186,19 @@ class AsyncEngine:
             route.on_done()
         return route
 
+    def counts(self) -> dict[str, int]:
+        """Requests admitted (prefilling or decoding) and waiting, as ``EngineCore.counts``."""
+        return self.core.counts()
+
     @property
     def num_pinned(self) -> int:
         """Requests holding a prefix pin (for tests and gauges)."""
-        with self._routes_lock:
-            return sum(route.handle is not None for route in self._routes.values())
+        return self.core.num_pinned
 
     # -- shutdown ------------------------------------------------------------------------------
-    async def shutdown(self, grace_s: float = 10.0) -> None:
-        """Stop admitting, let running requests finish within ``grace_s``, abort the rest, stop the loop."""
+    async def drain(self, grace_s: float) -> None:
+        """Stop admitting, let running requests finish within ``grace_s``, then abort the rest (each ends
+        ``aborted``) and wait up to 2 s for their last outputs to be delivered."""
         self._accepting = False
         deadline = time.monotonic() + grace_s
         while self.core.has_work and time.monotonic() < deadline:
@@ -224,6 +209,10 @@ class AsyncEngine:
             self.abort(request_id)
         while self._routes and time.monotonic() < deadline + 2.0:
             await asyncio.sleep(0.02)
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """``drain``, then stop the loop (a drained engine stops at once)."""
+        await self.drain(grace_s)
         self._stopping.set()
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 5.0)

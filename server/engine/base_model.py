@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from prefix_store import ModelGeometry
+from prefix_store.geometry import ModelGeometry
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """The engine core: one step = schedule → run → update, over a continuously changing batch.
 
 Requests of any tenant and task join the running batch between steps (prefilled as a small batch of
-their own, then merged) and leave it the moment they finish. The core is synchronous; its methods
-may be called from any thread (a lock guards the scheduler and the waiting requests), while ``step``
-runs on the one thread that owns the model.
+their own, then merged) and leave it the moment they finish. Each request is one ``EngineRequest``
+record, held by the scheduler from ``add_request`` until it ends (and by the running batch as a row
+meanwhile); ending it gives its prefix pin back. The core is synchronous; its methods may be called from
+any thread (a lock guards the scheduler), while ``step`` runs on the one thread that owns the model.
 """
 
 from __future__ import annotations
@@ -12,33 +13,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from prefix_store import Prefix
+from prefix_store.cache.registry import PrefixHandle, PrefixPins
 from server.engine.base_model import BaseModel
-from server.engine.batch import BatchRow, PrefixBatch
-from server.engine.request import GenerationRequest, RequestOutput, check_fits
-from server.engine.request_state import RequestStatus
+from server.engine.engine_request import EngineRequest
+from server.engine.lifecycle import FinishReason, RequestStatus
+from server.engine.prefill_batch import BatchRow, PrefillBatch
+from server.engine.request import GenerationRequest, RequestOutput, check_fits, token_cost
 from server.engine.runner import ModelInputs, ModelRunner
 from server.engine.running_batch import RunningBatch
 from server.engine.sampling import sample_next_tokens
-from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
-from server.engine.stopping import CompletionTracker, FinishReason, StopCriteria
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.stopping import CompletionTracker, StopCriteria
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Sequence:
-    """A request's generation state while the engine holds it."""
-
-    request: GenerationRequest
-    prefix: Prefix | None
-    tracker: CompletionTracker
-    generator: torch.Generator | None = None
-    reported: int = field(default=0)  # tokens already handed out in outputs
 
 
 class EngineCore:
@@ -47,18 +37,21 @@ class EngineCore:
         base: BaseModel,
         config: SchedulerConfig | None = None,
         *,
+        pins: PrefixPins | None = None,
         clock: Callable[[], float] = time.monotonic,
         static_batching: bool = False,
     ) -> None:
-        """``static_batching`` admits new requests only when the batch is empty (a baseline to compare to)."""
+        """``pins``: the prefix registry that requests for a task are pinned in (``AsyncEngine`` loads
+        them); the core gives each pin back when its request ends. ``static_batching`` admits new
+        requests only when the batch is empty (a baseline to compare to)."""
         self.base = base
-        self.scheduler = Scheduler(config or SchedulerConfig())
+        self.pins = pins
+        self.scheduler: Scheduler[EngineRequest] = Scheduler(config or SchedulerConfig())
         self.runner = ModelRunner(base)
         self.static_batching = static_batching
         self._clock = clock
         self._lock = threading.Lock()
-        self._waiting: dict[str, _Sequence] = {}
-        self._running: RunningBatch[_Sequence] = RunningBatch(
+        self._running: RunningBatch[EngineRequest] = RunningBatch(
             base.geometry, self.scheduler.config.max_batch_size, base.device, base.dtype
         )
 
@@ -75,39 +68,35 @@ class EngineCore:
             stop_sequences=request.stop_sequences,
             eos_token_ids=frozenset() if request.ignore_eos else self.base.eos_token_ids,
         )
-        sequence = _Sequence(
-            request, request.prefix, CompletionTracker(self.base.tokenizer, criteria, request.prompt_ids)
-        )
-        scheduled = ScheduledRequest(
-            request_id=request.request_id,
-            tenant=request.tenant,
-            task_id=request.task_id,
-            cost_tokens=prefix_length + len(request.prompt_ids) + request.max_new_tokens,
-            deadline=request.deadline,
+        record = EngineRequest(
+            request,
+            CompletionTracker(self.base.tokenizer, criteria, request.prompt_ids),
+            cost_tokens=token_cost(request, prefix_length),
             status=RequestStatus.WAITING if prefix_ready else RequestStatus.WAITING_FOR_PREFIX,
         )
         with self._lock:
-            self.scheduler.add(scheduled)
-            self._waiting[request.request_id] = sequence
+            self.scheduler.add(record)
 
-    def set_prefix(self, request_id: str, prefix: Prefix | None) -> bool:
-        """The prefix of a request added with ``prefix_ready=False`` is resident: it may now run.
+    def set_prefix(self, request_id: str, pin: PrefixHandle) -> bool:
+        """The prefix of a request added with ``prefix_ready=False`` is pinned: it may now run.
 
-        Returns False if the request has already ended (aborted or expired while its prefix loaded).
-        Raises ``RequestTooLong`` (and forgets the request) if prefix + prompt + new tokens do not fit.
+        Returns True once the request holds ``pin`` (the core releases it when the request ends);
+        False if the request has already ended (aborted or expired while its prefix loaded). Raises
+        ``RequestTooLong`` (and forgets the request) if prefix + prompt + new tokens do not fit. On False
+        or an exception the pin stays the caller's.
         """
         with self._lock:
-            sequence = self._waiting.get(request_id)
-            if sequence is None:
+            record = self.scheduler.get(request_id)
+            if record is None:
                 return False
-            prefix_length = prefix.num_virtual_tokens if prefix else 0
+            prefix_length = pin.prefix.num_virtual_tokens
             try:
-                check_fits(self.base, sequence.request, prefix_length)
+                check_fits(self.base, record.request, prefix_length)
                 self.scheduler.prefix_ready(request_id, extra_cost_tokens=prefix_length)
             except ValueError:
-                self._forget(request_id)
+                self.scheduler.finish(request_id)
                 raise
-            sequence.prefix = prefix
+            record.pin = pin
             return True
 
     def abort(self, request_id: str) -> None:
@@ -118,8 +107,9 @@ class EngineCore:
     def discard(self, request_id: str) -> None:
         """Forget a request that never started (e.g. its prefix failed to load); no output follows."""
         with self._lock:
-            if request_id in self._waiting:
-                self._forget(request_id)
+            record = self.scheduler.get(request_id)
+            if record is not None and record.status is not RequestStatus.RUNNING:
+                self._finish(record)
 
     @property
     def has_work(self) -> bool:
@@ -130,10 +120,16 @@ class EngineCore:
         """Requests admitted (prefilling or decoding) and requests waiting (for gauges and tests).
 
         Admitted requests are counted by the scheduler, not by the running batch: during a step, the
-        rows being prefilled are in neither the waiting set nor the batch yet.
+        rows being prefilled are in neither the waiting queues nor the batch yet.
         """
         with self._lock:
             return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting}
+
+    @property
+    def num_pinned(self) -> int:
+        """Requests holding a prefix pin (for tests and gauges)."""
+        with self._lock:
+            return sum(record.pin is not None for record in self.scheduler)
 
     # -- the engine thread --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -147,90 +143,87 @@ class EngineCore:
             if tokens is not None:
                 self._running.advance(tokens)
         if admitted:
-            rows = [BatchRow(s.request.request_id, s.request.prompt_ids, s.prefix) for s in admitted]
-            prefill = PrefixBatch.from_rows(rows, self.base.geometry, self.base.device, self.base.dtype)
+            rows = [BatchRow(r.request_id, r.request.prompt_ids, r.prefix) for r in admitted]
+            prefill = PrefillBatch.from_rows(rows, self.base.geometry, self.base.device, self.base.dtype)
             tokens = self._run(prefill, admitted, outputs)
             if tokens is not None:
                 prefill.advance(tokens)
                 self._running.add(prefill, admitted, tokens)
             else:
                 with self._lock:
-                    for sequence in admitted:
-                        self.scheduler.finish(sequence.request.request_id)
+                    for record in admitted:
+                        self._finish(record)
         self._drop_finished()
         return outputs
 
-    def _schedule(self, outputs: list[RequestOutput]) -> list[_Sequence]:
+    def _schedule(self, outputs: list[RequestOutput]) -> list[EngineRequest]:
         with self._lock:
-            if self.static_batching and len(self._running):
-                decision = self.scheduler.schedule(self._clock(), admit=False)
-            else:
-                decision = self.scheduler.schedule(self._clock())
+            decision = self.scheduler.schedule(
+                self._clock(), admit=not (self.static_batching and len(self._running))
+            )
             for reason, request_ids in (
                 (FinishReason.ABORTED, decision.aborted),
                 (FinishReason.DEADLINE, decision.expired),
             ):
                 for request_id in request_ids:
-                    sequence = self._waiting.get(request_id) or next(
-                        (s for s in self._running.rows if s.request.request_id == request_id), None
-                    )
-                    if sequence is not None and sequence.tracker.finish_reason is None:
-                        sequence.tracker.finish_reason = reason
-                        outputs.append(self._output(sequence))
-                    if request_id in self._waiting:
-                        self._forget(request_id)
-            return [self._waiting.pop(request_id) for request_id in decision.admitted]
+                    record = self.scheduler.get(request_id)
+                    if record is None or record.tracker.finish_reason is not None:
+                        continue
+                    outputs.append(self._output(record, record.tracker.end(reason)))
+                    if record.status is not RequestStatus.RUNNING:
+                        self._finish(record)  # a running row leaves at _drop_finished
+            return [record for rid in decision.admitted if (record := self.scheduler.get(rid)) is not None]
 
     def _run(
-        self, batch: ModelInputs, sequences: Sequence[_Sequence], outputs: list[RequestOutput]
+        self, batch: ModelInputs, records: Sequence[EngineRequest], outputs: list[RequestOutput]
     ) -> torch.Tensor | None:
         """One forward pass and sampling; the sampled tokens ``[B]``, or None (rows ended with an error)."""
         try:
             logits = self.runner.forward(batch)  # [B, V]
             tokens = sample_next_tokens(
-                logits, [s.request.sampling for s in sequences], [self._generator(s) for s in sequences]
+                logits, [r.request.sampling for r in records], [self._generator(r) for r in records]
             )
         except Exception:
-            log.exception("forward pass failed; ending its %d rows", len(sequences))
-            for sequence in sequences:
-                sequence.tracker.finish_reason = FinishReason.ERROR
-                outputs.append(self._output(sequence))
+            log.exception("forward pass failed; ending its %d rows", len(records))
+            for record in records:
+                outputs.append(self._output(record, record.tracker.end(FinishReason.ERROR)))
             return None
-        for sequence, token in zip(sequences, tokens.tolist(), strict=True):
-            progress = sequence.tracker.append(token)
-            outputs.append(self._output(sequence, progress.delta))
+        for record, token in zip(records, tokens.tolist(), strict=True):
+            progress = record.tracker.append(token)
+            outputs.append(self._output(record, progress.delta))
         return tokens
 
-    def _generator(self, sequence: _Sequence) -> torch.Generator | None:
-        if sequence.generator is None and not sequence.request.sampling.greedy:
-            sequence.generator = sequence.request.sampling.new_generator(self.base.device)
-        return sequence.generator
+    def _generator(self, record: EngineRequest) -> torch.Generator | None:
+        if record.generator is None and not record.request.sampling.greedy:
+            record.generator = record.request.sampling.new_generator(self.base.device)
+        return record.generator
 
     def _drop_finished(self) -> None:
-        ended = [i for i, s in enumerate(self._running.rows) if s.tracker.finish_reason is not None]
+        ended = [i for i, r in enumerate(self._running.rows) if r.tracker.finish_reason is not None]
         if not ended:
             return
         with self._lock:
             for i in ended:
-                self.scheduler.finish(self._running.rows[i].request.request_id)
+                self._finish(self._running.rows[i])
         self._running.remove(ended)
 
-    def _forget(self, request_id: str) -> None:
-        self._waiting.pop(request_id, None)
-        self.scheduler.finish(request_id)
+    def _finish(self, record: EngineRequest) -> None:
+        """The request has left the engine: forget it and give its pin back (under the lock)."""
+        self.scheduler.finish(record.request_id)
+        if record.pin is not None:
+            pin, record.pin = record.pin, None
+            if self.pins is not None:
+                self.pins.release(pin)
 
-    def _output(self, sequence: _Sequence, text: str = "") -> RequestOutput:
-        tracker = sequence.tracker
-        new_tokens = tracker.token_ids[sequence.reported :]
-        sequence.reported = len(tracker.token_ids)
-        if tracker.finish_reason is not None:
-            text += tracker.text[tracker.emitted :]  # flush text held back for a stop sequence
-            tracker.emitted = len(tracker.text)
+    def _output(self, record: EngineRequest, text: str = "") -> RequestOutput:
+        tracker = record.tracker
+        new_tokens = tracker.token_ids[record.reported :]
+        record.reported = len(tracker.token_ids)
         return RequestOutput(
-            request_id=sequence.request.request_id,
+            request_id=record.request_id,
             token_ids=new_tokens,
             text=text,
             finish_reason=tracker.finish_reason,
-            prompt_tokens=len(sequence.request.prompt_ids),
+            prompt_tokens=len(record.request.prompt_ids),
             completion_tokens=len(tracker.token_ids),
         )

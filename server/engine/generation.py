@@ -7,16 +7,13 @@ from collections.abc import Sequence
 
 from server.engine.base_model import BaseModel
 from server.engine.core import EngineCore
-from server.engine.request import GenerationRequest, GenerationResult, RequestOutput
+from server.engine.request import GenerationRequest, GenerationResult, RequestOutput, token_cost
 from server.engine.scheduler import SchedulerConfig
 
 
 def generate(base: BaseModel, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
     """Generate for all ``requests`` together; results come back in request order."""
-    budget = sum(
-        (r.prefix.num_virtual_tokens if r.prefix else 0) + len(r.prompt_ids) + r.max_new_tokens
-        for r in requests
-    )
+    budget = sum(token_cost(r, r.prefix.num_virtual_tokens if r.prefix else 0) for r in requests)
     config = SchedulerConfig(max_batch_size=len(requests), max_batch_tokens=budget, max_waiting=len(requests))
     core = EngineCore(base, config)
     for request in requests:

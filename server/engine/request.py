@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from prefix_store import Prefix
+from prefix_store.prefix import Prefix
 from server.engine.base_model import BaseModel
+from server.engine.lifecycle import FinishReason
 from server.engine.sampling import SamplingParams
-from server.engine.stopping import FinishReason
 
 
 class RequestTooLong(ValueError):
@@ -21,7 +21,9 @@ class GenerationRequest:
 
     request_id: str
     prompt_ids: Sequence[int]
-    prefix: Prefix | None  # device-resident, model dtype; None = the base model (or not loaded yet)
+    # a resident prefix (device, model dtype) given by an in-process caller (tests, benchmarks); the server
+    # gives ``task_id`` instead and the engine pins the task's prefix. None and no task: the base model.
+    prefix: Prefix | None
     sampling: SamplingParams
     max_new_tokens: int
     stop_sequences: tuple[str, ...] = ()
@@ -54,11 +56,16 @@ class GenerationResult:
     prompt_tokens: int
 
 
+def token_cost(request: GenerationRequest, prefix_length: int) -> int:
+    """Prefix + prompt + max_new_tokens: the positions a request needs and the batch tokens it reserves."""
+    return prefix_length + len(request.prompt_ids) + request.max_new_tokens
+
+
 def check_fits(base: BaseModel, request: GenerationRequest, prefix_length: int) -> None:
     """Raise ``RequestTooLong`` unless prefix + prompt + new tokens fit the model's positions."""
     if not request.prompt_ids:
         raise ValueError("the prompt must contain at least one token")
-    needed = prefix_length + len(request.prompt_ids) + request.max_new_tokens
+    needed = token_cost(request, prefix_length)
     if base.max_positions is not None and needed > base.max_positions:
         raise RequestTooLong(
             f"prefix ({prefix_length}) + prompt ({len(request.prompt_ids)}) + max_new_tokens "

@@ -20,8 +20,8 @@ from typing import Generic, TypeVar
 
 import torch
 
-from prefix_store import ModelGeometry
-from server.engine.batch import PrefixBatch
+from prefix_store.geometry import ModelGeometry
+from server.engine.prefill_batch import PrefillBatch
 from server.engine.slot_cache import SlotCache, SlotWindow
 
 Row = TypeVar("Row")
@@ -60,7 +60,7 @@ class RunningBatch(Generic[Row]):
         return self.valid.shape[1]
 
     # -- rows join and leave -----------------------------------------------------------------------
-    def add(self, prefilled: PrefixBatch, rows: Sequence[Row], next_tokens: torch.Tensor) -> None:
+    def add(self, prefilled: PrefillBatch, rows: Sequence[Row], next_tokens: torch.Tensor) -> None:
         """Take over the rows of a prefilled batch (past its forward pass and ``advance``)."""
         if len(self.rows) + len(rows) > self.capacity:
             raise ValueError(f"the running batch holds at most {self.capacity} rows")

@@ -11,10 +11,12 @@ tenant, tasks take turns. Only requests whose prefix is resident are admitted; t
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
-from server.engine.request_state import RequestStatus
+from server.engine.lifecycle import RequestStatus
 
 
 class QueueFull(Exception):
@@ -37,21 +39,32 @@ class SchedulerConfig:
     quantum_tokens: int = 1024  # deficit round-robin: tokens a tenant may admit per turn
 
 
-@dataclass
-class ScheduledRequest:
-    """What the scheduler knows of a request: who, which task, what it may cost, until when."""
+class Schedulable(Protocol):
+    """What the scheduler reads and sets of a request (the engine's ``EngineRequest``)."""
 
-    request_id: str
-    tenant: str
-    task_id: str | None
     cost_tokens: int  # prefix + prompt + max_new_tokens: the most this row can occupy
-    deadline: float | None  # monotonic seconds; None = no deadline
-    status: RequestStatus = RequestStatus.WAITING_FOR_PREFIX
+    status: RequestStatus
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def task_id(self) -> str | None: ...
+
+    @property
+    def deadline(self) -> float | None: ...  # monotonic seconds; None = no deadline
+
+
+R = TypeVar("R", bound=Schedulable)
 
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """The scheduler's decision for one engine step: the only thing the runner acts on."""
+    """The scheduler's decision for one engine step, by request id: the core acts on it (prefills the
+    admitted, ends the others) and builds the runner's inputs."""
 
     admitted: list[str]  # waiting requests to prefill and merge into the running batch, in order
     expired: list[str]  # requests (waiting or running) whose deadline has passed: end them
@@ -59,11 +72,11 @@ class SchedulerOutput:
 
 
 @dataclass
-class _TenantQueue:
-    tasks: OrderedDict[str | None, deque[ScheduledRequest]] = field(default_factory=OrderedDict)
+class _TenantQueue(Generic[R]):
+    tasks: OrderedDict[str | None, deque[R]] = field(default_factory=OrderedDict)
     deficit: int = 0
 
-    def next_ready(self, excluded: AbstractSet[str]) -> ScheduledRequest | None:
+    def next_ready(self, excluded: AbstractSet[str]) -> R | None:
         """The oldest ready request of the first task (in turn order) that has one."""
         for queue in self.tasks.values():
             for request in queue:
@@ -71,7 +84,7 @@ class _TenantQueue:
                     return request
         return None
 
-    def remove(self, request: ScheduledRequest) -> None:
+    def remove(self, request: R) -> None:
         queue = self.tasks[request.task_id]
         queue.remove(request)
         if not queue:
@@ -83,20 +96,21 @@ class _TenantQueue:
             self.tasks.move_to_end(task_id)
 
 
-class Scheduler:
-    """Keeps the waiting queues and the running set's reservations; decides admissions."""
+class Scheduler(Generic[R]):
+    """Keeps the waiting queues and the running set's reservations; decides admissions. It holds the
+    requests themselves, waiting and running, until ``finish``: ``get`` finds one by id."""
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self._tenants: OrderedDict[str, _TenantQueue] = OrderedDict()  # turn order of tenants
-        self._requests: dict[str, ScheduledRequest] = {}
+        self._tenants: OrderedDict[str, _TenantQueue[R]] = OrderedDict()  # turn order of tenants
+        self._requests: dict[str, R] = {}
         self._running_tokens = 0
         self._running = 0
         self._aborts: list[str] = []
         self._turn: str | None = None  # the tenant whose deficit round-robin turn is in progress
 
     # -- bookkeeping -------------------------------------------------------------------------
-    def add(self, request: ScheduledRequest) -> None:
+    def add(self, request: R) -> None:
         """Queue a new request (status ``WAITING_FOR_PREFIX`` or ``WAITING``). Raises ``QueueFull``."""
         if self.num_waiting >= self.config.max_waiting:
             raise QueueFull(self.config.max_waiting, retry_after=1.0)
@@ -156,6 +170,14 @@ class Scheduler:
         request = self._requests.get(request_id)
         return request.status if request else None
 
+    def get(self, request_id: str) -> R | None:
+        """The request of that id, waiting or running; None once finished (or never added)."""
+        return self._requests.get(request_id)
+
+    def __iter__(self) -> Iterator[R]:
+        """Every request not finished, waiting or running."""
+        return iter(list(self._requests.values()))
+
     # -- the decision -----------------------------------------------------------------------
     def schedule(self, now: float, *, admit: bool = True) -> SchedulerOutput:
         """Decide this step: requests to end (aborted, past deadline) and, if ``admit``, requests to admit."""
@@ -214,13 +236,13 @@ class Scheduler:
                 return True
         return False
 
-    def _fits(self, request: ScheduledRequest) -> bool:
+    def _fits(self, request: R) -> bool:
         return (
             self._running < self.config.max_batch_size
             and self._running_tokens + request.cost_tokens <= self.config.max_batch_tokens
         )
 
-    def _start(self, tenant: _TenantQueue, request: ScheduledRequest) -> None:
+    def _start(self, tenant: _TenantQueue[R], request: R) -> None:
         tenant.remove(request)  # an emptied tenant leaves the turn order at the end of its turn
         tenant.rotate_task(request.task_id)
         tenant.deficit -= request.cost_tokens

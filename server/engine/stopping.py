@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from transformers import PreTrainedTokenizerBase
 
-
-class FinishReason(StrEnum):
-    LENGTH = "length"  # max_new_tokens reached
-    STOP = "stop"  # a stop sequence appeared in the text
-    EOS = "eos"  # the model produced an end-of-sequence token
-    ABORTED = "aborted"  # the client went away or cancelled
-    DEADLINE = "deadline"  # the request's deadline passed before it finished
-    ERROR = "error"  # the engine failed while running it (the message is logged)
+from server.engine.lifecycle import FinishReason
 
 
 @dataclass(frozen=True)
@@ -74,6 +66,13 @@ class CompletionTracker:
         end = len(self.text) if self.finish_reason else self._safe_end()
         delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
         return TextProgress(delta, self.finish_reason)
+
+    def end(self, reason: FinishReason) -> str:
+        """End the row from outside (aborted, past its deadline, an engine error); returns the text held
+        back so far (it can no longer become a stop sequence), now released."""
+        self.finish_reason = reason
+        rest, self.emitted = self.text[self.emitted :], len(self.text)
+        return rest
 
     def _decode_new_tokens(self, *, last: bool) -> None:
         # Decode with a few earlier tokens as context (tokenizers that drop a leading space at the start

@@ -1,7 +1,7 @@
 """Prefix training (Li & Liang, 2021): learn a task's prefix on the frozen base model the server loads.
 
 What is trained is what is served: the training forward pass lays the prefix into the cache with the
-engine's own ``PrefixBatch`` (same cache layout, 4-D mask and position ids), and the result is exported
+engine's own ``PrefillBatch`` (same cache layout, 4-D mask and position ids), and the result is exported
 in the native format and as a PEFT adapter through ``prefix_store``.
 
 Modules, one concept each: ``config`` (the run's options), ``data`` (JSONL examples), ``prefix_params``

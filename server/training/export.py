@@ -12,7 +12,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from prefix_store import ModelGeometry, Prefix, encode_native, write_peft_folder
+from prefix_store.formats.native import encode_native
+from prefix_store.formats.peft import write_peft_folder
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
 from server.training.checkpoint import write_atomically
 
 NATIVE_NAME = "prefix.safetensors"

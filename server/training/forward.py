@@ -1,7 +1,7 @@
 """The training forward pass, through the engine's own prefix injection.
 
 Each example becomes a ``BatchRow`` whose "prompt" is prompt + completion and whose prefix is the
-trainable prefix; ``PrefixBatch.from_rows`` then lays out exactly what the server lays out at prefill —
+trainable prefix; ``PrefillBatch.from_rows`` then lays out exactly what the server lays out at prefill —
 prefix keys/values in a transformers cache ``[B, kv_heads, P, head_dim]`` per layer, left padding,
 position ``P + k`` for token ``k``, the 4-D additive mask — and the frozen model runs on it unmodified.
 Its copies of the prefix into the cache are ordinary tensor writes, so gradients reach the prefix.
@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from prefix_store import Prefix
+from prefix_store.prefix import Prefix
 from server.engine.base_model import BaseModel
-from server.engine.batch import BatchRow, PrefixBatch
+from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.training.data import Example
 
 IGNORE = -100  # target of positions that carry no loss (prompt, padding)
@@ -35,7 +35,7 @@ def completion_logits(
         BatchRow(str(i), example.prompt_ids + example.completion_ids, prefix)
         for i, example in enumerate(examples)
     ]
-    batch = PrefixBatch.from_rows(rows, base.geometry, base.device, base.dtype)
+    batch = PrefillBatch.from_rows(rows, base.geometry, base.device, base.dtype)
     longest = max(len(example.completion_ids) for example in examples)
     output = base.model(
         input_ids=batch.input_ids,

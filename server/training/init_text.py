@@ -13,9 +13,9 @@ import math
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from prefix_store import Prefix
+from prefix_store.prefix import Prefix
 from server.engine.base_model import BaseModel
-from server.engine.batch import BatchRow, PrefixBatch
+from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.runner import ModelRunner
 
 
@@ -34,7 +34,7 @@ def init_text_token_ids(
 
 def prefix_from_text(base: BaseModel, token_ids: list[int]) -> Prefix:
     """The frozen model's per-layer keys and values of ``token_ids``: ``[layers, kv_heads, P, head_dim]``."""
-    batch = PrefixBatch.from_rows(
+    batch = PrefillBatch.from_rows(
         [BatchRow("init-text", token_ids, None)], base.geometry, base.device, base.dtype
     )
     ModelRunner(base).forward(batch)  # grows the cache by the text's keys and values

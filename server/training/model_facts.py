@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from prefix_store import ModelGeometry
+from prefix_store.geometry import ModelGeometry
 from server.engine.base_model import BaseModel, max_positions_of
 from server.training.errors import TrainingError
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prefix_store import ModelGeometry, Prefix
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
 
 
 class TrainablePrefix(nn.Module):

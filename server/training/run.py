@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from prefix_store import Prefix
+from prefix_store.prefix import Prefix
 from server.engine.base_model import BaseModel
 from server.training.checkpoint import (
     CHECKPOINT_NAME,

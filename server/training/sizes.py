@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from prefix_store import ModelGeometry
+from prefix_store.geometry import ModelGeometry
 
 
 def prefix_parameter_count(geometry: ModelGeometry, num_virtual_tokens: int) -> int:

@@ -11,13 +11,16 @@ from typing import Any
 import httpx
 import pytest
 
-from prefix_store import encode_native
+from prefix_store.formats.native import encode_native
 from server.api.auth import Role, create_key
 from server.benchmark.models import random_prefixes
 from server.benchmark.remote_prompts import PROBE_REPEATS
-from server.benchmark.server_process import ServerProcess, free_port
 from server.cli import main
 from server.engine.base_model import load_base_model
+from testing.ports import free_port
+from testing.server_process import ServerProcess
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 TASK = "remote-task"
 GENERATE = {"method": "POST", "route": "/v1/generate"}

@@ -13,7 +13,9 @@ import pytest
 from server.benchmark.models import build_model
 from server.benchmark.settings import QUICK
 from server.cli import main
-from tests.redis_server import running_redis
+from testing.redis_server import running_redis
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 BASELINES = {
     "engine-mixed",

@@ -12,12 +12,13 @@ from transformers import AutoModelForCausalLM
 
 from bench.quality.baseline_training import main as train_baseline
 from bench.quality.baseline_training import right_padded
-from prefix_store import PrefixLimits, load_prefix_source
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.source import load_prefix_source
 from server.engine.base_model import load_base_model
 from server.engine.generation import generate
 from server.training.data import Example
 from server.training.forward import IGNORE
-from tests.peft_reference import peft_greedy_tokens
+from testing.peft_reference import peft_greedy_tokens
 from tests.server.engine.helpers import request
 
 PROMPTS = ["hello", "Once upon a time there was a little model that wanted to learn many tasks."]

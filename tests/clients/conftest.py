@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from prefix_store import encode_native
-from server.benchmark.server_process import ServerProcess
+from prefix_store.formats.native import encode_native
 from server.cli import main as cli
 from server.engine.base_model import BaseModel
-from tests.peft_reference import make_peft_adapter
+from testing.peft_reference import make_peft_adapter
+from testing.server_process import ServerProcess
 from tests.server.api.live_server import free_port
 from tests.server.engine.helpers import random_prefix
 

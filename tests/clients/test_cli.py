@@ -16,6 +16,8 @@ from server.cli.prefixes import human_bytes
 from tests.clients.conftest import Keys
 from tests.server.api.live_server import free_port
 
+pytestmark = pytest.mark.e2e  # starts servers or other processes
+
 PROMPT = "Once upon a time"
 
 

@@ -37,6 +37,8 @@ from tests.clients.conftest import MAX_REQUEST_BYTES, Keys
 from tests.clients.recorder import Recorder
 from tests.server.api.live_server import free_port
 
+pytestmark = pytest.mark.e2e  # starts servers or other processes
+
 PROMPT = "Once upon a time"
 FAST_BACKOFF = RetryPolicy(max_retries=2, initial_backoff=0.05, max_backoff=0.2)
 

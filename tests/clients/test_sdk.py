@@ -15,6 +15,8 @@ from prefix_client import AsyncClient, Client, Generation, NotFoundError, Prefix
 from tests.clients.conftest import Keys
 from tests.clients.recorder import Recorder
 
+pytestmark = pytest.mark.e2e  # starts servers or other processes
+
 PROMPT = "Once upon a time"
 POSITIONAL = {"self", "prompt", "path", "task_id"}  # every other parameter is keyword-only
 

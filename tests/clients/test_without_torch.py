@@ -7,7 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.clients.conftest import Keys
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 _BLOCK_TORCH = """
 import sys

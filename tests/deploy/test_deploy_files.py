@@ -147,6 +147,7 @@ def nginx_binary() -> str:
     return binary
 
 
+@pytest.mark.e2e
 def test_nginx_accepts_the_config(tmp_path: Path) -> None:
     config = render_nginx_config(18080, ["127.0.0.1:18001", "127.0.0.1:18002"], tmp_path)
     result = subprocess.run(

@@ -13,12 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefix_store import encode_native
+from prefix_store.formats.native import encode_native
 from server.engine.base_model import BaseModel
+from testing.redis_server import running_redis
 from tests.deploy.test_deploy_files import nginx_binary, render_nginx_config
-from tests.redis_server import running_redis
 from tests.server.api.live_server import free_port, live_server
 from tests.server.engine.helpers import random_prefix
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 PROMPT = "Once upon a time"
 REPLICA_ENV = {"PREFIX_SERVE_PREFIX_RECONCILE_INTERVAL_S": "0.5"}

@@ -1,5 +1,5 @@
 """Fixtures of the hardening tests: real ``prefix-serve serve`` processes on the demo model with auth
-on, run by the same code as the longer scripts in ``bench/hardening`` (here with bounded counts)."""
+on, run by the same code as the longer scripts in ``hardening`` (here with bounded counts)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.hardening.common import hardening_server
-from server.benchmark.server_process import ServerProcess
+from hardening.common import hardening_server
+from testing.server_process import ServerProcess
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Faults without Redis: streaming clients leaving mid-stream, and ``kill -9`` right after an
-acknowledged upload. ``python -m bench.hardening.disconnects`` and ``… crash_uploads`` run more."""
+acknowledged upload. ``python -m hardening.disconnects`` and ``… crash_uploads`` run more."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.hardening import crash_uploads, disconnects
-from bench.hardening.common import hardening_server
+from hardening import crash_uploads, disconnects
+from hardening.common import hardening_server
 from tests.hardening.conftest import Hardened
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 CRASH_TRIALS = 2  # each one a SIGKILL and a restart; the script runs 20 and more
 

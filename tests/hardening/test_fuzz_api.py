@@ -1,13 +1,15 @@
 """Schemathesis against the live server's OpenAPI: every operation, positive and negative data, with an
 admin key, a user key and no key; zero 5xx and zero check failures. The OpenAPI it reads must declare
 every error a route answers (with API.md's error body) and the server's configured limits.
-``python -m bench.hardening.fuzz_api`` runs the same with many more examples."""
+``python -m hardening.fuzz_api`` runs the same with many more examples."""
 
 from __future__ import annotations
 
 import re
 
-from bench.hardening.fuzz_api import fuzz, known_values
+import pytest
+
+from hardening.fuzz_api import fuzz, known_values
 from server.api.app import create_app
 from server.config import ServeSettings
 from tests.hardening.conftest import Hardened
@@ -51,6 +53,7 @@ def test_the_openapi_carries_the_configured_limits() -> None:
     assert task_id["maxLength"] == 128 and re.fullmatch(task_id["pattern"], "a.b-c_9")
 
 
+@pytest.mark.e2e
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(api_server: Hardened) -> None:
     known = known_values(api_server.server, api_server.admin_key)
     report = fuzz(api_server.server.url, api_server.keys, examples=EXAMPLES, known=known, seed=0)

@@ -1,7 +1,7 @@
 """Full garbage collections must not stall the server: everything alive after start-up (libraries,
 model, tokenizer: ~400k objects on the demo model) is frozen out of the collector's reach. Unfrozen, a
 full collection took ~200 ms on a CPU, every request stalled meanwhile: the load script's 429s showed
-it as a p99 of ~190 ms (``python -m bench.hardening.load``)."""
+it as a p99 of ~190 ms (``python -m hardening.load``)."""
 
 from __future__ import annotations
 

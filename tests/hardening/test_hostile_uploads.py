@@ -1,7 +1,7 @@
 """Hostile uploads over real HTTP, as replacements of a task that serves and as new tasks: each gets a
 4xx with API.md's error body, nothing is stored (the store's tree is byte-for-byte the same), the task
 still serves its previous version, no pickle is ever loaded (the canary never appears) and the
-server's memory stays bounded. ``python -m bench.hardening.hostile_uploads`` runs more examples."""
+server's memory stays bounded. ``python -m hardening.hostile_uploads`` runs more examples."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.hardening.hostile import canary_pickles
-from bench.hardening.hostile_uploads import NEWCOMER, HostileRun, catalogue, fuzz_uploads
-from bench.hardening.prefixes import model_geometry
+from hardening.hostile import canary_pickles
+from hardening.hostile_uploads import NEWCOMER, HostileRun, catalogue, fuzz_uploads
+from hardening.prefixes import model_geometry
 from tests.hardening.conftest import Hardened
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 EXAMPLES = 12  # per hypothesis strategy (five strategies)
 

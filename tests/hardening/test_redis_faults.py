@@ -1,6 +1,6 @@
 """Redis faults against a server on the Redis store (a real ``redis-server`` on a free port): killed
 under load and restarted, pub/sub connections killed, ``CLIENT PAUSE``.
-``python -m bench.hardening.redis_faults`` runs the same and writes the figures."""
+``python -m hardening.redis_faults`` runs the same and writes the figures."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.hardening import redis_faults
-from bench.hardening.redis_faults import Rig
+from hardening import redis_faults
+from hardening.redis_faults import Rig
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,14 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from bench.hardening.hostile_uploads import tree
-from bench.hardening.prefixes import model_geometry, native_prefix
-from prefix_store.names import InvalidName, validate_task_id
+from hardening.hostile_uploads import tree
+from hardening.prefixes import model_geometry, native_prefix
+from prefix_store.errors import InvalidName
+from prefix_store.storage.names import validate_task_id
 from server.api.schemas import TASK_ID_PATTERN
 from tests.hardening.conftest import Hardened
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 HOSTILE_NAMES = [
     "../etc/passwd",

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefix_store import ModelGeometry, Prefix, encode_native
-from prefix_store.filesystem import FileStore
-from prefix_store.redis_store import RedisStore
-from prefix_store.store import PrefixStore
-from tests.redis_server import RedisServer
+from prefix_store.formats.native import encode_native
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
+from prefix_store.storage.filesystem import FileStore
+from prefix_store.storage.redis_store import RedisStore
+from prefix_store.storage.store import PrefixStore
+from testing.redis_server import RedisServer
 
 GEOMETRY = ModelGeometry(model_type="llama", num_layers=2, num_kv_heads=2, head_dim=4)
 NUM_VIRTUAL_TOKENS = 4
@@ -66,7 +68,7 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-@pytest.fixture(params=["file", "redis"])
+@pytest.fixture(params=["file", pytest.param("redis", marks=pytest.mark.e2e)])
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 

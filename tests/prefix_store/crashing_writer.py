@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import prefix_store.filesystem as filesystem
-from prefix_store.redis_store import RedisStore
-from prefix_store.store import open_store
+import prefix_store.storage.filesystem as filesystem
+from prefix_store.storage.redis_store import RedisStore
+from prefix_store.storage.store import open_store
 
 
 def _stop_here(point: str) -> None:

@@ -12,10 +12,10 @@ import sys
 
 import torch
 
-from prefix_store import PrefixLimits
+from prefix_store.cache.registry import PrefixRegistry
 from prefix_store.errors import PrefixStoreError
-from prefix_store.registry import PrefixRegistry
-from prefix_store.store import open_store
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.storage.store import open_store
 from tests.prefix_store.conftest import GEOMETRY
 
 

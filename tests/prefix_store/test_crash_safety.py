@@ -13,10 +13,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from prefix_store.filesystem import FileStore
-from prefix_store.redis_store import RedisStore
-from prefix_store.store import PrefixStore
+import pytest
+
+from prefix_store.storage.filesystem import FileStore
+from prefix_store.storage.redis_store import RedisStore
+from prefix_store.storage.store import PrefixStore
 from tests.prefix_store.conftest import make_blob, put
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 ROOT = Path(__file__).resolve().parents[2]
 CRASH_POINTS = {

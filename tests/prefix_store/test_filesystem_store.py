@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from prefix_store.filesystem import FileStore
-from prefix_store.names import InvalidName
-from prefix_store.store import PrefixNotFound, VersionMismatch, open_store
+from prefix_store.errors import InvalidName, PrefixNotFound, VersionMismatch
+from prefix_store.storage.filesystem import FileStore
+from prefix_store.storage.store import open_store
 
 
 @pytest.fixture

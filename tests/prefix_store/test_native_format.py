@@ -12,16 +12,12 @@ import safetensors
 import safetensors.torch
 import torch
 
-from prefix_store import (
-    NATIVE_FORMAT,
-    ModelGeometry,
-    Prefix,
-    PrefixLimits,
-    PrefixValidationError,
-    decode_native,
-    encode_native,
-    safetensors_check,
-)
+from prefix_store.errors import PrefixValidationError
+from prefix_store.formats import safetensors_check
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.native import NATIVE_FORMAT, decode_native, encode_native
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
 
 GEOMETRY = ModelGeometry(model_type="llama", num_layers=2, num_kv_heads=2, head_dim=4)
 LIMITS = PrefixLimits()

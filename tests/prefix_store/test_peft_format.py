@@ -20,18 +20,13 @@ from transformers import (
     PreTrainedModel,
 )
 
-from prefix_store import (
-    ModelGeometry,
-    Prefix,
-    PrefixLimits,
-    PrefixValidationError,
-    decode_native,
-    decode_peft,
-    encode_native,
-    encode_peft,
-    write_peft_folder,
-)
-from tests.peft_reference import make_peft_adapter, peft_greedy_tokens
+from prefix_store.errors import PrefixValidationError
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.native import decode_native, encode_native
+from prefix_store.formats.peft import decode_peft, encode_peft, write_peft_folder
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
+from testing.peft_reference import make_peft_adapter, peft_greedy_tokens
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning"),

@@ -10,11 +10,14 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from prefix_store.names import InvalidName
-from prefix_store.redis_store import RedisStore
-from prefix_store.store import StoreUnavailable, open_store
+from prefix_store.errors import InvalidName, StoreUnavailable
+from prefix_store.storage.redis_store import RedisStore
+from prefix_store.storage.store import open_store
+from testing.ports import free_port
+from testing.redis_server import RedisServer
 from tests.prefix_store.conftest import make_blob, put, wait_for
-from tests.redis_server import RedisServer, free_port
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 
 @pytest.fixture

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefix_store import PrefixLimits
-from prefix_store.errors import PrefixCacheFull, PrefixValidationError
-from prefix_store.filesystem import FileStore
+from prefix_store.cache.registry import PrefixHandle, PrefixRegistry
+from prefix_store.errors import InvalidName, PrefixCacheFull, PrefixNotFound, PrefixValidationError
+from prefix_store.formats.limits import PrefixLimits
 from prefix_store.geometry import ModelGeometry
-from prefix_store.names import InvalidName
-from prefix_store.registry import PrefixHandle, PrefixRegistry
-from prefix_store.store import PrefixNotFound, PrefixRecord
+from prefix_store.storage.filesystem import FileStore
+from prefix_store.storage.store import PrefixRecord
 from tests.prefix_store.conftest import GEOMETRY, PREFIX_BYTES, make_blob, put, wait_for
 
 
@@ -58,7 +57,7 @@ def make_registry(store: GatedStore) -> Iterator[Callable[..., PrefixRegistry]]:
 
 
 def _expected(seed: int) -> torch.Tensor:
-    from prefix_store.native_format import decode_native
+    from prefix_store.formats.native import decode_native
 
     return decode_native(make_blob(seed), GEOMETRY, PrefixLimits()).keys
 

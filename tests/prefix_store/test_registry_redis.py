@@ -16,12 +16,14 @@ from typing import Any
 import pytest
 import torch
 
-from prefix_store import PrefixLimits
-from prefix_store.redis_store import RedisStore
-from prefix_store.registry import PrefixRegistry
-from prefix_store.store import PrefixNotFound, StoreUnavailable
+from prefix_store.cache.registry import PrefixRegistry
+from prefix_store.errors import PrefixNotFound, StoreUnavailable
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.storage.redis_store import RedisStore
+from testing.redis_server import RedisServer
 from tests.prefix_store.conftest import GEOMETRY, make_blob, put, wait_for
-from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 ROOT = Path(__file__).resolve().parents[2]
 RECONCILE_S = 0.5

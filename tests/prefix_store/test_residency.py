@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from prefix_store.residency import LoadState, ResidentSet
-from prefix_store.store import PrefixRecord
+from prefix_store.cache.residency import LoadState, ResidentSet
+from prefix_store.storage.store import PrefixRecord
 
 
 def _record(task_id: str, sequence: int) -> PrefixRecord:

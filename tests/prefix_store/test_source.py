@@ -8,16 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefix_store import (
-    ModelGeometry,
-    Prefix,
-    PrefixLimits,
-    PrefixValidationError,
-    SourceFormat,
-    encode_native,
-    load_prefix_source,
-    write_peft_folder,
-)
+from prefix_store.errors import PrefixValidationError
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.native import encode_native
+from prefix_store.formats.peft import write_peft_folder
+from prefix_store.formats.source import SourceFormat, load_prefix_source
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
 
 GEOMETRY = ModelGeometry(model_type="llama", num_layers=2, num_kv_heads=2, head_dim=4)
 LIMITS = PrefixLimits()

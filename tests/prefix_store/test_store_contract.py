@@ -10,16 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from prefix_store.changes import ChangeEvent
-from prefix_store.filesystem import FileStore
-from prefix_store.names import InvalidName
-from prefix_store.store import (
-    MAX_PAGE_SIZE,
-    PrefixNotFound,
-    PrefixStore,
-    VersionMismatch,
-    version_sequence,
-)
+from prefix_store.errors import InvalidName, PrefixNotFound, VersionMismatch
+from prefix_store.storage.changes import ChangeEvent
+from prefix_store.storage.filesystem import FileStore
+from prefix_store.storage.store import MAX_PAGE_SIZE, PrefixStore, version_sequence
 from tests.prefix_store.conftest import make_blob, put, wait_for
 
 BAD_NAMES = ["../escape", "/abs", ".hidden", "a/b", "", "x" * 129, "sp ace", "nul\x00", "a:b"]
@@ -235,8 +229,9 @@ def test_a_second_store_object_sees_writes_at_once(store_factory: Callable[..., 
         reader.head("t", "task")
 
 
+@pytest.mark.e2e
 def test_shared_backends_carry_the_feed_between_store_objects(redis_url: str) -> None:
-    from prefix_store.store import open_store
+    from prefix_store.storage.store import open_store
 
     with open_store(redis_url) as writer, open_store(redis_url) as reader:
         heard: list[ChangeEvent] = []

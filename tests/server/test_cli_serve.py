@@ -15,10 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.benchmark.server_process import ServerProcess
 from server.cli import build_parser
 from server.cli.serve import CLI_OPTIONS, LIMIT_OPTIONS, describe_setting
 from server.config import ServeSettings
+from testing.server_process import ServerProcess
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 # CUDA hidden: `--device cuda` is refused the same way on every machine, with or without a GPU
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -65,6 +65,7 @@ def test_a_gguf_file_loads_as_it_is_named_by_its_file(smollm2_model_dir: Path) -
     assert Path(source.path) == smollm2_model_dir  # converted once: the same bytes, the same folder
 
 
+@pytest.mark.e2e
 @pytest.mark.real_model
 def test_the_server_names_the_model_it_serves(smollm2_model_dir: Path, tmp_path: Path) -> None:
     gguf_file = packaged_gguf(SMOLLM2_GGUF, install=False)
@@ -101,6 +102,7 @@ def write_gguf(path: Path, architecture: str) -> Path:
     return path
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
@@ -121,6 +123,7 @@ def test_a_gguf_file_the_server_cannot_load_is_refused_in_one_line(
     assert not list((tmp_path / "cache" / "prefix-serve" / "gguf").glob("*/config.json"))  # nothing kept
 
 
+@pytest.mark.e2e
 def test_a_missing_gguf_file_is_refused_before_anything_loads(tmp_path: Path) -> None:
     code, errors = serve_failure(str(tmp_path / "absent.gguf"), tmp_path)
     assert code == 2

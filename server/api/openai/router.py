@@ -5,9 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.engine_calls import tokenize_prompt, within_limit
 from server.api.errors import error_responses
-from server.api.openai import serving
+from server.api.openai import translation
 from server.api.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -17,6 +16,7 @@ from server.api.openai.protocol import (
     ModelList,
 )
 from server.api.schemas import GENERATION_RESPONSES
+from server.api.serving import max_new_tokens, tokenize_prompt
 from server.api.state import CallerDep, StateDep, caller
 
 router = APIRouter(
@@ -26,28 +26,30 @@ router = APIRouter(
 
 @router.get("/models", response_model=ModelList)
 async def list_models(state: StateDep, who: CallerDep) -> ModelList:
-    return await serving.list_models(state, who)
+    return await translation.list_models(state, who)
 
 
 @router.get("/models/{model}", response_model=ModelCard, responses=error_responses(404, 422))
 async def get_model(model: str, state: StateDep, who: CallerDep) -> ModelCard:
-    return await serving.get_model(state, who, model)
+    return await translation.get_model(state, who, model)
 
 
 @router.post("/completions", response_model=Completion, responses=GENERATION_RESPONSES)
 async def create_completion(
     body: CompletionRequest, http_request: Request, state: StateDep, who: CallerDep
 ) -> Completion | ChatCompletion | StreamingResponse:
-    task_id = serving.resolve_task(state, body.model)
+    task_id = translation.resolve_task(state, body.model)
     prompt_ids = tokenize_prompt(state, body.prompt)
-    return await serving.respond(
+    return await translation.respond(
         state,
         who,
         http_request,
         body,
         prompt_ids=prompt_ids,
         task_id=task_id,
-        max_new_tokens=within_limit(state, body.max_new_tokens, explicit=body.max_tokens is not None),
+        max_new_tokens=max_new_tokens(
+            state, body.max_new_tokens, explicit=body.max_tokens is not None, field="max_tokens"
+        ),
         chat=False,
     )
 
@@ -56,20 +58,20 @@ async def create_completion(
 async def create_chat_completion(
     body: ChatCompletionRequest, http_request: Request, state: StateDep, who: CallerDep
 ) -> Completion | ChatCompletion | StreamingResponse:
-    task_id = serving.resolve_task(state, body.model)
+    task_id = translation.resolve_task(state, body.model)
     prompt_ids = tokenize_prompt(
-        state, serving.render_chat(state.base, body.messages), add_special_tokens=False
+        state, translation.render_chat(state.base, body.messages), add_special_tokens=False
     )
-    max_new_tokens = body.max_new_tokens or await serving.default_max_tokens(
-        state, who, task_id, len(prompt_ids)
-    )
-    return await serving.respond(
+    asked = body.max_new_tokens
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    fit = asked or await translation.default_max_tokens(state, who, task_id, len(prompt_ids))
+    return await translation.respond(
         state,
         who,
         http_request,
         body,
         prompt_ids=prompt_ids,
         task_id=task_id,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens(state, fit, explicit=asked is not None, field=field),
         chat=True,
     )

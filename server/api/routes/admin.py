@@ -9,11 +9,11 @@ from typing import Annotated, NoReturn
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from starlette.datastructures import FormData, UploadFile
 
-from prefix_store import Prefix, encode_native
-from prefix_store.names import validate_task_id
-from prefix_store.native_format import decode_native
-from prefix_store.peft_format import decode_peft
-from prefix_store.store import PrefixRecord
+from prefix_store.formats.native import decode_native, encode_native
+from prefix_store.formats.peft import decode_peft
+from prefix_store.prefix import Prefix
+from prefix_store.storage.names import validate_task_id
+from prefix_store.storage.store import PrefixRecord
 from server.api.errors import ApiError, error_responses
 from server.api.schemas import TASK_ID_PATTERN, PrefixInfo, PrefixList, UploadResult
 from server.api.state import AppState, CallerDep, StateDep, require_admin

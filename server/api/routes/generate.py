@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.engine_calls import result_unless_disconnected, submit, tokenize_prompt, within_limit
 from server.api.errors import error_responses
 from server.api.schemas import GENERATION_RESPONSES, GenerateBody, GenerateResponse, Usage
+from server.api.serving import max_new_tokens, result_unless_disconnected, submit, tokenize_prompt
 from server.api.sse import DONE, event_stream, sse_event
 from server.api.state import CallerDep, StateDep, caller
 from server.engine.async_engine import RequestStream
@@ -31,14 +31,17 @@ async def generate(
         prompt_ids=tokenize_prompt(state, body.prompt),
         task_id=body.task_id,
         sampling=SamplingParams(body.temperature, body.top_k, body.top_p, body.seed),
-        max_new_tokens=within_limit(
-            state, body.max_new_tokens, explicit="max_new_tokens" in body.model_fields_set
+        max_new_tokens=max_new_tokens(
+            state,
+            body.max_new_tokens,
+            explicit="max_new_tokens" in body.model_fields_set,
+            field="max_new_tokens",
         ),
         stop=body.stop,
     )
     if body.stream:
         return event_stream(_events(stream, body.task_id))
-    result = await result_unless_disconnected(http_request, stream, state.settings.request_timeout_s)
+    result = await result_unless_disconnected(http_request, stream)
     return GenerateResponse(
         id=result.request_id,
         task_id=body.task_id,

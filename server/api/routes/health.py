@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from prefix_store.store import StoreUnavailable
+from prefix_store.errors import StoreUnavailable
 
 router = APIRouter(tags=["health"])
 

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.benchmark.server_process import ServerProcess, free_port
+from testing.ports import free_port
+from testing.server_process import ServerProcess
 
 __all__ = ["free_port", "live_server"]
 

@@ -11,13 +11,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefix_store import encode_native
+from prefix_store.formats.native import encode_native
 from server.api.app import create_app
 from server.api.auth import Role, create_key, load_auth_config
 from server.config import ServeSettings
 from server.engine.base_model import BaseModel
 from tests.server.api.live_server import live_server
 from tests.server.engine.helpers import random_prefix
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 PUBLIC_PATHS = {"/healthz", "/health", "/readyz", "/metrics"}
 PROMPT = "Once upon a time"

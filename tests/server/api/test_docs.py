@@ -12,6 +12,8 @@ import pytest
 
 from tests.server.api.live_server import NEW_TOKENS_LIMIT
 
+pytestmark = pytest.mark.e2e  # starts servers or other processes
+
 
 @pytest.fixture
 def client(limited_client: httpx.Client) -> httpx.Client:

@@ -9,8 +9,11 @@ import json
 import httpx
 import pytest
 
-from prefix_store.names import InvalidName, validate_task_id
+from prefix_store.errors import InvalidName
+from prefix_store.storage.names import validate_task_id
 from tests.server.api.live_server import NEW_TOKENS_LIMIT
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 JSON = {"content-type": "application/json"}
 # a valid body of each generation route, with its token-count field

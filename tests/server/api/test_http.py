@@ -15,13 +15,17 @@ from peft import PeftModel
 from prefix_client import Client
 from transformers import AutoModelForCausalLM
 
-from prefix_store import PrefixLimits, encode_native, load_prefix_source
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.native import encode_native
+from prefix_store.formats.source import load_prefix_source
 from server.cli import main
 from server.engine.base_model import BaseModel
 from server.engine.generation import generate
-from tests.peft_reference import make_peft_adapter, peft_greedy_tokens
+from testing.peft_reference import make_peft_adapter, peft_greedy_tokens
 from tests.server.api.live_server import live_server
 from tests.server.engine.helpers import random_prefix, request
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 PROMPT = "Once upon a time there was a little model"
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,10 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefix_store import encode_native
+from prefix_store.formats.native import encode_native
 from server.engine.base_model import BaseModel
-from tests.server.api.live_server import free_port, live_server
+from testing.server_process import ServerProcess
+from tests.server.api.live_server import live_server
 from tests.server.engine.helpers import random_prefix
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 LIMITS = {
     "PREFIX_SERVE_MAX_QUEUE": "2",
@@ -73,44 +72,34 @@ def test_a_burst_past_the_queue_gets_429_promptly_and_the_admitted_complete(clie
 
 
 def test_graceful_shutdown_finishes_running_requests(demo_model_dir: Path, tmp_path: Path) -> None:
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--model",
-        str(demo_model_dir),
-        "--store",
-        tmp_path.as_uri(),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-    ]
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(
-                httpx.post, f"{url}/v1/generate", json={"prompt": "hi", "max_new_tokens": 1000}, timeout=60
-            )
-            time.sleep(0.5)
-            process.send_signal(signal.SIGTERM)
-            response = running.result()
+    with ServerProcess(demo_model_dir, tmp_path.as_uri()) as server, ThreadPoolExecutor(1) as pool:
+        body = {"prompt": "hi", "max_new_tokens": 1000}
+        running = pool.submit(httpx.post, f"{server.url}/v1/generate", json=body, timeout=60)
+        time.sleep(0.5)
+        server.terminate()  # SIGTERM: stop admitting, let running requests finish (grace 10 s)
+        response = running.result()
         assert response.status_code == 200 and len(response.json()["token_ids"]) == 1000
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
+        assert server.process.wait(timeout=30) == 0
+
+
+def test_requests_cut_off_by_shutdown_answer_503_on_every_route(demo_model_dir: Path, tmp_path: Path) -> None:
+    """With no grace left, a running request is aborted: the native and the OpenAI route both answer 503
+    ``unavailable`` (retry elsewhere), never 200 with a partial text."""
+    env = {"PREFIX_SERVE_SHUTDOWN_GRACE_S": "0"}
+    with ServerProcess(demo_model_dir, tmp_path.as_uri(), env=env) as server, ThreadPoolExecutor(2) as pool:
+        model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        calls = {
+            "/v1/generate": {"prompt": "hi", "max_new_tokens": 1000},
+            "/v1/completions": {"model": model, "prompt": "hi", "max_tokens": 1000},
+        }
+        running = {
+            path: pool.submit(httpx.post, f"{server.url}{path}", json=body, timeout=60)
+            for path, body in calls.items()
+        }
+        time.sleep(0.5)
+        server.terminate()
+        for path, future in running.items():
+            response = future.result()
+            assert response.status_code == 503, (path, response.text)
+            assert response.json()["error"]["type"] == "unavailable"
+        assert server.process.wait(timeout=30) == 0

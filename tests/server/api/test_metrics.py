@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefix_store import encode_native
+from prefix_store.formats.native import encode_native
 from server.api.app import create_app
 from server.config import ServeSettings
 from server.engine.base_model import BaseModel
@@ -68,6 +68,7 @@ def _generate_streaming(client: httpx.Client, task_id: str | None, max_new_token
     return json.loads(events[-2])["usage"]
 
 
+@pytest.mark.e2e
 def test_counters_move_by_what_the_requests_did(server: httpx.Client, llama_base: BaseModel) -> None:
     blob = encode_native(random_prefix(llama_base, 5, seed=3), llama_base.geometry)
     assert (
@@ -121,6 +122,7 @@ def test_each_app_keeps_its_own_registry() -> None:
     assert _value(_scrape(second), "http_requests_total", **healthz) == 0
 
 
+@pytest.mark.e2e
 def test_every_served_route_has_its_label_and_unmatched_is_only_for_404s(server: httpx.Client) -> None:
     css = re.search(r'href="(/docs/assets/[^"]+\.css)"', server.get("/docs").text)
     assert css is not None
@@ -146,6 +148,7 @@ def test_every_served_route_has_its_label_and_unmatched_is_only_for_404s(server:
     assert delta(after, "<unmatched>") == 0
 
 
+@pytest.mark.e2e
 def test_the_scrape_has_no_created_series_and_says_what_the_tenant_counter_counts(
     server: httpx.Client,
 ) -> None:

@@ -17,13 +17,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-from prefix_store import encode_native
+from prefix_store.formats.native import encode_native
 from server.api.errors import ApiError
 from server.api.openai.protocol import ChatMessage
-from server.api.openai.serving import render_chat
+from server.api.openai.translation import render_chat
 from server.engine.base_model import BaseModel
 from tests.server.api.live_server import live_server
 from tests.server.engine.helpers import random_prefix
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 PROMPT = "Once upon a time there was a little model"
 MESSAGES = [

@@ -13,7 +13,7 @@ import pytest
 from server.model_source import DEFAULT_MODEL
 from tests.server.api.live_server import live_server
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefix_store import encode_native
+from prefix_store.formats.native import encode_native
 from server.engine.base_model import BaseModel
 from server.engine.generation import generate
 from tests.server.api.live_server import live_server
 from tests.server.engine.helpers import random_prefix, request
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 PROMPT = "The weather today is"
 NEW_TOKENS = 6

@@ -22,7 +22,9 @@ from server.api.auth import (
     create_key,
     load_auth_config,
 )
-from server.benchmark.server_process import ServerProcess
+from testing.server_process import ServerProcess
+
+pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 PROMPT = "Once upon a time"
 ONE_TOKEN = {"prompt": PROMPT, "max_new_tokens": 1}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prefix_store import Prefix
+from prefix_store.prefix import Prefix
 from server.engine.base_model import BaseModel
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams

@@ -8,16 +8,17 @@ from dataclasses import dataclass
 
 import pytest
 
-from prefix_store import Prefix
-from prefix_store.registry import PrefixHandle
-from prefix_store.store import PrefixNotFound, PrefixRecord
+from prefix_store.cache.registry import PrefixHandle
+from prefix_store.errors import PrefixNotFound
+from prefix_store.prefix import Prefix
+from prefix_store.storage.store import PrefixRecord
 from server.engine.async_engine import AsyncEngine, EngineStopped
 from server.engine.base_model import BaseModel
 from server.engine.core import EngineCore
 from server.engine.generation import generate
+from server.engine.lifecycle import FinishReason
 from server.engine.request import GenerationRequest, RequestTooLong
 from server.engine.scheduler import QueueFull, SchedulerConfig
-from server.engine.stopping import FinishReason
 from tests.server.engine.helpers import random_prefix, request
 
 
@@ -59,7 +60,7 @@ def engine_factory(llama_base: BaseModel):
     engines: list[AsyncEngine] = []
 
     def make(pins: FakePins, **config) -> AsyncEngine:
-        engine = AsyncEngine(EngineCore(llama_base, SchedulerConfig(**config)), pins)
+        engine = AsyncEngine(EngineCore(llama_base, SchedulerConfig(**config), pins=pins))
         engine.start()
         engines.append(engine)
         return engine
@@ -210,12 +211,12 @@ def test_a_thousand_requests_leave_no_rows_pins_or_tensors(llama_base: BaseModel
     assert len(results) == 1000 and all(r.finish_reason is FinishReason.LENGTH for r in results)
     assert pins.pinned == 0 and engine.num_pinned == 0 and not engine._routes
     assert engine.core.counts() == {"running": 0, "waiting": 0}
-    assert len(engine.core._running) == 0 and not engine.core._waiting
+    assert len(engine.core._running) == 0
     assert engine.core.scheduler._requests == {} and not engine.core.scheduler._tenants
 
 
 def test_shutdown_refuses_new_requests(llama_base: BaseModel) -> None:
-    engine = AsyncEngine(EngineCore(llama_base), FakePins({}))
+    engine = AsyncEngine(EngineCore(llama_base, pins=FakePins({})))
     engine.start()
 
     async def run():

@@ -7,10 +7,10 @@ from typing import Any
 from server.engine.base_model import BaseModel
 from server.engine.core import EngineCore
 from server.engine.generation import collect_results, generate
+from server.engine.lifecycle import FinishReason
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
-from server.engine.stopping import FinishReason
 from tests.server.engine.helpers import random_prefix, request
 
 PROMPTS = [

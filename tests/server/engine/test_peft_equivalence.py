@@ -8,10 +8,11 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from prefix_store import PrefixLimits, load_prefix_source
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.source import load_prefix_source
 from server.engine.base_model import BaseModel
 from server.engine.generation import generate
-from tests.peft_reference import make_peft_adapter, peft_greedy_tokens
+from testing.peft_reference import make_peft_adapter, peft_greedy_tokens
 from tests.server.engine.helpers import request
 
 ADAPTERS = {  # name: (num_virtual_tokens, prefix_projection, seed)

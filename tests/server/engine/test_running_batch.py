@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from server.engine.base_model import BaseModel
-from server.engine.batch import BatchRow, PrefixBatch
 from server.engine.generation import generate
+from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.runner import ModelRunner
 from server.engine.running_batch import RunningBatch
 from tests.server.engine.helpers import random_prefix, request
@@ -40,7 +40,7 @@ def test_rows_joining_leaving_and_growing_the_buffers_match_solo_runs(base: Base
                 produced[request_id].append(token)
         for i in arrivals.get(step, []):
             r = requests[i]
-            prefill = PrefixBatch.from_rows(
+            prefill = PrefillBatch.from_rows(
                 [BatchRow(r.request_id, r.prompt_ids, r.prefix)], base.geometry, base.device, base.dtype
             )
             tokens = runner.forward(prefill).argmax(-1)
@@ -61,7 +61,7 @@ def test_rows_joining_leaving_and_growing_the_buffers_match_solo_runs(base: Base
 def test_mask_sees_each_rows_slots_and_its_own_new_token(llama_base: BaseModel) -> None:
     base = llama_base
     rows = [BatchRow("a", [5, 6, 7], random_prefix(base, 2, seed=0)), BatchRow("b", [5], None)]
-    prefill = PrefixBatch.from_rows(rows, base.geometry, base.device, base.dtype)
+    prefill = PrefillBatch.from_rows(rows, base.geometry, base.device, base.dtype)
     tokens = ModelRunner(base).forward(prefill).argmax(-1)
     prefill.advance(tokens)
     batch: RunningBatch[str] = RunningBatch(base.geometry, capacity=4, device=base.device, dtype=base.dtype)

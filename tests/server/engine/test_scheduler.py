@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
-from server.engine.request_state import RequestStatus
-from server.engine.scheduler import QueueFull, RequestTooLarge, ScheduledRequest, Scheduler, SchedulerConfig
+from server.engine.lifecycle import RequestStatus
+from server.engine.scheduler import QueueFull, RequestTooLarge, Scheduler, SchedulerConfig
+
+
+@dataclass
+class ScheduledRequest:
+    """A fake of the engine's request record: only what the scheduler reads and sets."""
+
+    request_id: str
+    tenant: str
+    task_id: str | None
+    cost_tokens: int
+    deadline: float | None
+    status: RequestStatus = RequestStatus.WAITING_FOR_PREFIX
 
 
 def _request(

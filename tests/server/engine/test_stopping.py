@@ -6,7 +6,8 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from server.demo_model import build_demo_tokenizer
-from server.engine.stopping import CompletionTracker, FinishReason, StopCriteria
+from server.engine.lifecycle import FinishReason
+from server.engine.stopping import CompletionTracker, StopCriteria
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from server.training.determinism import omp_dynamic, pinned_threads
@@ -32,6 +33,7 @@ def test_pinned_threads_fixes_the_count_and_restores_torchs_settings() -> None:
         assert threads == before[0]
 
 
+@pytest.mark.e2e
 def test_two_seeded_runs_side_by_side_are_bit_identical(demo_model_dir: Path, tmp_path: Path) -> None:
     """Two processes train at once with the same seed, each loading the CPU the other runs on; the first
     lets OpenMP size its thread teams by the load average (OMP_DYNAMIC), as a machine set up so would."""

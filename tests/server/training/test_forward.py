@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from prefix_store import Prefix
+from prefix_store.prefix import Prefix
 from server.engine.base_model import BaseModel
-from server.engine.batch import BatchRow, PrefixBatch
 from server.engine.generation import generate
+from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.runner import ModelRunner
 from server.training.data import Example
 from server.training.forward import IGNORE, completion_logits
@@ -27,7 +27,7 @@ def test_teacher_forced_logits_equal_the_engine_greedy_run(base: BaseModel) -> N
         examples.append(
             Example(line=i + 1, prompt_ids=tuple(engine_request.prompt_ids), completion_ids=tuple(tokens))
         )
-        batch = PrefixBatch.from_rows(
+        batch = PrefillBatch.from_rows(
             [BatchRow("r", engine_request.prompt_ids, prefix)], base.geometry, base.device, base.dtype
         )
         prefill.append(ModelRunner(base).forward(batch)[0])  # [V]

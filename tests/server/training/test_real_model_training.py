@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from prefix_store import PrefixLimits, load_prefix_source
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.source import load_prefix_source
 from server.cli import main
 from server.engine.base_model import BaseModel, load_base_model
 from server.engine.generation import generate

@@ -11,13 +11,14 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from prefix_store import PrefixLimits, load_prefix_source
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.source import load_prefix_source
 from server.cli import main
 from server.engine.base_model import BaseModel
 from server.engine.generation import generate
 from server.training.errors import PushError
 from server.training.push import _push_with_httpx, push_prefix
-from tests.peft_reference import peft_greedy_tokens
+from testing.peft_reference import peft_greedy_tokens
 from tests.server.api.live_server import free_port, live_server
 from tests.server.engine.helpers import request
 from tests.server.training.helpers import PROMPTS, fixed_answer_data, train
@@ -59,6 +60,7 @@ def server_url(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         yield url
 
 
+@pytest.mark.e2e
 def test_train_push_generate_through_a_real_server(
     server_url: str, demo_model_dir: Path, llama_base: BaseModel, tmp_path: Path, capsys
 ) -> None:
@@ -103,6 +105,7 @@ def test_train_push_generate_through_a_real_server(
             assert answer["text"] == ANSWER  # a training prompt: the task was learned, and it stops there
 
 
+@pytest.mark.e2e
 def test_push_reports_the_servers_refusal_and_unreachable_servers(
     server_url: str, gpt2_base: BaseModel, tmp_path: Path
 ) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefix_store import PrefixLimits, load_prefix_source
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.source import load_prefix_source
 from server.engine.base_model import BaseModel
 from server.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from server.training.config import TrainConfig, default_warmup_steps

@@ -1,0 +1,54 @@
+"""The two steps of bringing a prefix version onto the device, kept apart because they fail differently:
+``fetch_prefix`` (storage: ``StoreUnavailable``, ``PrefixNotFound``; content: ``PrefixValidationError``)
+and ``place_prefix`` (device memory: ``PrefixCacheFull``)."""
+
+from __future__ import annotations
+
+import torch
+
+from prefix_store.errors import PrefixCacheFull, PrefixValidationError
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.native import decode_native
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
+from prefix_store.storage.store import PrefixRecord, PrefixStore
+
+DEFAULT_CPU_BUDGET_BYTES = 1 << 30
+DEFAULT_DEVICE_BUDGET_FRACTION = 0.1  # of the device memory free when the registry is built
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    """A tenth of the free accelerator memory (the model is loaded by then), or 1 GiB on the CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(1, int(free * DEFAULT_DEVICE_BUDGET_FRACTION))
+    return DEFAULT_CPU_BUDGET_BYTES
+
+
+def fetch_prefix(
+    store: PrefixStore,
+    record: PrefixRecord,
+    geometry: ModelGeometry,
+    limits: PrefixLimits,
+    dtype: torch.dtype,
+) -> Prefix:
+    """Read a version's blob and validate it fully (a store is trusted with bytes, not with their
+    meaning), then cast it to the model dtype on the CPU."""
+    blob = store.get_blob(record)
+    prefix = decode_native(blob, geometry, limits).to("cpu", dtype)
+    if prefix.num_virtual_tokens != record.num_virtual_tokens:
+        raise PrefixValidationError(
+            f"the stored prefix of {record.task_id!r} has {prefix.num_virtual_tokens} virtual tokens "
+            f"but its record says {record.num_virtual_tokens}"
+        )
+    return prefix
+
+
+def place_prefix(cpu: Prefix, device: torch.device) -> Prefix:
+    """Copy a CPU prefix (already in the model dtype) to the device; on the CPU it is used as it is."""
+    if device.type == "cpu":
+        return cpu
+    try:
+        return Prefix(cpu.keys.to(device), cpu.values.to(device))
+    except torch.cuda.OutOfMemoryError as exc:
+        raise PrefixCacheFull("the device is out of memory for a prefix; try again") from exc

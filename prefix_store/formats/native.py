@@ -1,0 +1,152 @@
+"""The native prefix file of API.md: safetensors with tensors ``keys`` and ``values`` and string metadata.
+
+``keys``/``values``: ``[num_layers, num_kv_heads, num_virtual_tokens, head_dim]``; metadata
+``format`` = ``prefix-serve/1``, ``num_virtual_tokens``, ``base_model`` = the geometry's fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+import safetensors.torch
+import torch
+
+from prefix_store.errors import PrefixValidationError
+from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.safetensors_check import (
+    TensorEntry,
+    check_safetensors,
+    excerpt,
+    format_shape,
+    load_checked_tensors,
+)
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
+
+NATIVE_FORMAT = "prefix-serve/1"
+NATIVE_TENSOR_NAMES = ("keys", "values")
+
+_SOURCE = "prefix file"
+_MISPLACED = {
+    frozenset({"prompt_embeddings"}): (
+        "this is a PEFT adapter_model.safetensors, not a native prefix; upload it as a PEFT adapter "
+        "together with its adapter_config.json"
+    )
+}
+_DECIMAL = re.compile(r"[0-9]{1,9}")
+
+
+def require_fits(prefix: Prefix, geometry: ModelGeometry) -> None:
+    """Refuse to serialise a prefix whose tensors do not have the geometry's shape."""
+    if not prefix.fits(geometry):
+        raise PrefixValidationError(
+            f"a prefix with keys {format_shape(prefix.keys.shape)} and values "
+            f"{format_shape(prefix.values.shape)} does not fit the base model {geometry.fingerprint}"
+        )
+
+
+def encode_native(prefix: Prefix, geometry: ModelGeometry) -> bytes:
+    """Serialise ``prefix`` as a native prefix file for the base model of ``geometry``."""
+    require_fits(prefix, geometry)
+    # safetensors refuses non-contiguous tensors and tensors that share storage: give each its own copy.
+    tensors = {
+        "keys": prefix.keys.detach().cpu().clone(memory_format=torch.contiguous_format),
+        "values": prefix.values.detach().cpu().clone(memory_format=torch.contiguous_format),
+    }
+    metadata = {
+        "format": NATIVE_FORMAT,
+        "num_virtual_tokens": str(prefix.num_virtual_tokens),
+        "base_model": geometry.fingerprint,
+    }
+    return canonical_header(safetensors.torch.save(tensors, metadata=metadata))
+
+
+def canonical_header(data: bytes) -> bytes:
+    """``data`` with its safetensors header rewritten with sorted keys (safetensors writes the metadata
+    in hash order), so the same prefix always encodes to the same bytes and the same sha256: a
+    re-upload of an unchanged prefix then shares its content-addressed blob."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
+
+
+def decode_native(data: bytes, geometry: ModelGeometry, limits: PrefixLimits) -> Prefix:
+    """Validate an untrusted native prefix file fully, then build its tensors.
+
+    Raises ``PrefixValidationError`` (status 400, or 413 for oversize) naming what is wrong. The tensors
+    keep the file's floating dtype (keys and values promoted to a common one); callers cast with
+    ``Prefix.to``.
+    """
+    header = check_safetensors(
+        data, expected_names=NATIVE_TENSOR_NAMES, limits=limits, source=_SOURCE, misplaced=_MISPLACED
+    )
+    _check_format_and_base_model(header.metadata, geometry)
+    num_virtual_tokens = _check_shapes(header.tensors["keys"], header.tensors["values"], geometry)
+    limits.check_num_virtual_tokens(num_virtual_tokens, _SOURCE)
+    _check_declared_num_virtual_tokens(header.metadata, num_virtual_tokens)
+    tensors = load_checked_tensors(data, _SOURCE)
+    dtype = torch.promote_types(tensors["keys"].dtype, tensors["values"].dtype)
+    return Prefix(keys=tensors["keys"].to(dtype), values=tensors["values"].to(dtype))
+
+
+def _check_format_and_base_model(metadata: dict[str, str], geometry: ModelGeometry) -> None:
+    fmt = metadata.get("format")
+    if fmt != NATIVE_FORMAT:
+        got = "no 'format' metadata" if fmt is None else f"metadata format {excerpt(fmt)}"
+        raise PrefixValidationError(f"{_SOURCE} has {got}; expected format '{NATIVE_FORMAT}'")
+    base_model = metadata.get("base_model")
+    if base_model is None:
+        raise PrefixValidationError(
+            f"{_SOURCE} has no 'base_model' metadata; expected '{geometry.fingerprint}'"
+        )
+    if base_model != geometry.fingerprint:
+        raise PrefixValidationError(
+            f"{_SOURCE} was made for base model {excerpt(base_model)} "
+            f"but the base model is '{geometry.fingerprint}'"
+        )
+
+
+def _check_shapes(keys: TensorEntry, values: TensorEntry, geometry: ModelGeometry) -> int:
+    """Check both tensors against the geometry; return the number of virtual tokens."""
+    for name, entry in (("keys", keys), ("values", values)):
+        shape = entry.shape
+        if len(shape) != 4:
+            raise PrefixValidationError(
+                f"{_SOURCE}: tensor '{name}' has shape {format_shape(shape)}; expected 4 dimensions "
+                "[num_layers, num_kv_heads, num_virtual_tokens, head_dim]"
+            )
+        for dim, what, expected in (
+            (0, "layers", geometry.num_layers),
+            (1, "key/value heads", geometry.num_kv_heads),
+            (3, "head_dim", geometry.head_dim),
+        ):
+            if shape[dim] != expected:
+                raise PrefixValidationError(
+                    f"{_SOURCE}: tensor '{name}' has {shape[dim]} {what} (dim {dim} of "
+                    f"{format_shape(shape)}) but the base model has {expected}"
+                )
+    if keys.shape != values.shape:
+        raise PrefixValidationError(
+            f"{_SOURCE}: tensors 'keys' {format_shape(keys.shape)} and 'values' "
+            f"{format_shape(values.shape)} differ in shape"
+        )
+    return keys.shape[2]
+
+
+def _check_declared_num_virtual_tokens(metadata: dict[str, str], num_virtual_tokens: int) -> None:
+    declared = metadata.get("num_virtual_tokens")
+    if declared is None:
+        raise PrefixValidationError(f"{_SOURCE} has no 'num_virtual_tokens' metadata")
+    if not _DECIMAL.fullmatch(declared):
+        raise PrefixValidationError(
+            f"{_SOURCE}: metadata num_virtual_tokens {excerpt(declared)} is not an integer"
+        )
+    if int(declared) != num_virtual_tokens:
+        raise PrefixValidationError(
+            f"{_SOURCE}: metadata num_virtual_tokens is {int(declared)} but the tensors hold "
+            f"{num_virtual_tokens} virtual tokens (dim 2)"
+        )

@@ -1,0 +1,48 @@
+"""One record per request inside the engine, from ``add_request`` to its last output: the request as
+given, where it is in its lifecycle, its token reservation, its prefix pin, and its generation state.
+The scheduler queues these records, the running batch holds them as rows, and the core ends them —
+releasing the pin exactly once — so no second map has to agree with the first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prefix_store.cache.registry import PrefixHandle
+from prefix_store.prefix import Prefix
+from server.engine.lifecycle import RequestStatus
+from server.engine.request import GenerationRequest
+from server.engine.stopping import CompletionTracker
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    request: GenerationRequest
+    tracker: CompletionTracker  # tokens, text, stop criteria, finish reason
+    cost_tokens: int  # prefix + prompt + max_new_tokens (``token_cost``): what the row may occupy
+    status: RequestStatus
+    pin: PrefixHandle | None = None  # the task's prefix, pinned in the device cache until the request ends
+    generator: torch.Generator | None = None  # seeded sampling's random state, made on first use
+    reported: int = 0  # tokens already handed out in outputs
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def tenant(self) -> str:
+        return self.request.tenant
+
+    @property
+    def task_id(self) -> str | None:
+        return self.request.task_id
+
+    @property
+    def deadline(self) -> float | None:
+        return self.request.deadline
+
+    @property
+    def prefix(self) -> Prefix | None:
+        """The pinned task's prefix, else the one an in-process caller gave, else None (the base model)."""
+        return self.pin.prefix if self.pin is not None else self.request.prefix
