@@ -21,6 +21,7 @@ from server.engine.base_model import BaseModel
 from server.engine.engine_request import EngineRequest
 from server.engine.lifecycle import FinishReason, RequestStatus
 from server.engine.prefill_batch import BatchRow, PrefillBatch
+from server.engine.prefill_groups import length_groups
 from server.engine.request import GenerationRequest, RequestOutput, check_fits, token_cost
 from server.engine.runner import ModelInputs, ModelRunner
 from server.engine.running_batch import RunningBatch
@@ -142,19 +143,23 @@ class EngineCore:
             tokens = self._run(self._running, self._running.rows, outputs)
             if tokens is not None:
                 self._running.advance(tokens)
-        if admitted:
-            rows = [BatchRow(r.request_id, r.request.prompt_ids, r.prefix) for r in admitted]
-            prefill = PrefillBatch.from_rows(rows, self.base.geometry, self.base.device, self.base.dtype)
-            tokens = self._run(prefill, admitted, outputs)
-            if tokens is not None:
-                prefill.advance(tokens)
-                self._running.add(prefill, admitted, tokens)
-            else:
-                with self._lock:
-                    for record in admitted:
-                        self._finish(record)
+        for group in length_groups(admitted, lambda record: len(record.request.prompt_ids)):
+            self._prefill(group, outputs)
         self._drop_finished()
         return outputs
+
+    def _prefill(self, records: list[EngineRequest], outputs: list[RequestOutput]) -> None:
+        """Prefill ``records`` together and merge them into the running batch."""
+        rows = [BatchRow(r.request_id, r.request.prompt_ids, r.prefix) for r in records]
+        prefill = PrefillBatch.from_rows(rows, self.base.geometry, self.base.device, self.base.dtype)
+        tokens = self._run(prefill, records, outputs)
+        if tokens is not None:
+            prefill.advance(tokens)
+            self._running.add(prefill, records, tokens)
+        else:
+            with self._lock:
+                for record in records:
+                    self._finish(record)
 
     def _schedule(self, outputs: list[RequestOutput]) -> list[EngineRequest]:
         with self._lock:

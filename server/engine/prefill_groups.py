@@ -1,0 +1,33 @@
+"""Which admitted rows are prefilled together. A prefill batch pads every row to its longest prompt, so
+one long prompt among short ones would make every short row compute the long one's length (16 rows of 41
+tokens and one of 1,601: 25,616 positions for 2,216 real ones). Rows are therefore grouped by length:
+sorted, and a longer row opens a new group once the group's padded positions would exceed
+``MAX_PADDING_RATIO`` × its real ones (plus ``SLACK_TOKENS``, so that short prompts of mixed lengths
+still share one forward pass). Pure Python, no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+Row = TypeVar("Row")
+
+MAX_PADDING_RATIO = 2.0  # padded query positions per real one a group may reach
+SLACK_TOKENS = 256  # padding any group may have regardless of the ratio
+
+
+def length_groups(rows: Sequence[Row], length: Callable[[Row], int]) -> list[list[Row]]:
+    """``rows`` in groups to prefill one after the other, shortest first; each row exactly once."""
+    groups: list[list[Row]] = []
+    real = 0
+    for row in sorted(rows, key=length):
+        size = length(row)
+        group = groups[-1] if groups else None
+        # sorted, so `size` is the group's longest: its padded positions are rows × size
+        if group is not None and (len(group) + 1) * size <= MAX_PADDING_RATIO * (real + size) + SLACK_TOKENS:
+            group.append(row)
+            real += size
+        else:
+            groups.append([row])
+            real = size
+    return groups
