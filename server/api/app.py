@@ -19,7 +19,7 @@ from prefix_store.storage.store import open_store
 from server.api.auth import DEFAULT_TENANT, load_auth_config
 from server.api.errors import install_error_handlers
 from server.api.metrics import install_metrics
-from server.api.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from server.api.middleware import AccessLogMiddleware, BodyLimitMiddleware, PathCheckMiddleware
 from server.api.openai.router import router as openai_router
 from server.api.openapi import install_openapi
 from server.api.routes import admin, generate, health
@@ -159,6 +159,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     for router in (health.router, generate.router, admin.router, openai_router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    app.add_middleware(PathCheckMiddleware)
     install_metrics(app)  # inside the access log (outermost), outside the body limit: sees its 413s
     app.add_middleware(
         AccessLogMiddleware, replica_name=settings.replica_name

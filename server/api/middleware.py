@@ -1,18 +1,47 @@
-"""ASGI middleware: a cap on request bodies (checked while they stream in) and JSON access logs."""
+"""ASGI middleware: URL paths without control characters, a cap on request bodies (checked while they
+stream in) and JSON access logs."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from prefix_store.errors import InvalidName
+from prefix_store.storage.names import validate_task_id
 from server.api.errors import error_response
 
 access_log = logging.getLogger("prefix_serve.access")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PREFIX_ROUTE = "/v1/admin/prefixes/"
+
+
+class PathCheckMiddleware:
+    """Refuses (400) a URL path holding a control character, before any route sees it: the router's
+    patterns end in ``$``, which also matches before a final newline, so ``/v1/admin/prefixes/%0A`` would
+    otherwise reach the list route. Under ``/v1/admin/prefixes/`` the answer is the task-name rule."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not _CONTROL.search(path):
+            await self.app(scope, receive, send)
+            return
+        message = "the URL path must not contain control characters"
+        if path.startswith(_PREFIX_ROUTE):
+            try:
+                validate_task_id(path[len(_PREFIX_ROUTE) :])
+            except InvalidName as exc:
+                message = str(exc)
+        await error_response(400, "invalid_request", message)(scope, receive, send)
 
 
 class BodyLimitMiddleware:

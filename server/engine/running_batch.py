@@ -10,7 +10,10 @@ and keys are already rotated), so:
 - leaving moves the last active row into the freed one (one row's copy), and the window's ``start``
   moves right past columns no remaining row uses;
 - a step writes in place (``SlotCache``) and attends over a view; the buffers grow (or shift left)
-  only when ``end`` reaches their capacity, so copies of the whole cache are rare.
+  only when ``end`` reaches their capacity, so copies of the whole cache are rare;
+- the buffers have as many rows as the batch has needed (doubling up to ``capacity``), and shrink
+  (to half) once a quarter of their rows or columns is all the remaining rows use: one long request
+  does not keep ``capacity`` rows of its length allocated, during its life or after it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from server.engine.slot_cache import SlotCache, SlotWindow
 Row = TypeVar("Row")
 
 _MIN_COLUMNS = 64
+_MIN_ROWS = 1
 
 
 class RunningBatch(Generic[Row]):
@@ -38,18 +42,18 @@ class RunningBatch(Generic[Row]):
         self.geometry, self.capacity, self.device, self.dtype = geometry, capacity, device, dtype
         self.rows: list[Row] = []
         self.window = SlotWindow()
-        self._allocate(_MIN_COLUMNS)
+        self._allocate(_MIN_ROWS, _MIN_COLUMNS)
         self.next_tokens = torch.zeros(
             capacity, dtype=torch.long, device=device
         )  # [R]: each row's next input
         self.next_positions = torch.zeros(capacity, dtype=torch.long, device=device)  # [R]: its position id
 
-    def _allocate(self, columns: int) -> None:
-        shape = (self.capacity, self.geometry.num_kv_heads, columns, self.geometry.head_dim)
+    def _allocate(self, rows: int, columns: int) -> None:
+        shape = (rows, self.geometry.num_kv_heads, columns, self.geometry.head_dim)
         layers = range(self.geometry.num_layers)
         self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in layers]  # [R, H, C, D]
         self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in layers]
-        self.valid = torch.zeros(self.capacity, columns, dtype=torch.bool, device=self.device)  # [R, C]
+        self.valid = torch.zeros(rows, columns, dtype=torch.bool, device=self.device)  # [R, C]
         self.cache = SlotCache(self.window, self.keys, self.values)
 
     def __len__(self) -> int:
@@ -59,6 +63,11 @@ class RunningBatch(Generic[Row]):
     def columns(self) -> int:
         return self.valid.shape[1]
 
+    @property
+    def row_capacity(self) -> int:
+        """Rows the buffers have now (at most ``capacity``)."""
+        return self.valid.shape[0]
+
     # -- rows join and leave -----------------------------------------------------------------------
     def add(self, prefilled: PrefillBatch, rows: Sequence[Row], next_tokens: torch.Tensor) -> None:
         """Take over the rows of a prefilled batch (past its forward pass and ``advance``)."""
@@ -67,7 +76,7 @@ class RunningBatch(Generic[Row]):
         lengths = prefilled.cache_mask.sum(dim=1).tolist()  # valid slots per new row
         if not self.rows:
             self.window.start = self.window.end = 0
-        self._make_room(left=max(lengths), right=1)
+        self._make_room(left=max(lengths), right=1, rows=len(self.rows) + len(rows))
         w = self.window
         for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
             slot = len(self.rows)
@@ -97,6 +106,15 @@ class RunningBatch(Generic[Row]):
         self.window.rows = len(self.rows)
         used = self.valid[: len(self.rows), self.window.start : self.window.end].any(dim=0).nonzero()
         self.window.start = self.window.start + int(used[0]) if len(used) else self.window.end
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """Halve rows or columns the remaining rows use no more than a quarter of (memory goes back)."""
+        n, width = len(self.rows), self.window.end - self.window.start
+        rows = max(_MIN_ROWS, 2 * n) if 4 * n <= self.row_capacity else self.row_capacity
+        columns = max(_MIN_COLUMNS, 2 * width) if 4 * width <= self.columns else self.columns
+        if (rows, columns) != (self.row_capacity, self.columns):
+            self._relayout(min(rows, self.row_capacity), min(columns, self.columns), offset=0)
 
     def _move_row(self, source: int, target: int) -> None:
         span = slice(self.window.start, self.window.end)
@@ -108,26 +126,37 @@ class RunningBatch(Generic[Row]):
         self.next_tokens[target] = self.next_tokens[source]
         self.next_positions[target] = self.next_positions[source]
 
-    def _make_room(self, *, left: int, right: int) -> None:
-        """Ensure ``left`` columns before ``end`` and ``right`` columns from ``end`` on exist."""
+    def _make_room(self, *, left: int, right: int, rows: int | None = None) -> None:
+        """Ensure ``left`` columns before ``end``, ``right`` columns from ``end`` on, and buffer rows for
+        ``rows`` rows (default: the active ones)."""
         w = self.window
-        if w.end - left >= 0 and w.end + right <= self.columns:
+        rows = len(self.rows) if rows is None else rows
+        if w.end - left >= 0 and w.end + right <= self.columns and rows <= self.row_capacity:
             return
         used = w.end - w.start
         needed = max(used, left) + right
         columns = self.columns if needed <= self.columns // 2 else max(2 * self.columns, 2 * needed)
-        offset = max(left - used, 0)  # where the kept window starts in the new layout
+        if rows > self.row_capacity:
+            row_capacity = min(self.capacity, max(2 * self.row_capacity, rows))
+        else:
+            row_capacity = self.row_capacity
+        self._relayout(row_capacity, columns, offset=max(left - used, 0))  # where the kept window starts
+
+    def _relayout(self, rows: int, columns: int, *, offset: int) -> None:
+        """Move the active rows' window to column ``offset`` of buffers ``rows`` × ``columns`` (new ones
+        when that is not their size)."""
+        w = self.window
+        used = w.end - w.start
         old_keys, old_values, old_valid = self.keys, self.values, self.valid
-        if columns != self.columns:
-            self._allocate(columns)
-        rows = len(self.rows)
-        span = slice(w.start, w.end)
-        target = slice(offset, offset + used)
-        self.valid[:rows, target] = old_valid[:rows, span].clone()
-        self.valid[:rows, :offset] = False
-        self.valid[:rows, offset + used :] = False
+        if (rows, columns) != (self.row_capacity, self.columns):
+            self._allocate(rows, columns)
+        n = len(self.rows)
+        span, target = slice(w.start, w.end), slice(offset, offset + used)
+        self.valid[:n, target] = old_valid[:n, span].clone()
+        self.valid[:n, :offset] = False
+        self.valid[:n, offset + used :] = False
         for new, old in zip(self.keys + self.values, old_keys + old_values, strict=True):
-            new[:rows, :, target] = old[:rows, :, span].clone()
+            new[:n, :, target] = old[:n, :, span].clone()
         w.start, w.end = offset, offset + used
 
     # -- one decode step -----------------------------------------------------------------------

@@ -49,6 +49,8 @@ HOSTILE_NAMES = [
     "semi;colon",
     "star*",
     "~user",
+    "\n",  # a final newline: the router's `$` matches before it (found by the generated names)
+    "task\n",
 ]
 
 

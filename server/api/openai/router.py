@@ -29,7 +29,9 @@ async def list_models(state: StateDep, who: CallerDep) -> ModelList:
     return await translation.list_models(state, who)
 
 
-@router.get("/models/{model}", response_model=ModelCard, responses=error_responses(404, 422))
+@router.get(
+    "/models/{model}", response_model=ModelCard, responses=error_responses(400, 404, 422)
+)  # 400: a control character in the path
 async def get_model(model: str, state: StateDep, who: CallerDep) -> ModelCard:
     return await translation.get_model(state, who, model)
 

@@ -30,7 +30,7 @@ def test_rows_joining_leaving_and_growing_the_buffers_match_solo_runs(base: Base
     batch: RunningBatch[str] = RunningBatch(base.geometry, capacity=3, device=base.device, dtype=base.dtype)
     produced: dict[str, list[int]] = {r.request_id: [] for r in requests}
     arrivals = {0: [0, 1], 3: [2], 8: [3]}
-    step = 0
+    step, widest = 0, 0
     while step == 0 or len(batch):
         if len(batch):
             batch.prepare_step()
@@ -53,9 +53,11 @@ def test_rows_joining_leaving_and_growing_the_buffers_match_solo_runs(base: Base
         if len(batch):
             assert batch.valid[: len(batch), window.start].any()  # no leading column that no row uses
         assert not batch.valid[len(batch) :].any()  # freed rows hold nothing
+        widest = max(widest, batch.columns)
         step += 1
-    assert batch.columns > 64
+    assert widest > 64
     assert produced == solo
+    assert (batch.row_capacity, batch.columns) == (1, 64)  # an empty batch gives its memory back
 
 
 def test_mask_sees_each_rows_slots_and_its_own_new_token(llama_base: BaseModel) -> None:
@@ -69,3 +71,28 @@ def test_mask_sees_each_rows_slots_and_its_own_new_token(llama_base: BaseModel) 
     assert batch.input_positions.tolist() == [[5], [1]]
     allowed = (batch.attention_mask(torch.float32)[:, 0, 0] == 0).tolist()
     assert allowed == [[True] * 5 + [True], [False] * 4 + [True] + [True]]
+
+
+def test_the_buffers_hold_the_rows_in_use_not_the_capacity(llama_base: BaseModel) -> None:
+    """One long row allocates one row of its length, not ``capacity`` rows; rows that leave give their
+    memory back."""
+    base, runner = llama_base, ModelRunner(llama_base)
+    batch: RunningBatch[str] = RunningBatch(base.geometry, capacity=8, device=base.device, dtype=base.dtype)
+
+    def join(request_id: str, prompt: str) -> None:
+        r = request(base, request_id, prompt)
+        prefill = PrefillBatch.from_rows(
+            [BatchRow(r.request_id, r.prompt_ids, None)], base.geometry, base.device, base.dtype
+        )
+        tokens = runner.forward(prefill).argmax(-1)
+        prefill.advance(tokens)
+        batch.add(prefill, [r.request_id], tokens)
+
+    join("long", LONG_PROMPT)
+    assert batch.row_capacity == 1 and batch.keys[0].shape[0] == 1
+    for i in range(7):
+        join(f"short{i}", "hi")
+    assert batch.row_capacity == 8
+    batch.remove(list(range(1, 8)))
+    assert batch.rows == ["long"] and batch.row_capacity == 2
+    assert not batch.valid[1:].any()
