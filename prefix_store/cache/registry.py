@@ -22,21 +22,19 @@ a request and ``release`` exactly once when the request ends, however it ends.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor
-from typing import Protocol
 
 import torch
 
 from prefix_store.cache.host_tier import HostTier
 from prefix_store.cache.invalidation import VersionWatcher
 from prefix_store.cache.loading import default_budget_bytes, fetch_prefix, place_prefix
+from prefix_store.cache.pins import PrefixPins, acquire_async
 from prefix_store.cache.registry_stats import Counters, LatencyWindow, RegistryStats, StoreHealth
 from prefix_store.cache.residency import CacheEntry, LoadState, ResidentSet
 from prefix_store.errors import PrefixCacheFull, PrefixNotFound, PrefixStoreError, StoreUnavailable
@@ -74,32 +72,6 @@ class PrefixHandle:
 
     def __repr__(self) -> str:
         return f"PrefixHandle({self.record.tenant}/{self.record.task_id}@{self.record.version})"
-
-
-class PrefixPins(Protocol):
-    """What the engine needs of the registry: pin a task's prefix, give the pin back."""
-
-    def acquire(self, tenant: str, task_id: str) -> PrefixHandle: ...
-
-    def release(self, handle: PrefixHandle) -> None: ...
-
-
-async def acquire_async(
-    pins: PrefixPins, tenant: str, task_id: str, *, executor: Executor | None = None
-) -> PrefixHandle:
-    """``pins.acquire`` on ``executor`` (None: the loop's default), awaited. If the caller is cancelled
-    while the load runs, the pin that arrives later is released, so it never leaks."""
-    loading = asyncio.get_running_loop().run_in_executor(executor, pins.acquire, tenant, task_id)
-    try:
-        return await asyncio.shield(loading)
-    except asyncio.CancelledError:
-
-        def release_abandoned(done: asyncio.Future[PrefixHandle]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                pins.release(done.result())
-
-        loading.add_done_callback(release_abandoned)
-        raise
 
 
 class PrefixRegistry:

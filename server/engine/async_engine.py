@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from prefix_store.cache.registry import acquire_async
+from prefix_store.cache.pins import acquire_async
 from server.engine.core import EngineCore
 from server.engine.generation import merge_outputs
 from server.engine.request import GenerationRequest, GenerationResult, RequestOutput

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from prefix_store.cache.registry import PrefixHandle, PrefixPins
+from prefix_store.cache.pins import PrefixPins
+from prefix_store.cache.registry import PrefixHandle
 from server.engine.base_model import BaseModel
 from server.engine.engine_request import EngineRequest
 from server.engine.lifecycle import FinishReason, RequestStatus
