@@ -9,7 +9,7 @@ On a random Llama-shaped model with grouped-query attention (weights shared by e
                     rounding could honestly flip the choice)
   batch-invariance  a mixed batch (prefixes of 0-31 tokens, prompts of 1-60 tokens) vs the same
                     requests alone, on CUDA in float32 and in bfloat16
-  padded-rows       logits and cache of a continuous batch with prefix-less one-token rows beside long
+  padded-rows       the KV blocks of a continuous batch with prefix-less one-token rows beside long
                     prefixed rows stay finite (no NaN from fully masked padding queries), for SDPA and
                     eager attention in bfloat16
   peft              engine vs PEFT's forward-loop reference on CUDA float32, token for token
@@ -121,11 +121,9 @@ def padded_rows_stay_finite(base: BaseModel, attention: str) -> dict:
                         GenerationRequest(f"late{j}", [5], None, SamplingParams(), 8, ignore_eos=True)
                     )
             core.step()
-            running = core._running
-            for keys in running.keys:
-                finite &= bool(
-                    torch.isfinite(keys[: len(running), :, running.window.start : running.window.end]).all()
-                )
+            blocks = sorted({b for r in core.rows for b in r.kv.prefix_blocks + r.kv.blocks})
+            for keys in core.kv.pool.keys:
+                finite &= bool(torch.isfinite(keys[blocks]).all())
         return {"attention": attention, "finite": finite}
     finally:
         base.model.config._attn_implementation = "sdpa"

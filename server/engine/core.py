@@ -1,10 +1,14 @@
-"""The engine core: one step = schedule → run → update, over a continuously changing batch.
+"""The engine core: one step = schedule → decode → prefill, over a continuously changing batch.
 
-Requests of any tenant and task join the running batch between steps (prefilled as a small batch of
-their own, then merged) and leave it the moment they finish. Each request is one ``EngineRequest``
-record, held by the scheduler from ``add_request`` until it ends (and by the running batch as a row
-meanwhile); ending it gives its prefix pin back. The core is synchronous; its methods may be called from
-any thread (a lock guards the scheduler), while ``step`` runs on the one thread that owns the model.
+Requests of any tenant and task join between steps and leave the moment they finish. Each request is one
+``EngineRequest`` record, held by the scheduler from ``add_request`` until it ends; admitted, it becomes a
+row with blocks in the paged KV cache (its prefix's shared, read-only blocks, then its own). A step first
+decodes one token for every row past its prompt, then prefills the next chunk of some prompts
+(``prefill_plan``: at most ``prefill_step_tokens`` per step, so a long prompt never stalls the decoding
+rows for its whole prefill); a prompt's last chunk gives the row its first token, and it decodes from the
+next step on. Ending a request gives its prefix pin and its blocks back. The core is synchronous; its
+methods may be called from any thread (a lock guards the scheduler), while ``step`` runs on the one thread
+that owns the model.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from prefix_store.cache.pins import PrefixPins
 from prefix_store.cache.registry import PrefixHandle
 from server.engine.base_model import BaseModel
 from server.engine.engine_request import EngineRequest
+from server.engine.kv_cache import KVCacheStats, PagedKVCache
 from server.engine.lifecycle import FinishReason, RequestStatus
-from server.engine.prefill_batch import BatchRow, PrefillBatch
+from server.engine.paged_batch import PagedBatch
 from server.engine.prefill_groups import length_groups
+from server.engine.prefill_plan import plan_chunks
 from server.engine.request import GenerationRequest, RequestOutput, check_fits, token_cost
-from server.engine.runner import ModelInputs, ModelRunner
-from server.engine.running_batch import RunningBatch
+from server.engine.runner import ModelRunner
 from server.engine.sampling import sample_next_tokens
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.stopping import CompletionTracker, StopCriteria
@@ -53,9 +58,19 @@ class EngineCore:
         self.static_batching = static_batching
         self._clock = clock
         self._lock = threading.Lock()
-        self._running: RunningBatch[EngineRequest] = RunningBatch(
-            base.geometry, self.scheduler.config.max_batch_size, base.device, base.dtype
+        config = self.scheduler.config
+        self.kv = PagedKVCache(
+            base.geometry,
+            max_tokens=config.max_batch_tokens,
+            max_rows=config.max_batch_size,
+            device=base.device,
+            dtype=base.dtype,
         )
+        self._prefilling: list[EngineRequest] = []  # admitted rows with prompt left, oldest first
+        self._decoding: list[EngineRequest] = []  # rows past their prompt
+        self._kv_stats = self.kv.stats()  # a snapshot for other threads, taken after every step
+        self.prefill_tokens_last_step = 0
+        self.prefill_tokens_total = 0
 
     # -- called from any thread ---------------------------------------------------------------
     def add_request(self, request: GenerationRequest, *, prefix_ready: bool = True) -> None:
@@ -116,14 +131,10 @@ class EngineCore:
     @property
     def has_work(self) -> bool:
         with self._lock:
-            return len(self._running) > 0 or self.scheduler.num_waiting > 0
+            return self.scheduler.num_running > 0 or self.scheduler.num_waiting > 0
 
     def counts(self) -> dict[str, int]:
-        """Requests admitted (prefilling or decoding) and requests waiting (for gauges and tests).
-
-        Admitted requests are counted by the scheduler, not by the running batch: during a step, the
-        rows being prefilled are in neither the waiting queues nor the batch yet.
-        """
+        """Requests admitted (prefilling or decoding) and requests waiting (for gauges and tests)."""
         with self._lock:
             return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting}
 
@@ -133,39 +144,62 @@ class EngineCore:
         with self._lock:
             return sum(record.pin is not None for record in self.scheduler)
 
+    def kv_stats(self) -> KVCacheStats:
+        """The KV pool as the last step left it."""
+        return self._kv_stats
+
+    @property
+    def rows(self) -> list[EngineRequest]:
+        """The admitted rows, decoding ones first (read on the engine thread, or between steps)."""
+        return self._decoding + self._prefilling
+
     # -- the engine thread --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the outputs it produced (possibly none)."""
         outputs: list[RequestOutput] = []
-        admitted = self._schedule(outputs)
+        for record in self._schedule(outputs):
+            record.kv = self.kv.open(record.prefix)
+            self._prefilling.append(record)
         self._drop_finished()  # aborted and expired rows leave before the forward pass
-        if len(self._running):
-            self._running.prepare_step()
-            tokens = self._run(self._running, self._running.rows, outputs)
-            if tokens is not None:
-                self._running.advance(tokens)
-        for group in length_groups(admitted, lambda record: len(record.request.prompt_ids)):
-            self._prefill(group, outputs)
+        if self._decoding:
+            rows = self._decoding
+            batch = self.kv.batch([r.kv for r in rows], [[r.next_token] for r in rows])
+            self._run(batch, rows, outputs, sampled=range(len(rows)))
+        self._prefill(outputs)
         self._drop_finished()
+        self._kv_stats = self.kv.stats()
         return outputs
 
-    def _prefill(self, records: list[EngineRequest], outputs: list[RequestOutput]) -> None:
-        """Prefill ``records`` together and merge them into the running batch."""
-        rows = [BatchRow(r.request_id, r.request.prompt_ids, r.prefix) for r in records]
-        prefill = PrefillBatch.from_rows(rows, self.base.geometry, self.base.device, self.base.dtype)
-        tokens = self._run(prefill, records, outputs)
-        if tokens is not None:
-            prefill.advance(tokens)
-            self._running.add(prefill, records, tokens)
-        else:
-            with self._lock:
-                for record in records:
-                    self._finish(record)
+    def _prefill(self, outputs: list[RequestOutput]) -> None:
+        """Feed this step's prompt chunks (``plan_chunks``), in length groups; rows whose prompt is done
+        move on to decoding."""
+        config = self.scheduler.config
+        chunks = plan_chunks(
+            self._prefilling,
+            lambda record: record.prompt_left,
+            chunk_tokens=config.prefill_chunk_tokens,
+            step_tokens=config.prefill_step_tokens,
+        )
+        for group in length_groups(chunks, lambda chunk: chunk.tokens):
+            records = [chunk.row for chunk in group]
+            inputs = [
+                r.request.prompt_ids[r.prompt_fed : r.prompt_fed + chunk.tokens]
+                for r, chunk in zip(records, group, strict=True)
+            ]
+            batch = self.kv.batch([r.kv for r in records], inputs)
+            for record, chunk in zip(records, group, strict=True):
+                record.prompt_fed += chunk.tokens
+            self._run(batch, records, outputs, sampled=[i for i, chunk in enumerate(group) if chunk.last])
+        tokens = sum(chunk.tokens for chunk in chunks)
+        self.prefill_tokens_last_step = tokens
+        self.prefill_tokens_total += tokens
+        self._decoding += [r for r in self._prefilling if r.prompt_left == 0]
+        self._prefilling = [r for r in self._prefilling if r.prompt_left > 0]
 
     def _schedule(self, outputs: list[RequestOutput]) -> list[EngineRequest]:
         with self._lock:
             decision = self.scheduler.schedule(
-                self._clock(), admit=not (self.static_batching and len(self._running))
+                self._clock(), admit=not (self.static_batching and self.scheduler.num_running)
             )
             for reason, request_ids in (
                 (FinishReason.ABORTED, decision.aborted),
@@ -181,23 +215,36 @@ class EngineCore:
             return [record for rid in decision.admitted if (record := self.scheduler.get(rid)) is not None]
 
     def _run(
-        self, batch: ModelInputs, records: Sequence[EngineRequest], outputs: list[RequestOutput]
-    ) -> torch.Tensor | None:
-        """One forward pass and sampling; the sampled tokens ``[B]``, or None (rows ended with an error)."""
+        self,
+        batch: PagedBatch,
+        records: Sequence[EngineRequest],
+        outputs: list[RequestOutput],
+        sampled: Sequence[int],
+    ) -> None:
+        """One forward pass over ``records``; the rows at ``sampled`` get their next token. If it fails,
+        every row of the pass ends with an error."""
         try:
             logits = self.runner.forward(batch)  # [B, V]
-            tokens = sample_next_tokens(
-                logits, [r.request.sampling for r in records], [self._generator(r) for r in records]
+            batch.advance()
+            chosen = [records[i] for i in sampled]
+            tokens = (
+                sample_next_tokens(
+                    logits if len(chosen) == len(records) else logits[list(sampled)],
+                    [r.request.sampling for r in chosen],
+                    [self._generator(r) for r in chosen],
+                ).tolist()
+                if chosen
+                else []
             )
         except Exception:
             log.exception("forward pass failed; ending its %d rows", len(records))
             for record in records:
                 outputs.append(self._output(record, record.tracker.end(FinishReason.ERROR)))
-            return None
-        for record, token in zip(records, tokens.tolist(), strict=True):
+            return
+        for record, token in zip(chosen, tokens, strict=True):
+            record.next_token = token
             progress = record.tracker.append(token)
             outputs.append(self._output(record, progress.delta))
-        return tokens
 
     def _generator(self, record: EngineRequest) -> torch.Generator | None:
         if record.generator is None and not record.request.sampling.greedy:
@@ -205,17 +252,21 @@ class EngineCore:
         return record.generator
 
     def _drop_finished(self) -> None:
-        ended = [i for i, r in enumerate(self._running.rows) if r.tracker.finish_reason is not None]
+        ended = [r for r in self.rows if r.tracker.finish_reason is not None]
         if not ended:
             return
         with self._lock:
-            for i in ended:
-                self._finish(self._running.rows[i])
-        self._running.remove(ended)
+            for record in ended:
+                self._finish(record)
+        self._decoding = [r for r in self._decoding if r.tracker.finish_reason is None]
+        self._prefilling = [r for r in self._prefilling if r.tracker.finish_reason is None]
 
     def _finish(self, record: EngineRequest) -> None:
-        """The request has left the engine: forget it and give its pin back (under the lock)."""
+        """The request has left the engine: forget it, give its pin and its KV blocks back (under the lock)."""
         self.scheduler.finish(record.request_id)
+        if record.kv is not None:
+            self.kv.close(record.kv)
+            record.kv = None
         if record.pin is not None:
             pin, record.pin = record.pin, None
             if self.pins is not None:

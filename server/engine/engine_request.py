@@ -1,7 +1,8 @@
 """One record per request inside the engine, from ``add_request`` to its last output: the request as
 given, where it is in its lifecycle, its token reservation, its prefix pin, and its generation state.
-The scheduler queues these records, the running batch holds them as rows, and the core ends them —
-releasing the pin exactly once — so no second map has to agree with the first."""
+The scheduler queues these records, the core's prefilling and decoding lists hold them as rows, and the
+core ends them — giving back the pin and the KV blocks exactly once — so no second map has to agree with
+the first."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from prefix_store.cache.registry import PrefixHandle
 from prefix_store.prefix import Prefix
 from server.engine.lifecycle import RequestStatus
+from server.engine.paged_batch import RowKV
 from server.engine.request import GenerationRequest
 from server.engine.stopping import CompletionTracker
 
@@ -25,6 +27,14 @@ class EngineRequest:
     pin: PrefixHandle | None = None  # the task's prefix, pinned in the device cache until the request ends
     generator: torch.Generator | None = None  # seeded sampling's random state, made on first use
     reported: int = 0  # tokens already handed out in outputs
+    kv: RowKV | None = None  # the row's blocks in the KV pool, from admission until it ends
+    prompt_fed: int = 0  # prompt tokens already prefilled (chunked prefill)
+    next_token: int = 0  # the sampled token its next decode step feeds
+
+    @property
+    def prompt_left(self) -> int:
+        """Prompt tokens still to prefill."""
+        return len(self.request.prompt_ids) - self.prompt_fed
 
     @property
     def request_id(self) -> str:

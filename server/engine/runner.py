@@ -11,7 +11,7 @@ from server.engine.base_model import BaseModel
 
 
 class ModelInputs(Protocol):
-    """What a forward pass needs: a prefill ``PrefillBatch`` or the decoding ``RunningBatch``."""
+    """What a forward pass needs: the engine's ``PagedBatch`` (or a dense ``PrefillBatch``)."""
 
     cache: Cache
 

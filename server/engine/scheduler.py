@@ -37,6 +37,8 @@ class SchedulerConfig:
     max_batch_tokens: int = 32_768  # reserved tokens (prefix + prompt + max_new_tokens) over running rows
     max_waiting: int = 256  # requests waiting (for their prefix or for a slot); more are refused
     quantum_tokens: int = 1024  # deficit round-robin: tokens a tenant may admit per turn
+    prefill_chunk_tokens: int = 256  # a prompt is prefilled this many tokens per step (chunked prefill)
+    prefill_step_tokens: int = 512  # prompt tokens one step may prefill over all rows (one chunk at least)
 
 
 class Schedulable(Protocol):

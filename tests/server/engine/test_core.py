@@ -87,13 +87,13 @@ def test_abort_frees_the_row_at_the_next_step(llama_base: BaseModel) -> None:
     core.add_request(keep)
     core.add_request(drop)
     core.step()
-    assert len(core._running) == 2
+    assert len(core.rows) == 2
     core.abort("drop")
     outputs = core.step()
     assert [(o.request_id, o.finish_reason) for o in outputs if o.finish_reason] == [
         ("drop", FinishReason.ABORTED)
     ]
-    assert [s.request.request_id for s in core._running.rows] == ["keep"] and core.counts() == {
+    assert [s.request.request_id for s in core.rows] == ["keep"] and core.counts() == {
         "running": 1,
         "waiting": 0,
     }

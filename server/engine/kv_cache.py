@@ -1,0 +1,83 @@
+"""The engine's paged KV cache: the pool, the shared prefix blocks, and the rows' block tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
+from server.engine.kv_pool import BLOCK_SIZE, KVPool
+from server.engine.paged_batch import PagedBatch, RowKV
+from server.engine.prefix_blocks import SharedPrefixBlocks
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    """What the pool holds now (for gauges and the admin API)."""
+
+    bytes_used: int
+    bytes_total: int
+    blocks_used: int
+    blocks_total: int
+    block_size: int
+    shared_prefix_blocks: int  # blocks holding prefixes, each prefix once
+    shared_prefixes: int
+    rows_sharing_prefixes: int
+
+
+class PagedKVCache:
+    """Rows' keys and values in one pool of blocks; a prefix is held once for all rows that use it."""
+
+    def __init__(
+        self,
+        geometry: ModelGeometry,
+        *,
+        max_tokens: int,
+        max_rows: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        """Room for ``max_tokens`` reserved tokens over at most ``max_rows`` rows (the scheduler's budget):
+        each row's own blocks and each distinct prefix round up to whole blocks, at most one partial
+        block each, so ``max_tokens / block_size + 2 × max_rows`` blocks can never run out."""
+        num_blocks = -(-max_tokens // block_size) + 2 * max_rows + 1  # + the scratch block
+        self.pool = KVPool(geometry, num_blocks, device, dtype, block_size)
+        self.prefixes = SharedPrefixBlocks(self.pool)
+
+    def open(self, prefix: Prefix | None) -> RowKV:
+        """A new row with ``prefix`` (None: the base model alone) and no tokens yet."""
+        blocks = self.prefixes.acquire(prefix) if prefix is not None else []
+        return RowKV(prefix, blocks)
+
+    def close(self, row: RowKV) -> None:
+        """The row has left: its blocks go back, and its prefix's once no row uses it."""
+        self.pool.free(row.blocks)
+        row.blocks = []
+        if row.prefix is not None:
+            self.prefixes.release(row.prefix)
+            row.prefix_blocks = []
+
+    def batch(self, rows: Sequence[RowKV], inputs: Sequence[Sequence[int]]) -> PagedBatch:
+        """A forward pass feeding ``inputs[i]`` to ``rows[i]``, blocks for the new tokens handed out first."""
+        for row, tokens in zip(rows, inputs, strict=True):
+            needed = self.pool.blocks_for(row.length + len(tokens)) - len(row.blocks)
+            if needed > 0:
+                row.blocks.extend(self.pool.allocate(needed))
+        return PagedBatch(self.pool, rows, inputs)
+
+    def stats(self) -> KVCacheStats:
+        pool = self.pool
+        return KVCacheStats(
+            bytes_used=pool.num_used * pool.bytes_per_block,
+            bytes_total=pool.num_blocks * pool.bytes_per_block,
+            blocks_used=pool.num_used,
+            blocks_total=pool.num_blocks,
+            block_size=pool.block_size,
+            shared_prefix_blocks=self.prefixes.num_blocks,
+            shared_prefixes=self.prefixes.num_prefixes,
+            rows_sharing_prefixes=self.prefixes.num_rows,
+        )
