@@ -89,6 +89,16 @@ class ServeSettings(BaseSettings):
     max_batch_tokens: int = Field(
         32_768, ge=64, description="prefix + prompt + max_new_tokens over running rows"
     )
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="bytes of the KV block pool (default: max_batch_tokens' worth); "
+        "reservations are held to what it can hold",
+    )
+    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens a row prefills per step")
+    prefill_step_tokens: int = Field(
+        512, ge=1, description="prompt tokens one step prefills over all rows (decoding rows wait this long)"
+    )
     max_queue: int = Field(256, ge=1, description="waiting requests, server-wide; more get 429")
     request_timeout_s: float = Field(300.0, gt=0, description="a request still unfinished after this ends")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time running requests get to finish at shutdown")

@@ -78,8 +78,14 @@ def build_state(settings: ServeSettings) -> AppState:
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         max_waiting=settings.max_queue,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        prefill_step_tokens=settings.prefill_step_tokens,
     )
-    engine = AsyncEngine(EngineCore(base, scheduler, pins=registry))
+    try:
+        core = EngineCore(base, scheduler, pins=registry, kv_cache_bytes=settings.kv_cache_bytes)
+    except ValueError as exc:  # a KV pool too small for the batch
+        raise StartupError(f"PREFIX_SERVE_KV_CACHE_BYTES={settings.kv_cache_bytes}: {exc}") from None
+    engine = AsyncEngine(core)
     engine.start()
     return AppState(settings, base, store, registry, engine, limits, auth, TenantGate(auth))
 

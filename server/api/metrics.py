@@ -8,7 +8,8 @@ codes, finish reasons, and tenants (named by the keys file).
   they ended (aborted and expired ones included), recorded by :meth:`ServerMetrics.observer` as the
   engine delivers each request's outputs.
 - Read at scrape time, from what the lifespan attaches (:meth:`ServerMetrics.attach`): queue depth,
-  running rows and pinned requests from the engine, and the prefix cache's hits/misses/evictions/bytes/
+  running rows, pinned requests, engine steps, prefilled tokens and the KV pool (bytes and blocks used and
+  in all, shared prefix blocks) from the engine, and the prefix cache's hits/misses/evictions/bytes/
   load latency from its ``stats()``.
 
 Counters and histograms are exported without their ``*_created`` series (when each label set was first
@@ -30,6 +31,7 @@ from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefix_store.cache.registry_stats import RegistryStats
+from server.engine.core import EngineStats
 from server.engine.request import RequestOutput
 
 _NS = "prefix_serve"
@@ -63,6 +65,16 @@ _CACHE_GAUGES = {
     "store_available": "1 while the prefix store answers",
 }
 
+_KV_GAUGES = {
+    "bytes_used": "bytes of the KV block pool in use (rows' blocks and shared prefix blocks)",
+    "bytes_total": "bytes of the KV block pool",
+    "blocks_used": "KV blocks in use",
+    "blocks_total": "KV blocks in the pool",
+    "shared_prefix_blocks": "KV blocks holding prefixes, each prefix once for all its rows",
+    "shared_prefixes": "prefixes held in the KV pool",
+    "rows_sharing_prefixes": "rows reading a shared prefix",
+}
+
 
 class EngineGauges(Protocol):
     """What the scrape-time gauges read of the engine."""
@@ -74,6 +86,10 @@ class EngineGauges(Protocol):
     @property
     def num_pinned(self) -> int:
         """Requests holding a prefix pin."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """Steps, prefilled tokens and the KV pool."""
         ...
 
 
@@ -204,7 +220,18 @@ class _ScrapeTimeCollector:
         yield GaugeMetricFamily(
             f"{_NS}_pinned_requests", "requests holding a prefix pin", value=engine.num_pinned
         )
+        yield from _engine_metrics(engine.stats())
         yield from _cache_metrics(cache.stats())
+
+
+def _engine_metrics(stats: EngineStats) -> Iterator[Metric]:
+    """Engine steps, prefilled tokens (their ratio is the prefill tokens per step) and the KV pool."""
+    yield CounterMetricFamily(
+        f"{_NS}_engine_steps", "engine steps (one decode pass and prefill chunks)", value=stats.steps
+    )
+    yield CounterMetricFamily(f"{_NS}_prefill_tokens", "prompt tokens prefilled", value=stats.prefill_tokens)
+    for field, documentation in _KV_GAUGES.items():
+        yield GaugeMetricFamily(f"{_NS}_kv_{field}", documentation, value=float(getattr(stats.kv, field)))
 
 
 def _cache_metrics(stats: RegistryStats) -> Iterator[Metric]:

@@ -31,7 +31,7 @@ class EngineSystem:
     """The engine core, continuous batching (or static batching: new rows only into an empty batch)."""
 
     def __init__(self, base: BaseModel, *, max_batch_size: int, static: bool = False) -> None:
-        config = SchedulerConfig(max_batch_size=max_batch_size, max_batch_tokens=1 << 20, max_waiting=1 << 16)
+        config = SchedulerConfig(max_batch_size=max_batch_size, max_batch_tokens=1 << 16, max_waiting=1 << 16)
         self.core = EngineCore(base, config, static_batching=static)
 
     def submit(self, request: GenerationRequest) -> None:

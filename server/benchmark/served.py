@@ -73,7 +73,7 @@ class InProcessServer:
         )
         self.registry.preload([(TENANT, task_id) for task_id in preload])
         scheduler = SchedulerConfig(
-            max_batch_size=max_batch_size, max_batch_tokens=1 << 20, max_waiting=1 << 16
+            max_batch_size=max_batch_size, max_batch_tokens=1 << 16, max_waiting=1 << 16
         )
         self.engine = AsyncEngine(EngineCore(base, scheduler, pins=self.registry))
         self._ids = itertools.count()

@@ -39,7 +39,31 @@ GEOMETRIES = {
 }
 
 
-SECTIONS = ("baselines", "concurrency", "tasks", "prefix-length", "cache-budget", "http", "store", "memory")
+@dataclass(frozen=True)
+class LongPromptSpec:
+    """The ``long-prompts`` section's workload (``server.benchmark.long_prompts``)."""
+
+    short_requests: int = 15
+    short_tokens: int = 41
+    long_tokens: int = 1601
+    new_tokens: int = 16
+    joining_tokens: int = 2000  # the prompt that joins decoding rows, and the memory part's request
+    shared_rows: int = 16
+    shared_prefix_tokens: int = 32
+    decode_rows: int = 16
+
+
+SECTIONS = (
+    "baselines",
+    "concurrency",
+    "tasks",
+    "prefix-length",
+    "cache-budget",
+    "http",
+    "long-prompts",
+    "store",
+    "memory",
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +89,7 @@ class BenchSettings:
     redis_url: str | None = None  # also measure this Redis store (its keys are written to)
     sections: tuple[str, ...] = SECTIONS
     memory_budget_bytes: int = 4 << 30
+    long_prompts: LongPromptSpec = field(default_factory=LongPromptSpec)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -84,4 +109,7 @@ QUICK = {  # `--quick`: every section on a tiny model in well under a minute (a 
     "http_concurrency": (1, 4),
     "store_samples": 10,
     "store_thrash_rounds": 2,
+    "long_prompts": LongPromptSpec(
+        short_requests=3, short_tokens=8, long_tokens=300, new_tokens=4, joining_tokens=600, shared_rows=4
+    ),
 }

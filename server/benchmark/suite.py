@@ -15,6 +15,7 @@ import transformers
 
 from server.benchmark.baselines import Log, run_baselines
 from server.benchmark.curves import cache_budget_curve, concurrency_curve, prefix_length_curve, tasks_curve
+from server.benchmark.long_prompts import long_prompts
 from server.benchmark.memory import memory_table
 from server.benchmark.models import build_model
 from server.benchmark.over_http import http_vs_in_process
@@ -63,6 +64,8 @@ def run_in_process(settings: BenchSettings, log: Log) -> dict[str, Any]:
         report["curves"] = curves
         if "http" in sections:
             report["http"] = http_vs_in_process(base, settings, workdir, log)
+        if "long-prompts" in sections:
+            report["long_prompts"] = long_prompts(base, settings, log)
         if "store" in sections:
             urls = {"filesystem": (workdir / "store-costs").as_uri()}
             if settings.redis_url:

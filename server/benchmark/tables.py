@@ -72,6 +72,8 @@ def report_tables(report: Mapping[str, Any]) -> list[ReportTable]:
             "HTTP p99 s",
         ]
         tables.append(ReportTable("HTTP vs in-process (same run)", columns, rows, text_columns=0))
+    if report.get("long_prompts"):
+        tables.append(_long_prompts(report["long_prompts"]))
     if report.get("store"):
         rows = [
             [r["backend"], *(number(v) for k, v in r.items() if k != "backend")]
@@ -100,7 +102,7 @@ def report_tables(report: Mapping[str, Any]) -> list[ReportTable]:
             [
                 t["name"],
                 "-" if t["value"] is None else number(t["value"]),
-                f"≥ {t['threshold']:g}",
+                f"{'≤' if t.get('at_most') else '≥'} {t['threshold']:g}",
                 t["verdict"],
             ]
             for t in report["targets"]
@@ -187,3 +189,43 @@ def markdown(tables: Sequence[ReportTable]) -> str:
 
 def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+def _long_prompts(section: Mapping[str, Any]) -> ReportTable:
+    """The ``long-prompts`` section as measurement / value rows."""
+    spec, mix, join = section["spec"], section["mix"], section["join"]
+    memory, shared, decode = section["memory"], section["shared_prefix"], section["decode"]
+    mib = 1 << 20
+    rows = [
+        [
+            f"{spec['short_requests']} short ({spec['short_tokens']} tokens) + 1 long ({spec['long_tokens']}), together s",
+            number(mix["together_s"]),
+        ],
+        ["the same apart (shorts, then the long one) s", number(mix["apart_s"])],
+        ["together / apart", number(mix["together_over_apart"])],
+        [
+            "short p50 latency together / alone s",
+            f"{number(mix['short_p50_together_s'])} / {number(mix['short_p50_alone_s'])}",
+        ],
+        ["short p50 latency together / alone", number(mix["short_p50_together_over_alone"])],
+        [
+            f"worst inter-token gap of decoding rows while {spec['joining_tokens']} tokens join, chunked ms",
+            f"{number(join['chunked']['worst_gap_ms'])} (median before: {number(join['chunked']['median_gap_before_ms'])})",
+        ],
+        ["the same, whole prompt in one step ms", number(join["one_step"]["worst_gap_ms"])],
+        [
+            f"one {memory['prompt_tokens']}-token request: peak growth / keys+values / activations MiB",
+            f"{number(memory['peak_growth_bytes'] / mib)} / {number(memory['kv_bytes'] / mib)} / "
+            f"{number(memory['activation_bytes'] / mib)}",
+        ],
+        [
+            f"{shared['rows']} rows of one task ({shared['prefix_tokens']}-token prefix): prefix KiB held / one copy / a copy per row",
+            f"{number(shared['prefix_bytes_held'] / 1024)} / {number(shared['one_copy_bytes'] / 1024)} / "
+            f"{number(shared['copy_per_row_bytes'] / 1024)}",
+        ],
+        [
+            f"decode step at batch {decode['rows']}: engine / bare transformers loop ms",
+            f"{number(decode['engine_step_ms'])} / {number(decode['bare_loop_step_ms'])}",
+        ],
+    ]
+    return ReportTable("long prompts and the paged KV cache (same run)", ["measurement", "value"], rows)

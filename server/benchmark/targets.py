@@ -15,15 +15,23 @@ class Target:
     name: str
     value: float | None  # None: its section did not run
     threshold: float
+    at_most: bool = False  # the value must not exceed the threshold (else: must reach it)
 
     @property
     def verdict(self) -> str:
         if self.value is None:
             return "not run"
-        return "PASS" if self.value >= self.threshold else "FAIL"
+        passed = self.value <= self.threshold if self.at_most else self.value >= self.threshold
+        return "PASS" if passed else "FAIL"
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "value": self.value, "threshold": self.threshold, "verdict": self.verdict}
+        return {
+            "name": self.name,
+            "value": self.value,
+            "threshold": self.threshold,
+            "at_most": self.at_most,
+            "verdict": self.verdict,
+        }
 
 
 def _paired(numerator: Mapping[str, Any] | None, denominator: Mapping[str, Any] | None) -> float | None:
@@ -38,10 +46,17 @@ def _at(points: Sequence[Mapping[str, Any]], x: float) -> Mapping[str, Any] | No
 
 
 def evaluate(report: Mapping[str, Any], concurrency: int) -> list[Target]:
-    """Targets from a report's ``baselines``, ``curves`` and ``http`` parts (missing parts: not run)."""
+    """Targets from a report's ``baselines``, ``curves``, ``http`` and ``long_prompts`` parts (missing parts:
+    not run)."""
     systems = report.get("baselines", {})
     curves = report.get("curves", {})
     http = {row["clients"]: row for row in report.get("http", [])}
+    return [*_throughput_targets(systems, curves, http, concurrency), *_long_prompt_targets(report)]
+
+
+def _throughput_targets(
+    systems: Mapping[str, Any], curves: Mapping[str, Any], http: Mapping[int, Any], concurrency: int
+) -> list[Target]:
     mixed = systems.get("engine-mixed")
     static, continuous = systems.get("static-varied"), systems.get("engine-varied")
     prefix, tasks = curves.get("prefix-length", []), curves.get("tasks", [])
@@ -76,5 +91,47 @@ def evaluate(report: Mapping[str, Any], concurrency: int) -> list[Target]:
         ),
         Target(
             "512 tasks / 8 tasks (all resident), throughput", _paired(_at(tasks, 512), _at(tasks, 8)), 0.9
+        ),
+    ]
+
+
+def _long_prompt_targets(report: Mapping[str, Any]) -> list[Target]:
+    """The ``long-prompts`` section's targets; the latency bound is 8x on a CPU, 2x on a GPU."""
+    section = report.get("long_prompts")
+    on_gpu = str(report.get("settings", {}).get("device", "cpu")).startswith("cuda")
+
+    def value(part: str, key: str) -> float | None:
+        return section[part][key] if section else None
+
+    shared = section["shared_prefix"] if section else None
+    return [
+        Target(
+            "short prompts + a long one: together / apart, wall time",
+            value("mix", "together_over_apart"),
+            1.3,
+            True,
+        ),
+        Target(
+            "short requests' p50 latency beside a long prompt / alone",
+            value("mix", "short_p50_together_over_alone"),
+            2.0 if on_gpu else 8.0,
+            True,
+        ),
+        Target(
+            "one long request's peak memory growth / (its keys and values + activations)",
+            value("memory", "growth_over_kv_plus_activations"),
+            2.0,
+            True,
+        ),
+        Target(
+            "rows of one task: prefix bytes in the KV pool / one copy",
+            shared["prefix_bytes_held"] / shared["one_copy_bytes"] if shared else None,
+            1.0,
+            True,
+        ),
+        Target(
+            "decode step at batch 16: bare transformers loop / engine",
+            value("decode", "bare_over_engine"),
+            0.95,
         ),
     ]

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prefix_store.cache.pins import acquire_async
-from server.engine.core import EngineCore
+from server.engine.core import EngineCore, EngineStats
 from server.engine.generation import merge_outputs
 from server.engine.request import GenerationRequest, GenerationResult, RequestOutput
 
@@ -194,6 +194,10 @@ class AsyncEngine:
     def num_pinned(self) -> int:
         """Requests holding a prefix pin (for tests and gauges)."""
         return self.core.num_pinned
+
+    def stats(self) -> EngineStats:
+        """Steps, prefilled tokens and the KV pool, as ``EngineCore.stats``."""
+        return self.core.stats()
 
     # -- shutdown ------------------------------------------------------------------------------
     async def drain(self, grace_s: float) -> None:

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,7 +25,8 @@ from prefix_store.cache.pins import PrefixPins
 from prefix_store.cache.registry import PrefixHandle
 from server.engine.base_model import BaseModel
 from server.engine.engine_request import EngineRequest
-from server.engine.kv_cache import KVCacheStats, PagedKVCache
+from server.engine.kv_cache import KVCacheStats, PagedKVCache, blocks_for_reservations, reservations_held
+from server.engine.kv_pool import KVPool
 from server.engine.lifecycle import FinishReason, RequestStatus
 from server.engine.paged_batch import PagedBatch
 from server.engine.prefill_groups import length_groups
@@ -38,6 +40,15 @@ from server.engine.stopping import CompletionTracker, StopCriteria
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine has done and holds, as the last step left it (for gauges and tests)."""
+
+    steps: int
+    prefill_tokens: int  # prompt tokens prefilled over all steps
+    kv: KVCacheStats
+
+
 class EngineCore:
     def __init__(
         self,
@@ -47,30 +58,38 @@ class EngineCore:
         pins: PrefixPins | None = None,
         clock: Callable[[], float] = time.monotonic,
         static_batching: bool = False,
+        kv_cache_bytes: int | None = None,
     ) -> None:
         """``pins``: the prefix registry that requests for a task are pinned in (``AsyncEngine`` loads
         them); the core gives each pin back when its request ends. ``static_batching`` admits new
-        requests only when the batch is empty (a baseline to compare to)."""
+        requests only when the batch is empty (a baseline to compare to). ``kv_cache_bytes`` sizes the
+        KV pool (default: what ``config.max_batch_tokens`` can reserve); a smaller pool lowers the
+        scheduler's token budget to what it holds. Raises ``ValueError`` if it cannot hold a block per row."""
+        config = config or SchedulerConfig()
+        rows = config.max_batch_size
+        if kv_cache_bytes is None:
+            num_blocks = blocks_for_reservations(config.max_batch_tokens, rows)
+        else:
+            num_blocks = kv_cache_bytes // KVPool.block_bytes(base.geometry, base.dtype)
+            held = reservations_held(num_blocks, rows)
+            if held <= 0:
+                raise ValueError(
+                    f"a KV pool of {kv_cache_bytes} bytes holds {num_blocks} blocks; {rows} rows need more "
+                    f"than {blocks_for_reservations(0, rows)} (raise kv_cache_bytes or lower max_batch_size)"
+                )
+            config = replace(config, max_batch_tokens=min(config.max_batch_tokens, held))
         self.base = base
         self.pins = pins
-        self.scheduler: Scheduler[EngineRequest] = Scheduler(config or SchedulerConfig())
+        self.scheduler: Scheduler[EngineRequest] = Scheduler(config)
         self.runner = ModelRunner(base)
         self.static_batching = static_batching
         self._clock = clock
         self._lock = threading.Lock()
-        config = self.scheduler.config
-        self.kv = PagedKVCache(
-            base.geometry,
-            max_tokens=config.max_batch_tokens,
-            max_rows=config.max_batch_size,
-            device=base.device,
-            dtype=base.dtype,
-        )
+        self.kv = PagedKVCache(base.geometry, num_blocks=num_blocks, device=base.device, dtype=base.dtype)
         self._prefilling: list[EngineRequest] = []  # admitted rows with prompt left, oldest first
         self._decoding: list[EngineRequest] = []  # rows past their prompt
-        self._kv_stats = self.kv.stats()  # a snapshot for other threads, taken after every step
         self.prefill_tokens_last_step = 0
-        self.prefill_tokens_total = 0
+        self._stats = EngineStats(steps=0, prefill_tokens=0, kv=self.kv.stats())  # read by other threads
 
     # -- called from any thread ---------------------------------------------------------------
     def add_request(self, request: GenerationRequest, *, prefix_ready: bool = True) -> None:
@@ -144,9 +163,9 @@ class EngineCore:
         with self._lock:
             return sum(record.pin is not None for record in self.scheduler)
 
-    def kv_stats(self) -> KVCacheStats:
-        """The KV pool as the last step left it."""
-        return self._kv_stats
+    def stats(self) -> EngineStats:
+        """Steps, prefilled tokens and the KV pool, as the last step left them."""
+        return self._stats
 
     @property
     def rows(self) -> list[EngineRequest]:
@@ -167,7 +186,9 @@ class EngineCore:
             self._run(batch, rows, outputs, sampled=range(len(rows)))
         self._prefill(outputs)
         self._drop_finished()
-        self._kv_stats = self.kv.stats()
+        self._stats = EngineStats(
+            self._stats.steps + 1, self._stats.prefill_tokens + self.prefill_tokens_last_step, self.kv.stats()
+        )
         return outputs
 
     def _prefill(self, outputs: list[RequestOutput]) -> None:
@@ -190,9 +211,7 @@ class EngineCore:
             for record, chunk in zip(records, group, strict=True):
                 record.prompt_fed += chunk.tokens
             self._run(batch, records, outputs, sampled=[i for i, chunk in enumerate(group) if chunk.last])
-        tokens = sum(chunk.tokens for chunk in chunks)
-        self.prefill_tokens_last_step = tokens
-        self.prefill_tokens_total += tokens
+        self.prefill_tokens_last_step = sum(chunk.tokens for chunk in chunks)
         self._decoding += [r for r in self._prefilling if r.prompt_left == 0]
         self._prefilling = [r for r in self._prefilling if r.prompt_left > 0]
 

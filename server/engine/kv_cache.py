@@ -28,6 +28,18 @@ class KVCacheStats:
     rows_sharing_prefixes: int
 
 
+def blocks_for_reservations(max_tokens: int, max_rows: int, block_size: int = BLOCK_SIZE) -> int:
+    """Pool blocks that ``max_tokens`` reserved tokens over at most ``max_rows`` rows (the scheduler's
+    budget, each row's prefix counted in full) can never run out of: each row's own blocks and each
+    distinct prefix round up to whole blocks, one partial block each at most; plus the scratch block."""
+    return -(-max_tokens // block_size) + 2 * max_rows + 1
+
+
+def reservations_held(num_blocks: int, max_rows: int, block_size: int = BLOCK_SIZE) -> int:
+    """The most reserved tokens a pool of ``num_blocks`` holds for ``max_rows`` rows (the inverse)."""
+    return (num_blocks - 1 - 2 * max_rows) * block_size
+
+
 class PagedKVCache:
     """Rows' keys and values in one pool of blocks; a prefix is held once for all rows that use it."""
 
@@ -35,16 +47,11 @@ class PagedKVCache:
         self,
         geometry: ModelGeometry,
         *,
-        max_tokens: int,
-        max_rows: int,
+        num_blocks: int,
         device: torch.device,
         dtype: torch.dtype,
         block_size: int = BLOCK_SIZE,
     ) -> None:
-        """Room for ``max_tokens`` reserved tokens over at most ``max_rows`` rows (the scheduler's budget):
-        each row's own blocks and each distinct prefix round up to whole blocks, at most one partial
-        block each, so ``max_tokens / block_size + 2 × max_rows`` blocks can never run out."""
-        num_blocks = -(-max_tokens // block_size) + 2 * max_rows + 1  # + the scratch block
         self.pool = KVPool(geometry, num_blocks, device, dtype, block_size)
         self.prefixes = SharedPrefixBlocks(self.pool)
 

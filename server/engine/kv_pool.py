@@ -45,7 +45,13 @@ class KVPool:
             tensor[SCRATCH_BLOCK].zero_()
         self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # a stack: pops the lowest id first
         self.device = device
-        self.bytes_per_block = 2 * len(self.keys) * self.keys[0][0].numel() * self.keys[0].element_size()
+        self.bytes_per_block = self.block_bytes(geometry, dtype, block_size)
+
+    @staticmethod
+    def block_bytes(geometry: ModelGeometry, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
+        """Bytes of one block: keys and values of ``block_size`` tokens in every layer."""
+        per_token = 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim
+        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
     @property
     def num_blocks(self) -> int:

@@ -4,8 +4,8 @@ A row's block table is its prefix's shared blocks followed by blocks of its own;
 then generated ones) fill its own blocks in order. A forward pass feeds every row its next tokens: a
 chunk of its prompt when prefilling, one token when decoding. Inputs are left-padded to the longest
 row's, so each row's last input sits in the last column. Each attention layer writes the new keys and
-values into their slots (padding into the scratch block), then attends over the rows' block tables
-gathered into ``[B, kv_heads, S, head_dim]`` (S = the longest table's slots) with a mask:
+values into their slots (padding into the scratch block); ``paged_attention`` then reads them back, row
+group by row group (rows of similar table length together), with a mask per group:
 
 - a prefix slot is seen by every query of its row, a masked one (past the prefix, in its last block) by none;
 - own slot ``k`` is seen by the row's query with own index ``t`` when ``k ≤ t``;
@@ -25,6 +25,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from prefix_store.prefix import Prefix
 from server.engine.kv_pool import SCRATCH_BLOCK, KVPool
+from server.engine.paged_attention import AttentionGroup, PagedAttention
+from server.engine.prefill_groups import length_groups
 
 
 @dataclass
@@ -41,33 +43,24 @@ class RowKV:
         return self.prefix.num_virtual_tokens if self.prefix is not None else 0
 
     @property
-    def next_position(self) -> int:
-        """Position id of the row's next token: prompt token k of a P-token prefix row is at P + k."""
-        return self.prefix_length + self.length
-
-
-@dataclass(frozen=True)
-class _Addressing:
-    """Where one forward pass writes and reads, shared by every layer."""
-
-    write_slots: torch.Tensor  # [B * Q] flat slot of each input (the scratch slot for padding)
-    read_blocks: torch.Tensor  # [B * T] block tables, T blocks per row (padded with the scratch block)
-    rows: int  # B
-    columns: int  # S = T * block_size
+    def table(self) -> list[int]:
+        """The row's block table: prefix blocks, then its own."""
+        return self.prefix_blocks + self.blocks
 
 
 class PagedLayer(CacheLayerMixin):
-    """One attention layer's view of the pool for one forward pass."""
+    """One attention layer's part of a forward pass: the new keys and values go into their pool slots
+    (``paged_attention`` reads the pool; the states are returned only for the model's bookkeeping)."""
 
     is_compileable = False
     is_sliding = False
 
     def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, addressing: _Addressing, queries: int
+        self, keys: torch.Tensor, values: torch.Tensor, write_slots: torch.Tensor, columns: int
     ) -> None:
         super().__init__()
         self.pool_keys, self.pool_values = keys, values  # [N, bs, H, D]
-        self.addressing, self.queries = addressing, queries
+        self.write_slots, self.columns = write_slots, columns
         self.is_initialized = True
         self.device = keys.device
 
@@ -77,26 +70,19 @@ class PagedLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new ``[B, H, Q, D]`` states into their slots; return the rows' tables ``[B, H, S, D]``."""
-        a = self.addressing
-        return self._write_and_read(self.pool_keys, key_states, a), self._write_and_read(
-            self.pool_values, value_states, a
-        )
-
-    @staticmethod
-    def _write_and_read(pool: torch.Tensor, states: torch.Tensor, a: _Addressing) -> torch.Tensor:
-        heads, dim = pool.shape[2], pool.shape[3]
-        pool.view(-1, heads, dim).index_copy_(
-            0, a.write_slots, states.transpose(1, 2).reshape(-1, heads, dim)
-        )
-        gathered = pool.index_select(0, a.read_blocks)  # [B * T, bs, H, D]
-        return gathered.view(a.rows, a.columns, heads, dim).transpose(1, 2)
+        """Write the new ``[B, H, Q, D]`` states into their slots."""
+        for pool, states in ((self.pool_keys, key_states), (self.pool_values, value_states)):
+            heads, dim = pool.shape[2], pool.shape[3]
+            pool.view(-1, heads, dim).index_copy_(
+                0, self.write_slots, states.transpose(1, 2).reshape(-1, heads, dim)
+            )
+        return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.addressing.columns, 0
+        return self.columns, 0
 
     def get_seq_length(self) -> int:
-        return self.addressing.columns - self.queries
+        return self.columns
 
     def get_max_length(self) -> int:
         return -1
@@ -109,62 +95,90 @@ class PagedBatch:
         """``inputs[i]``: the tokens row ``i`` feeds (at least one); its blocks must already hold them."""
         if not rows or len(rows) != len(inputs) or any(len(tokens) == 0 for tokens in inputs):
             raise ValueError("every row of a forward pass feeds at least one token")
-        self.rows = list(rows)
-        self.fed = [len(tokens) for tokens in inputs]
-        bs, device = pool.block_size, pool.device
-        batch, queries = len(rows), max(self.fed)
-        tables = max(len(row.prefix_blocks) + len(row.blocks) for row in rows)
-        own_tables = max(len(row.blocks) for row in rows)
-
-        input_ids = torch.zeros(batch, queries, dtype=torch.long)
-        real = torch.zeros(batch, queries, dtype=torch.bool)
-        read_blocks = torch.full((batch, tables), SCRATCH_BLOCK, dtype=torch.long)
-        own_blocks = torch.full((batch, own_tables), SCRATCH_BLOCK, dtype=torch.long)
-        for i, (row, tokens) in enumerate(zip(rows, inputs, strict=True)):
-            if row.length + len(tokens) > len(row.blocks) * bs:
-                raise ValueError("a row's blocks must hold its new tokens before its forward pass")
-            input_ids[i, queries - len(tokens) :] = torch.tensor(list(tokens), dtype=torch.long)
-            real[i, queries - len(tokens) :] = True
-            read_blocks[i, : len(row.prefix_blocks) + len(row.blocks)] = torch.tensor(
-                row.prefix_blocks + row.blocks, dtype=torch.long
-            )
-            own_blocks[i, : len(row.blocks)] = torch.tensor(row.blocks, dtype=torch.long)
-
-        lengths = torch.tensor([row.length for row in rows])[:, None]  # [B, 1]
-        pads = (queries - torch.tensor(self.fed))[:, None]  # [B, 1]
-        own_index = (lengths + torch.arange(queries)[None] - pads).clamp(min=lengths)  # [B, Q]: pads → first
-        write_slots = own_blocks.gather(1, own_index // bs) * bs + own_index % bs
-        write_slots = write_slots.masked_fill(~real, SCRATCH_BLOCK * bs)
-        prefix_lengths = torch.tensor([row.prefix_length for row in rows])[:, None]
+        bs = pool.block_size
+        if any(
+            row.length + len(tokens) > len(row.blocks) * bs for row, tokens in zip(rows, inputs, strict=True)
+        ):
+            raise ValueError("a row's blocks must hold its new tokens before its forward pass")
+        self.rows, self.fed = list(rows), [len(tokens) for tokens in inputs]
+        batch, queries, device = len(rows), max(self.fed), pool.device
+        self.input_ids = torch.tensor(
+            [[0] * (queries - len(tokens)) + list(tokens) for tokens in inputs], device=device
+        )  # [B, Q]
+        # own index of each input: real ones count on from the row's length, padding repeats the first
+        starts = [row.length for row in rows]
+        own_index = torch.tensor(
+            [
+                [start + max(0, q - (queries - fed)) for q in range(queries)]
+                for start, fed in zip(starts, self.fed, strict=True)
+            ]
+        )  # [B, Q]
+        real = torch.tensor([[q >= queries - fed for q in range(queries)] for fed in self.fed])  # [B, Q]
+        own_width = max(len(row.blocks) for row in rows)
+        own_blocks = torch.tensor(
+            [row.blocks + [SCRATCH_BLOCK] * (own_width - len(row.blocks)) for row in rows]
+        )
+        write_slots = (own_blocks.gather(1, own_index // bs) * bs + own_index % bs).masked_fill(~real, 0)
+        prefix_lengths = torch.tensor([row.prefix_length for row in rows])[:, None]  # [B, 1]
         self.input_positions = (prefix_lengths + own_index).masked_fill(~real, 0).to(device)  # [B, Q]
-        self.input_ids = input_ids.to(device)  # [B, Q]
 
-        columns = torch.arange(tables * bs)[None]  # [1, S]
-        own_column = columns - torch.tensor([len(row.prefix_blocks) * bs for row in rows])[:, None]  # [B, S]
-        prefix_seen = columns < prefix_lengths  # [B, S]
-        own_seen = (own_column[:, None, :] >= 0) & (own_column[:, None, :] <= own_index[:, :, None])
-        self._allowed = (prefix_seen[:, None, :] | own_seen).to(device)  # [B, Q, S]
-        self._addressing = _Addressing(
-            write_slots=write_slots.view(-1).to(device),
-            read_blocks=read_blocks.view(-1).to(device),
-            rows=batch,
-            columns=tables * bs,
+        tables = [row.table for row in rows]
+        groups = [sorted(group) for group in length_groups(range(batch), lambda i: len(tables[i]) * bs)]
+        dtype = pool.keys[0].dtype
+        self.paged = PagedAttention(
+            pool.keys,
+            pool.values,
+            [self._group(group, groups, tables, rows, own_index, bs, dtype, device) for group in groups],
         )
         self.cache = Cache(
             layers=[
-                PagedLayer(keys, values, self._addressing, queries)
+                PagedLayer(keys, values, write_slots.view(-1).to(device), max(len(t) for t in tables) * bs)
                 for keys, values in zip(pool.keys, pool.values, strict=True)
             ]
+        )
+
+    @staticmethod
+    def _group(
+        members: list[int],
+        groups: list[list[int]],
+        tables: list[list[int]],
+        rows: Sequence[RowKV],
+        own_index: torch.Tensor,
+        bs: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> AttentionGroup:
+        """The attention group of batch rows ``members``: their gathered tables and mask."""
+        width = max(len(tables[i]) for i in members)
+        read_blocks = torch.tensor([tables[i] + [SCRATCH_BLOCK] * (width - len(tables[i])) for i in members])
+        columns = torch.arange(width * bs)[None]  # [1, S]
+        prefix_columns = torch.tensor([len(rows[i].prefix_blocks) * bs for i in members])[:, None]  # [b, 1]
+        prefix_lengths = torch.tensor([rows[i].prefix_length for i in members])[:, None]
+        own_column = (columns - prefix_columns)[:, None, :]  # [b, 1, S]
+        index = own_index[members][:, :, None]  # [b, Q, 1]
+        allowed = (columns < prefix_lengths)[:, None, :] | (
+            (own_column >= 0) & (own_column <= index)
+        )  # [b, Q, S]
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        whole = len(groups) == 1
+        return AttentionGroup(
+            rows=None if whole else torch.tensor(members, device=device),
+            size=len(members),
+            read_blocks=read_blocks.view(-1).to(device),
+            columns=width * bs,
+            mask=mask[:, None].to(device),
         )
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask ``[B, 1, Q, S]``: 0 where a query may look, dtype-min elsewhere."""
-        mask = torch.zeros(self._allowed.shape, dtype=dtype, device=self._allowed.device)
-        mask.masked_fill_(~self._allowed, torch.finfo(dtype).min)
-        return mask[:, None]
+    def model_kwargs(self, dtype: torch.dtype) -> dict[str, object]:
+        """What the model's forward takes besides the inputs: ``paged`` for ``paged_attention`` (its masks
+        are in the pool's dtype, the model's), and a placeholder 4-D mask (a 4-D mask is passed through as
+        it is: transformers builds none)."""
+        batch, queries = self.input_ids.shape
+        mask = torch.zeros(batch, 1, queries, 0, device=self.input_ids.device)
+        return {"attention_mask": mask, "paged": self.paged}
 
     def advance(self) -> None:
         """The forward pass wrote every row's inputs: count them as cached."""

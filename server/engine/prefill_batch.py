@@ -1,4 +1,6 @@
-"""A prefill batch: new rows, each with its own prefix (any length, or none), prompt and positions.
+"""The dense layout: rows, each with its own prefix (any length, or none), prompt and positions, in a plain
+transformers cache. Training (gradients flow into the prefix) and reference loops use it; the engine
+serves from the paged KV cache (``paged_batch``), which computes the same numbers.
 
 Layout of one row's cache slots, left-padded so every row's last prompt token sits in the last
 column:
@@ -7,8 +9,7 @@ column:
 
 Padding slots hold zeros and are masked out. Every row carries explicit position ids: prompt token
 ``k`` of a row with a ``P``-token prefix has position ``P + k`` (PEFT's convention), so a row's
-numbers never depend on its neighbours. After its forward pass the rows join the ``RunningBatch``,
-which takes only their valid slots.
+numbers never depend on its neighbours.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class PrefillBatch:
     def cache_length(self) -> int:
         """S: cached slots per row, padding included."""
         return int(self.cache_mask.shape[1])
+
+    def model_kwargs(self, dtype: torch.dtype) -> dict[str, object]:
+        """What the model's forward takes besides the inputs and the cache: the mask."""
+        return {"attention_mask": self.attention_mask(dtype)}
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask ``[B, 1, Q, S + Q]`` for the next forward: 0 where allowed, dtype-min elsewhere.

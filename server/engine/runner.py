@@ -8,6 +8,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from server.engine.base_model import BaseModel
+from server.engine.paged_attention import use_paged_attention
 
 
 class ModelInputs(Protocol):
@@ -21,13 +22,16 @@ class ModelInputs(Protocol):
     @property
     def input_positions(self) -> torch.Tensor: ...  # [B, Q]
 
-    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor: ...  # [B, 1, Q, S + Q] additive
+    def model_kwargs(self, dtype: torch.dtype) -> dict[str, object]: ...  # the mask, and what attention reads
 
 
 class ModelRunner:
     """Executes forward passes; owns no scheduling or sampling decisions."""
 
     def __init__(self, base: BaseModel) -> None:
+        """Switches the model to ``paged_attention`` (plain SDPA for anything but a ``PagedBatch``); raises
+        ``ValueError`` for a model whose attention cannot be switched."""
+        use_paged_attention(base.model)
         self.base = base
 
     @torch.inference_mode()
@@ -36,10 +40,10 @@ class ModelRunner:
         in float32, taken at each row's last input (always a real token: inputs are left-padded)."""
         output = self.base.model(
             input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask(self.base.dtype),
             position_ids=batch.input_positions,
             cache=batch.cache,
             use_cache=True,
             logits_to_keep=1,
+            **batch.model_kwargs(self.base.dtype),
         )
         return output.logits[:, -1, :].float()

@@ -212,7 +212,25 @@ def test_targets_pass_fail_and_not_run() -> None:
         (None, "not run"),  # no HTTP section
         (pytest.approx(0.92), "PASS"),
         (None, "not run"),  # no tasks curve
+        *[(None, "not run")] * 5,  # no long-prompts section
     ]
+
+
+def test_long_prompt_targets_are_upper_bounds_and_the_latency_bound_is_tighter_on_a_gpu() -> None:
+    section = {
+        "mix": {"together_over_apart": 1.31, "short_p50_together_over_alone": 3.0},
+        "memory": {"growth_over_kv_plus_activations": 0.6},
+        "shared_prefix": {"prefix_bytes_held": 1024, "one_copy_bytes": 1024},
+        "decode": {"bare_over_engine": 0.97},
+    }
+    on_cpu = {t.name: t for t in evaluate({"long_prompts": section, "settings": {"device": "cpu"}}, 16)}
+    on_gpu = {t.name: t for t in evaluate({"long_prompts": section, "settings": {"device": "cuda:0"}}, 16)}
+    latency = "short requests' p50 latency beside a long prompt / alone"
+    assert (on_cpu[latency].threshold, on_cpu[latency].verdict) == (8.0, "PASS")
+    assert (on_gpu[latency].threshold, on_gpu[latency].verdict) == (2.0, "FAIL")
+    assert on_cpu["short prompts + a long one: together / apart, wall time"].verdict == "FAIL"  # 1.31 > 1.3
+    assert on_cpu["rows of one task: prefix bytes in the KV pool / one copy"].verdict == "PASS"  # 1 ≤ 1
+    assert on_cpu["decode step at batch 16: bare transformers loop / engine"].verdict == "PASS"
 
 
 def test_memory_table_matches_the_published_shapes() -> None:

@@ -155,6 +155,31 @@ def test_a_model_that_fails_to_load_is_one_line_without_traceback(tmp_path: Path
     assert f"cannot start: --model {model}: cannot load it: " in errors[0]
 
 
+def test_a_kv_pool_too_small_for_the_batch_is_refused_at_start(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--model",
+            "demo",
+            "--store",
+            str(tmp_path),
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env={**ENV, "PREFIX_SERVE_KV_CACHE_BYTES": "100000"},
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 2, result.stderr
+    assert "cannot start: PREFIX_SERVE_KV_CACHE_BYTES=100000: a KV pool of 100000 bytes holds" in errors[0]
+
+
 def test_a_plain_folder_is_the_store_and_limit_options_apply(demo_model_dir: Path, tmp_path: Path) -> None:
     """``--store ./data`` (relative to where the server starts) is that folder; ``--tenant-requests-per-
     minute`` limits the one tenant of a server with auth off."""

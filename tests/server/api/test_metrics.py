@@ -111,6 +111,12 @@ def test_counters_move_by_what_the_requests_did(server: httpx.Client, llama_base
     assert _value(after, "prefix_cache_resident_bytes") > 0
     assert _value(after, "prefix_load_seconds_count") >= 1
 
+    assert delta("prefill_tokens_total") == prompt  # every prompt token prefilled once
+    assert delta("engine_steps_total") >= max(usage["completion_tokens"] for usage in usages)
+    assert _value(after, "kv_blocks_used") == 0 and _value(after, "kv_bytes_used") == 0  # all given back
+    assert _value(after, "kv_blocks_total") > 0 and _value(after, "kv_bytes_total") > 0
+    assert _value(after, "kv_shared_prefixes") == 0 and _value(after, "kv_rows_sharing_prefixes") == 0
+
 
 def test_each_app_keeps_its_own_registry() -> None:
     """Two apps in one process: no clash on registration, and neither counts the other's requests."""

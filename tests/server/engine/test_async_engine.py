@@ -127,7 +127,7 @@ def test_abort_frees_the_row_and_the_pin(llama_base: BaseModel, engine_factory) 
     assert last.finish_reason is FinishReason.ABORTED
     assert pins.pinned == 0 and engine.num_pinned == 0
     assert engine.core.counts() == {"running": 0, "waiting": 0} and engine.core.rows == []
-    assert engine.core.kv_stats().blocks_used == 0
+    assert engine.core.stats().kv.blocks_used == 0
 
 
 def test_a_consumer_that_walks_away_aborts_its_request(llama_base: BaseModel, engine_factory) -> None:
@@ -212,7 +212,7 @@ def test_a_thousand_requests_leave_no_rows_pins_or_tensors(llama_base: BaseModel
     assert len(results) == 1000 and all(r.finish_reason is FinishReason.LENGTH for r in results)
     assert pins.pinned == 0 and engine.num_pinned == 0 and not engine._routes
     assert engine.core.counts() == {"running": 0, "waiting": 0}
-    assert engine.core.rows == [] and engine.core.kv_stats().blocks_used == 0  # every block went back
+    assert engine.core.rows == [] and engine.core.stats().kv.blocks_used == 0  # every block went back
     assert engine.core.scheduler._requests == {} and not engine.core.scheduler._tenants
 
 

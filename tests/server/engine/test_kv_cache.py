@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from server.engine.base_model import BaseModel
-from server.engine.kv_cache import PagedKVCache
+from server.engine.core import EngineCore
+from server.engine.kv_cache import PagedKVCache, blocks_for_reservations, reservations_held
 from server.engine.kv_pool import KVPool, PoolExhausted
 from server.engine.paged_batch import PagedBatch
 from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.runner import ModelRunner
+from server.engine.scheduler import SchedulerConfig
 from tests.server.engine.helpers import random_prefix
 
 
-def _cache(base: BaseModel, max_tokens: int = 512, max_rows: int = 4) -> PagedKVCache:
-    return PagedKVCache(
-        base.geometry, max_tokens=max_tokens, max_rows=max_rows, device=base.device, dtype=base.dtype
-    )
+def _cache(base: BaseModel, num_blocks: int = 64) -> PagedKVCache:
+    return PagedKVCache(base.geometry, num_blocks=num_blocks, device=base.device, dtype=base.dtype)
 
 
 def test_the_pool_hands_out_zeroed_blocks_lowest_first_and_reuses_freed_ones(llama_base: BaseModel) -> None:
@@ -99,3 +99,32 @@ def test_a_forward_pass_needs_blocks_for_its_tokens(llama_base: BaseModel) -> No
         PagedBatch(kv.pool, [row], [[1, 2]])
     with pytest.raises(ValueError):
         kv.batch([row], [[]])
+
+
+def test_a_kv_budget_in_bytes_holds_the_scheduler_to_what_the_pool_holds(llama_base: BaseModel) -> None:
+    block = KVPool.block_bytes(llama_base.geometry, llama_base.dtype)
+    config = SchedulerConfig(max_batch_size=4, max_batch_tokens=32_768)
+    core = EngineCore(llama_base, config, kv_cache_bytes=100 * block)
+    assert core.kv.pool.num_blocks == 99
+    assert core.scheduler.config.max_batch_tokens == reservations_held(100, 4) == (100 - 1 - 8) * 16
+    assert blocks_for_reservations(reservations_held(100, 4), 4) == 100  # the two are inverses
+    with pytest.raises(ValueError, match="rows need more than"):
+        EngineCore(llama_base, config, kv_cache_bytes=5 * block)
+
+
+def test_rows_of_very_different_lengths_attend_in_groups_of_their_own(base: BaseModel) -> None:
+    """A decode pass holding a 230-token row beside short ones: the long row gets an attention group of its
+    own (the short rows do not attend over its columns), and every row's logits are the dense layout's."""
+    kv, runner = _cache(base, num_blocks=128), ModelRunner(base)
+    prompts = [[5 + i % 150 for i in range(230)], [7, 8, 9], list(range(20, 31)), [4]]
+    prefixes = [None, random_prefix(base, 5, seed=1), None, random_prefix(base, 2, seed=2)]
+    rows = [kv.open(prefix) for prefix in prefixes]
+    for row, prompt in zip(rows, prompts, strict=True):
+        batch = kv.batch([row], [prompt])
+        runner.forward(batch)
+        batch.advance()
+    batch = kv.batch(rows, [[11]] * 4)
+    assert len(batch.paged.groups) == 2 and sorted(g.size for g in batch.paged.groups) == [1, 3]
+    logits = runner.forward(batch)
+    for i, (prompt, prefix) in enumerate(zip(prompts, prefixes, strict=True)):
+        torch.testing.assert_close(logits[i], _dense_logits(base, [*prompt, 11], prefix), rtol=1e-4, atol=1e-4)

@@ -66,7 +66,7 @@ def test_prompts_prefilled_in_chunks_match_solo_runs(base: BaseModel) -> None:
     solo = {r.request_id: generate(base, [r])[0].token_ids for r in requests}
     core = EngineCore(base, CHUNKED)
     assert _staggered(core, requests, arrivals=[0, 0, 1, 2, 5, 9]) == solo
-    assert core.rows == [] and core.kv_stats().blocks_used == 0
+    assert core.rows == [] and core.stats().kv.blocks_used == 0
 
 
 def test_decoding_rows_get_a_token_every_step_while_a_long_prompt_prefills(llama_base: BaseModel) -> None:
@@ -94,7 +94,7 @@ def test_rows_of_one_task_hold_its_prefix_once(llama_base: BaseModel) -> None:
     for i in range(12):
         core.add_request(request(base, f"r{i}", f"prompt number {i}", prefix, max_new_tokens=30))
     core.step()
-    stats = core.kv_stats()
+    stats = core.stats().kv
     per_prefix = core.kv.pool.blocks_for(40)
     assert (stats.shared_prefixes, stats.rows_sharing_prefixes, stats.shared_prefix_blocks) == (
         1,
