@@ -127,4 +127,6 @@ def test_rows_of_very_different_lengths_attend_in_groups_of_their_own(base: Base
     assert len(batch.paged.groups) == 2 and sorted(g.size for g in batch.paged.groups) == [1, 3]
     logits = runner.forward(batch)
     for i, (prompt, prefix) in enumerate(zip(prompts, prefixes, strict=True)):
-        torch.testing.assert_close(logits[i], _dense_logits(base, [*prompt, 11], prefix), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            logits[i], _dense_logits(base, [*prompt, 11], prefix), rtol=1e-4, atol=1e-4
+        )
