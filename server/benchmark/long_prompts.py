@@ -8,8 +8,8 @@ join             rows decoding while a long prompt joins: the worst gap between 
 memory           one long request in a fresh process: its peak memory growth against its keys and values
                  plus one prefill chunk's activations
 shared-prefix    rows of one task: the bytes their prefix takes in the KV pool, against one copy per row
-decode           the engine's decode step at a batch of 16 against a bare transformers forward loop
-                 (``DynamicCache``) over the same rows
+decode           the engine's decode step at a batch of 16 against the same rows in the dense layout: one
+                 transformers ``DynamicCache`` for the batch, every row padded to the longest prefix + prompt
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from server.benchmark.baselines import Log
 from server.benchmark.loops import EngineSystem, closed_loop
@@ -35,7 +34,9 @@ from server.benchmark.timeline import Timeline, percentile
 from server.engine.base_model import BaseModel
 from server.engine.core import EngineCore
 from server.engine.kv_pool import BLOCK_SIZE, KVPool
+from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.request import GenerationRequest
+from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
 
@@ -166,8 +167,9 @@ def measure_shared_prefix(base: BaseModel, spec: LongPromptSpec) -> dict[str, An
 
 def measure_decode(base: BaseModel, spec: LongPromptSpec, repeats: int) -> dict[str, Any]:
     """The median decode step of ``decode_rows`` rows (prompts 16-64, prefixes of 4-32 tokens, 32 new
-    tokens) in the engine, and in a bare transformers loop over the same prompts without prefixes
-    (left-padded, ``DynamicCache``), interleaved; the median of the round-by-round ratios."""
+    tokens) in the engine, and with the same rows in the dense layout (``PrefillBatch``: one transformers
+    ``DynamicCache`` for the batch, every row padded to the longest prefix and prompt, greedy), interleaved;
+    the median of the round-by-round ratios."""
     rng, vocab = random.Random(8), base.model.config.vocab_size
     prefixes = random_prefixes(base, [4, 8, 12, 16, 20, 24, 28, 32], seed=12)
     prompts = [[rng.randrange(5, vocab) for _ in range(rng.randint(16, 64))] for _ in range(spec.decode_rows)]
@@ -187,32 +189,27 @@ def measure_decode(base: BaseModel, spec: LongPromptSpec, repeats: int) -> dict[
             steps.append(time.perf_counter() - started)
         return statistics.median(steps[:-1])
 
-    @torch.inference_mode()
-    def bare() -> float:
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=base.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=base.device)
-        cache = DynamicCache(config=base.model.config)
-        out = base.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+    def dense() -> float:
+        rows = [BatchRow(f"r{i}", prompt, prefixes[i % 8]) for i, prompt in enumerate(prompts)]
+        batch = PrefillBatch.from_rows(rows, base.geometry, base.device, base.dtype)
+        runner = ModelRunner(base)
+        batch.advance(runner.forward(batch).argmax(-1))
         steps = []
         for _ in range(32):
             started = time.perf_counter()
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = base.model(
-                input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1
-            )
-            token.tolist()
+            tokens = runner.forward(batch).argmax(-1)
+            batch.advance(tokens)
+            tokens.tolist()
             steps.append(time.perf_counter() - started)
         return statistics.median(steps)
 
-    engine(), bare()  # warm-up
-    rounds = [(engine(), bare()) for _ in range(repeats)]
+    engine(), dense()  # warm-up
+    rounds = [(engine(), dense()) for _ in range(repeats)]
     return {
         "rows": spec.decode_rows,
         "engine_step_ms": statistics.median(e for e, _ in rounds) * 1e3,
-        "bare_loop_step_ms": statistics.median(b for _, b in rounds) * 1e3,
-        "bare_over_engine": statistics.median(b / e for e, b in rounds),
+        "dense_step_ms": statistics.median(b for _, b in rounds) * 1e3,
+        "dense_over_engine": statistics.median(b / e for e, b in rounds),
     }
 
 
@@ -301,7 +298,7 @@ def long_prompts(base: BaseModel, settings: BenchSettings, log: Log) -> dict[str
     report["join"] = measure_join(base, spec, config)
     log("long-prompts: rows of one task")
     report["shared_prefix"] = measure_shared_prefix(base, spec)
-    log("long-prompts: decode step at batch 16, engine and bare loop")
+    log("long-prompts: decode step at batch 16, engine and the dense layout")
     report["decode"] = measure_decode(base, spec, settings.repeats)
     log("long-prompts: one long request's peak memory, in a fresh process")
     report["memory"] = measure_memory(settings, spec)

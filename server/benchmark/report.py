@@ -12,7 +12,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from server.benchmark.tables import CURVE_AXES, SUMMARY_KEYS, markdown, number, report_tables, store_rows
+from server.benchmark.tables import (
+    CURVE_AXES,
+    SUMMARY_KEYS,
+    long_prompt_table,
+    markdown,
+    number,
+    report_tables,
+    store_rows,
+)
 
 REPORT_FILES = (
     "report.json",
@@ -21,6 +29,7 @@ REPORT_FILES = (
     "curve-*.csv",
     "curve-*.png",
     "http.*",
+    "long-prompts.csv",
     "store.csv",
     "memory.csv",
     "targets.csv",
@@ -49,6 +58,9 @@ def write_report(report: Mapping[str, Any], out_dir: Path, *, plots: bool = True
         written.append(_write_csv(out_dir / "http.csv", rows))
         if plots:
             written.append(_plot_http(out_dir / "http.png", report["http"], _caption(report)))
+    if report.get("long_prompts"):
+        rows = [{"measurement": m, "value": v} for m, v in long_prompt_table(report["long_prompts"]).rows]
+        written.append(_write_csv(out_dir / "long-prompts.csv", rows))
     if report.get("store"):
         written.append(_write_csv(out_dir / "store.csv", store_rows(report["store"])))
     if report.get("memory"):

@@ -73,7 +73,7 @@ def report_tables(report: Mapping[str, Any]) -> list[ReportTable]:
         ]
         tables.append(ReportTable("HTTP vs in-process (same run)", columns, rows, text_columns=0))
     if report.get("long_prompts"):
-        tables.append(_long_prompts(report["long_prompts"]))
+        tables.append(long_prompt_table(report["long_prompts"]))
     if report.get("store"):
         rows = [
             [r["backend"], *(number(v) for k, v in r.items() if k != "backend")]
@@ -191,7 +191,7 @@ def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
-def _long_prompts(section: Mapping[str, Any]) -> ReportTable:
+def long_prompt_table(section: Mapping[str, Any]) -> ReportTable:
     """The ``long-prompts`` section as measurement / value rows."""
     spec, mix, join = section["spec"], section["mix"], section["join"]
     memory, shared, decode = section["memory"], section["shared_prefix"], section["decode"]
@@ -224,8 +224,8 @@ def _long_prompts(section: Mapping[str, Any]) -> ReportTable:
             f"{number(shared['copy_per_row_bytes'] / 1024)}",
         ],
         [
-            f"decode step at batch {decode['rows']}: engine / bare transformers loop ms",
-            f"{number(decode['engine_step_ms'])} / {number(decode['bare_loop_step_ms'])}",
+            f"decode step at batch {decode['rows']}: engine / dense layout (one DynamicCache) ms",
+            f"{number(decode['engine_step_ms'])} / {number(decode['dense_step_ms'])}",
         ],
     ]
     return ReportTable("long prompts and the paged KV cache (same run)", ["measurement", "value"], rows)

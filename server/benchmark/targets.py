@@ -130,8 +130,8 @@ def _long_prompt_targets(report: Mapping[str, Any]) -> list[Target]:
             True,
         ),
         Target(
-            "decode step at batch 16: bare transformers loop / engine",
-            value("decode", "bare_over_engine"),
+            "decode step at batch 16: dense layout / engine",
+            value("decode", "dense_over_engine"),
             0.95,
         ),
     ]
