@@ -70,10 +70,13 @@ class PagedKVCache:
 
     def batch(self, rows: Sequence[RowKV], inputs: Sequence[Sequence[int]]) -> PagedBatch:
         """A forward pass feeding ``inputs[i]`` to ``rows[i]``, blocks for the new tokens handed out first."""
-        for row, tokens in zip(rows, inputs, strict=True):
-            needed = self.pool.blocks_for(row.length + len(tokens)) - len(row.blocks)
-            if needed > 0:
-                row.blocks.extend(self.pool.allocate(needed))
+        needed = [
+            self.pool.blocks_for(row.length + len(tokens)) - len(row.blocks)
+            for row, tokens in zip(rows, inputs, strict=True)
+        ]
+        blocks = iter(self.pool.allocate(sum(n for n in needed if n > 0)))  # one zero-fill for the pass
+        for row, count in zip(rows, needed, strict=True):
+            row.blocks.extend(next(blocks) for _ in range(count))
         return PagedBatch(self.pool, rows, inputs)
 
     def stats(self) -> KVCacheStats:
