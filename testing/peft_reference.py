@@ -62,3 +62,12 @@ def peft_greedy_tokens(
                 break
             ids = torch.cat([ids, ids.new_tensor([[next_id]])], dim=1)
     return new_tokens
+
+
+def peft_logprobs(peft_model: PeftModel, token_ids: list[int]) -> torch.Tensor:
+    """``[T, V]`` float32: the log-softmax PEFT's forward gives at each position of ``token_ids`` (row t
+    is the distribution of the token after ``token_ids[t]``)."""
+    device = next(peft_model.parameters()).device
+    with torch.inference_mode():
+        logits = peft_model(input_ids=torch.tensor([token_ids], device=device)).logits[0]
+    return logits.float().log_softmax(dim=-1)

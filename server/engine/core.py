@@ -28,6 +28,7 @@ from server.engine.engine_request import EngineRequest
 from server.engine.kv_cache import KVCacheStats, PagedKVCache, blocks_for_reservations, reservations_held
 from server.engine.kv_pool import KVPool
 from server.engine.lifecycle import FinishReason, RequestStatus
+from server.engine.logprobs import token_logprobs
 from server.engine.paged_batch import PagedBatch
 from server.engine.prefill_groups import length_groups
 from server.engine.prefill_plan import plan_chunks
@@ -192,8 +193,9 @@ class EngineCore:
         return outputs
 
     def _prefill(self, outputs: list[RequestOutput]) -> None:
-        """Feed this step's prompt chunks (``plan_chunks``), in length groups; rows whose prompt is done
-        move on to decoding."""
+        """Feed this step's prompt chunks (``plan_chunks``), in length groups (a row that asked for its
+        prompt's logprobs alone: its pass keeps the logits of every position); rows whose prompt is done
+        move on to decoding, or end there if they asked for no new tokens."""
         config = self.scheduler.config
         chunks = plan_chunks(
             self._prefilling,
@@ -201,7 +203,9 @@ class EngineCore:
             chunk_tokens=config.prefill_chunk_tokens,
             step_tokens=config.prefill_step_tokens,
         )
-        for group in length_groups(chunks, lambda chunk: chunk.tokens):
+        echoed = [[chunk] for chunk in chunks if chunk.row.request.prompt_logprobs is not None]
+        plain = [chunk for chunk in chunks if chunk.row.request.prompt_logprobs is None]
+        for group in length_groups(plain, lambda chunk: chunk.tokens) + echoed:
             records = [chunk.row for chunk in group]
             inputs = [
                 r.request.prompt_ids[r.prompt_fed : r.prompt_fed + chunk.tokens]
@@ -210,7 +214,12 @@ class EngineCore:
             batch = self.kv.batch([r.kv for r in records], inputs)
             for record, chunk in zip(records, group, strict=True):
                 record.prompt_fed += chunk.tokens
-            self._run(batch, records, outputs, sampled=[i for i, chunk in enumerate(group) if chunk.last])
+            done = [i for i, chunk in enumerate(group) if chunk.last]
+            sampled = [i for i in done if records[i].request.max_new_tokens > 0]
+            self._run(batch, records, outputs, sampled=sampled, every_position=group in echoed)
+            for i in done:
+                if records[i].request.max_new_tokens == 0 and records[i].tracker.finish_reason is None:
+                    outputs.append(self._output(records[i], records[i].tracker.end(FinishReason.LENGTH)))
         self.prefill_tokens_last_step = sum(chunk.tokens for chunk in chunks)
         self._decoding += [r for r in self._prefilling if r.prompt_left == 0]
         self._prefilling = [r for r in self._prefilling if r.prompt_left > 0]
@@ -239,31 +248,62 @@ class EngineCore:
         records: Sequence[EngineRequest],
         outputs: list[RequestOutput],
         sampled: Sequence[int],
+        *,
+        every_position: bool = False,
     ) -> None:
-        """One forward pass over ``records``; the rows at ``sampled`` get their next token. If it fails,
-        every row of the pass ends with an error."""
+        """One forward pass over ``records``; the rows at ``sampled`` get their next token. With
+        ``every_position`` (one row) the prompt tokens it fed get their logprobs. If it fails, every row of
+        the pass ends with an error."""
         try:
-            logits = self.runner.forward(batch)  # [B, V]
+            logits = self.runner.forward(batch, every_position=every_position)  # [B, V] or [B, Q, V]
             batch.advance()
+            if every_position:
+                self._add_prompt_logprobs(records[0], logits[0, -batch.fed[0] :])
+                logits = logits[:, -1]
             chosen = [records[i] for i in sampled]
+            last = logits if len(chosen) == len(records) else logits[list(sampled)]
             tokens = (
                 sample_next_tokens(
-                    logits if len(chosen) == len(records) else logits[list(sampled)],
-                    [r.request.sampling for r in chosen],
-                    [self._generator(r) for r in chosen],
-                ).tolist()
+                    last, [r.request.sampling for r in chosen], [self._generator(r) for r in chosen]
+                )
                 if chosen
-                else []
+                else last.new_empty(0, dtype=torch.long)
             )
+            self._add_logprobs(chosen, last, tokens)
         except Exception:
             log.exception("forward pass failed; ending its %d rows", len(records))
             for record in records:
                 outputs.append(self._output(record, record.tracker.end(FinishReason.ERROR)))
             return
-        for record, token in zip(chosen, tokens, strict=True):
+        for record, token in zip(chosen, tokens.tolist(), strict=True):
             record.next_token = token
             progress = record.tracker.append(token)
             outputs.append(self._output(record, progress.delta))
+
+    @staticmethod
+    def _add_logprobs(records: Sequence[EngineRequest], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """The sampled ``tokens`` ``[b]``' logprobs under ``logits`` ``[b, V]``, for the rows that asked."""
+        asked = [i for i, r in enumerate(records) if r.request.logprobs is not None]
+        if not asked:
+            return
+        rows = torch.tensor(asked, device=logits.device)
+        top = [records[i].request.logprobs or 0 for i in asked]
+        for i, logprob in zip(asked, token_logprobs(logits[rows], tokens[rows], top), strict=True):
+            records[i].logprobs.append(logprob)
+
+    @staticmethod
+    def _add_prompt_logprobs(record: EngineRequest, logits: torch.Tensor) -> None:
+        """The logprobs of the prompt tokens that ``logits`` ``[c, V]`` (at the c tokens just fed) predict:
+        position j of the chunk gives the next prompt token's."""
+        prompt, fed = record.request.prompt_ids, logits.shape[0]
+        start = record.prompt_fed - fed  # the chunk's first prompt index
+        if record.prompt_logprobs is None:
+            record.prompt_logprobs = [None]  # the first token has no context to be predicted from
+        following = list(prompt[start + 1 : start + fed + 1])  # the tokens positions start… predict
+        if following:
+            ids = torch.tensor(following, device=logits.device)
+            top = [record.request.prompt_logprobs or 0] * len(following)
+            record.prompt_logprobs += token_logprobs(logits[: len(following)], ids, top)
 
     def _generator(self, record: EngineRequest) -> torch.Generator | None:
         if record.generator is None and not record.request.sampling.greedy:
@@ -293,13 +333,17 @@ class EngineCore:
 
     def _output(self, record: EngineRequest, text: str = "") -> RequestOutput:
         tracker = record.tracker
-        new_tokens = tracker.token_ids[record.reported :]
-        record.reported = len(tracker.token_ids)
+        reported, record.reported = record.reported, len(tracker.token_ids)
+        prompt_logprobs = None
+        if record.prompt_logprobs is not None and record.prompt_left == 0 and not record.prompt_logprobs_sent:
+            prompt_logprobs, record.prompt_logprobs_sent = record.prompt_logprobs, True
         return RequestOutput(
             request_id=record.request_id,
-            token_ids=new_tokens,
+            token_ids=tracker.token_ids[reported:],
             text=text,
             finish_reason=tracker.finish_reason,
             prompt_tokens=len(record.request.prompt_ids),
             completion_tokens=len(tracker.token_ids),
+            logprobs=record.logprobs[reported:] if record.request.logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
         )

@@ -6,13 +6,14 @@ the first."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from prefix_store.cache.registry import PrefixHandle
 from prefix_store.prefix import Prefix
 from server.engine.lifecycle import RequestStatus
+from server.engine.logprobs import TokenLogprob
 from server.engine.paged_batch import RowKV
 from server.engine.request import GenerationRequest
 from server.engine.stopping import CompletionTracker
@@ -30,6 +31,9 @@ class EngineRequest:
     kv: RowKV | None = None  # the row's blocks in the KV pool, from admission until it ends
     prompt_fed: int = 0  # prompt tokens already prefilled (chunked prefill)
     next_token: int = 0  # the sampled token its next decode step feeds
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of each generated token (if asked)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # as the prompt's chunks are read (if asked)
+    prompt_logprobs_sent: bool = False
 
     @property
     def prompt_left(self) -> int:

@@ -44,4 +44,6 @@ def merge_outputs(outputs: Sequence[RequestOutput]) -> GenerationResult:
         text="".join(output.text for output in outputs),
         finish_reason=last.finish_reason,
         prompt_tokens=last.prompt_tokens,
+        logprobs=None if outputs[0].logprobs is None else [lp for o in outputs for lp in o.logprobs or ()],
+        prompt_logprobs=next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None),
     )

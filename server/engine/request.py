@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from prefix_store.prefix import Prefix
 from server.engine.base_model import BaseModel
 from server.engine.lifecycle import FinishReason
+from server.engine.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from server.engine.sampling import SamplingParams
 
 
@@ -31,6 +32,8 @@ class GenerationRequest:
     tenant: str = "default"
     task_id: str | None = None
     deadline: float | None = None  # time.monotonic() by which it must finish; None = no deadline
+    logprobs: int | None = None  # each new token's log-probability and this many alternatives; None = none
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (the first has none); None = none
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class RequestOutput:
     finish_reason: FinishReason | None  # set on the request's last output
     prompt_tokens: int
     completion_tokens: int  # generated so far
+    logprobs: list[TokenLogprob] | None = None  # one per token of ``token_ids``, if the request asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when the prompt has been read
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class GenerationResult:
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def token_cost(request: GenerationRequest, prefix_length: int) -> int:
@@ -62,9 +69,15 @@ def token_cost(request: GenerationRequest, prefix_length: int) -> int:
 
 
 def check_fits(base: BaseModel, request: GenerationRequest, prefix_length: int) -> None:
-    """Raise ``RequestTooLong`` unless prefix + prompt + new tokens fit the model's positions."""
+    """Raise ``RequestTooLong`` unless prefix + prompt + new tokens fit the model's positions (and
+    ``ValueError`` for a request no model could serve)."""
     if not request.prompt_ids:
         raise ValueError("the prompt must contain at least one token")
+    if request.max_new_tokens < 0:
+        raise ValueError("max_new_tokens must not be negative")
+    for name in ("logprobs", "prompt_logprobs"):
+        if not 0 <= (getattr(request, name) or 0) <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"{name} asks for at most {MAX_TOP_LOGPROBS} alternatives")
     needed = token_cost(request, prefix_length)
     if base.max_positions is not None and needed > base.max_positions:
         raise RequestTooLong(

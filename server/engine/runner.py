@@ -35,15 +35,16 @@ class ModelRunner:
         self.base = base
 
     @torch.inference_mode()
-    def forward(self, batch: ModelInputs) -> torch.Tensor:
+    def forward(self, batch: ModelInputs, *, every_position: bool = False) -> torch.Tensor:
         """Run the batch's inputs through the model, growing its cache; returns next-token logits ``[B, V]``
-        in float32, taken at each row's last input (always a real token: inputs are left-padded)."""
+        in float32, taken at each row's last input (always a real token: inputs are left-padded), or with
+        ``every_position`` the logits at every input, ``[B, Q, V]``."""
         output = self.base.model(
             input_ids=batch.input_ids,
             position_ids=batch.input_positions,
             cache=batch.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every_position else 1,
             **batch.model_kwargs(self.base.dtype),
         )
-        return output.logits[:, -1, :].float()
+        return output.logits.float() if every_position else output.logits[:, -1, :].float()

@@ -134,9 +134,9 @@ def test_counts_include_the_rows_being_prefilled(llama_base: BaseModel) -> None:
     seen: list[dict[str, int]] = []
     forward = core.runner.forward
 
-    def observed_forward(batch: Any) -> Any:
+    def observed_forward(batch: Any, **kwargs: Any) -> Any:
         seen.append(core.counts())
-        return forward(batch)
+        return forward(batch, **kwargs)
 
     core.runner.forward = observed_forward
     for r in _workload(llama_base)[:3]:
