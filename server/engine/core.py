@@ -28,6 +28,7 @@ from server.engine.engine_request import EngineRequest
 from server.engine.kv_cache import KVCacheStats, PagedKVCache, blocks_for_reservations, reservations_held
 from server.engine.kv_pool import KVPool
 from server.engine.lifecycle import FinishReason, RequestStatus
+from server.engine.logits_processing import RowHistory, process_logits
 from server.engine.logprobs import token_logprobs
 from server.engine.paged_batch import PagedBatch
 from server.engine.prefill_groups import length_groups
@@ -104,6 +105,8 @@ class EngineCore:
             max_new_tokens=request.max_new_tokens,
             stop_sequences=request.stop_sequences,
             eos_token_ids=frozenset() if request.ignore_eos else self.base.eos_token_ids,
+            stop_token_ids=frozenset(request.stop_token_ids),
+            min_tokens=request.min_tokens,
         )
         record = EngineRequest(
             request,
@@ -261,10 +264,19 @@ class EngineCore:
                 self._add_prompt_logprobs(records[0], logits[0, -batch.fed[0] :])
                 logits = logits[:, -1]
             chosen = [records[i] for i in sampled]
-            last = logits if len(chosen) == len(records) else logits[list(sampled)]
+            last = logits if len(chosen) == len(records) else logits[list(sampled)]  # [b, V], raw
+            params = [r.request.sampling for r in chosen]
+            histories = [
+                RowHistory(
+                    r.request.prompt_ids,
+                    r.tracker.token_ids,
+                    r.tracker.criteria.banned_ids(len(r.tracker.token_ids)),
+                )
+                for r in chosen
+            ]
             tokens = (
                 sample_next_tokens(
-                    last, [r.request.sampling for r in chosen], [self._generator(r) for r in chosen]
+                    process_logits(last, params, histories), params, [self._generator(r) for r in chosen]
                 )
                 if chosen
                 else last.new_empty(0, dtype=torch.long)

@@ -34,6 +34,8 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() by which it must finish; None = no deadline
     logprobs: int | None = None  # each new token's log-probability and this many alternatives; None = none
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (the first has none); None = none
+    min_tokens: int = 0  # no end-of-sequence or stop token before this many new tokens
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the request (finish reason ``stop``)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,12 @@ def check_fits(base: BaseModel, request: GenerationRequest, prefix_length: int) 
     for name in ("logprobs", "prompt_logprobs"):
         if not 0 <= (getattr(request, name) or 0) <= MAX_TOP_LOGPROBS:
             raise ValueError(f"{name} asks for at most {MAX_TOP_LOGPROBS} alternatives")
+    if not 0 <= request.min_tokens <= request.max_new_tokens:
+        raise ValueError("min_tokens must be between 0 and max_new_tokens")
+    vocab = base.model.config.vocab_size
+    token_ids = [*request.stop_token_ids, *(token for token, _ in request.sampling.logit_bias)]
+    if any(not 0 <= token < vocab for token in token_ids):
+        raise ValueError(f"token ids (stop_token_ids, logit_bias) must be in [0, {vocab})")
     needed = token_cost(request, prefix_length)
     if base.max_positions is not None and needed > base.max_positions:
         raise RequestTooLong(

@@ -17,10 +17,24 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 1.0  # 1.0 = no nucleus cut
     seed: int | None = None  # fixes the random stream of a sampled request, whatever its batch
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far (OpenAI)
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated so far (OpenAI)
+    repetition_penalty: float = 1.0  # divides positive, multiplies negative logits of prompt and new tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether any penalty or bias changes the logits before the token is picked."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )
 
     def new_generator(self, device: torch.device) -> torch.Generator | None:
         """The request's own random stream (None for greedy requests)."""

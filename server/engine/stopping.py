@@ -17,6 +17,12 @@ class StopCriteria:
     max_new_tokens: int
     stop_sequences: tuple[str, ...] = ()
     eos_token_ids: frozenset[int] = frozenset()
+    stop_token_ids: frozenset[int] = frozenset()  # end the row like end-of-sequence, finish reason "stop"
+    min_tokens: int = 0  # end-of-sequence and stop tokens are not picked before this many new tokens
+
+    def banned_ids(self, generated: int) -> frozenset[int]:
+        """The tokens a row that has generated ``generated`` tokens may not pick now."""
+        return self.eos_token_ids | self.stop_token_ids if generated < self.min_tokens else frozenset()
 
 
 @dataclass
@@ -55,6 +61,8 @@ class CompletionTracker:
         self._window.append(token_id)
         if token_id in self.criteria.eos_token_ids:
             self.finish_reason = FinishReason.EOS
+        elif token_id in self.criteria.stop_token_ids:
+            self.finish_reason = FinishReason.STOP
         else:
             self._decode_new_tokens(last=len(self.token_ids) >= self.criteria.max_new_tokens)
             stop_at = self._find_stop()
