@@ -266,14 +266,7 @@ class EngineCore:
             chosen = [records[i] for i in sampled]
             last = logits if len(chosen) == len(records) else logits[list(sampled)]  # [b, V], raw
             params = [r.request.sampling for r in chosen]
-            histories = [
-                RowHistory(
-                    r.request.prompt_ids,
-                    r.tracker.token_ids,
-                    r.tracker.criteria.banned_ids(len(r.tracker.token_ids)),
-                )
-                for r in chosen
-            ]
+            histories = [self._history(r, last.shape[-1]) for r in chosen]
             tokens = (
                 sample_next_tokens(
                     process_logits(last, params, histories), params, [self._generator(r) for r in chosen]
@@ -290,7 +283,28 @@ class EngineCore:
         for record, token in zip(chosen, tokens.tolist(), strict=True):
             record.next_token = token
             progress = record.tracker.append(token)
-            outputs.append(self._output(record, progress.delta))
+            text = progress.delta
+            if record.matcher is not None and progress.finish_reason is None:
+                record.matcher.accept(token)
+                if record.matcher.failed is not None:
+                    log.warning(
+                        "request %s: its grammar failed: %s", record.request_id, record.matcher.failed
+                    )
+                    text += record.tracker.end(FinishReason.ERROR)
+                elif record.matcher.done:
+                    text += record.tracker.end(FinishReason.STOP)  # the document is complete
+            outputs.append(self._output(record, text))
+
+    def _history(self, record: EngineRequest, vocab_size: int) -> RowHistory:
+        """What logits processing needs of a row about to pick a token."""
+        request, generated = record.request, record.tracker.token_ids
+        allowed = None
+        if request.grammar is not None:
+            record.matcher = record.matcher or request.grammar.matcher()
+            allowed = record.matcher.allowed(vocab_size, self.base.device)
+        return RowHistory(
+            request.prompt_ids, generated, record.tracker.criteria.banned_ids(len(generated)), allowed
+        )
 
     @staticmethod
     def _add_logprobs(records: Sequence[EngineRequest], logits: torch.Tensor, tokens: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from prefix_store.cache.registry import PrefixHandle
 from prefix_store.prefix import Prefix
+from server.engine.grammar import GrammarMatcher
 from server.engine.lifecycle import RequestStatus
 from server.engine.logprobs import TokenLogprob
 from server.engine.paged_batch import RowKV
@@ -34,6 +35,7 @@ class EngineRequest:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of each generated token (if asked)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # as the prompt's chunks are read (if asked)
     prompt_logprobs_sent: bool = False
+    matcher: GrammarMatcher | None = None  # where the new tokens are in the request's grammar (if any)
 
     @property
     def prompt_left(self) -> int:

@@ -1,8 +1,8 @@
 """What changes a row's logits before its token is picked, on the rows that ask (each row's work vectorised):
 OpenAI's presence and frequency penalties and ``logit_bias``, the repetition penalty of vLLM and
-transformers, and the tokens a row may not end with yet (end-of-sequence and stop tokens before its
-``min_tokens``). Rows that ask for none of it are returned untouched, at no cost. Logprobs are taken
-before any of this: they are the model's own."""
+transformers, a grammar's allowed tokens (structured output), and the tokens a row may not end with yet
+(end-of-sequence and stop tokens before its ``min_tokens``). Rows that ask for none of it are returned
+untouched, at no cost. Logprobs are taken before any of this: they are the model's own."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class RowHistory:
     prompt_ids: Sequence[int]
     generated_ids: Sequence[int]
     banned_ids: frozenset[int] = frozenset()
+    allowed: torch.Tensor | None = None  # [V] bool: the only tokens its grammar allows now
 
 
 def process_logits(
@@ -29,7 +30,9 @@ def process_logits(
     """``logits`` ``[B, V]`` float32 with each row's penalties, bias and bans applied (a new tensor when any
     row has some, else ``logits`` itself)."""
     rows = [
-        i for i, (p, h) in enumerate(zip(params, histories, strict=True)) if p.shapes_logits or h.banned_ids
+        i
+        for i, (p, h) in enumerate(zip(params, histories, strict=True))
+        if p.shapes_logits or h.banned_ids or h.allowed is not None
     ]
     if not rows:
         return logits
@@ -49,4 +52,6 @@ def process_logits(
             row.index_add_(0, ids, torch.tensor([bias for _, bias in p.logit_bias], device=device))
         if h.banned_ids:
             row[torch.tensor(sorted(h.banned_ids), dtype=torch.long, device=device)] = float("-inf")
+        if h.allowed is not None:
+            row.masked_fill_(~h.allowed, float("-inf"))
     return logits

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from prefix_store.prefix import Prefix
 from server.engine.base_model import BaseModel
+from server.engine.grammar import Grammar
 from server.engine.lifecycle import FinishReason
 from server.engine.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from server.engine.sampling import SamplingParams
@@ -36,6 +37,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (the first has none); None = none
     min_tokens: int = 0  # no end-of-sequence or stop token before this many new tokens
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the request (finish reason ``stop``)
+    grammar: Grammar | None = None  # structured output: the new tokens follow it (compiled off the loop)
 
 
 @dataclass(frozen=True)
