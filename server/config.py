@@ -62,7 +62,12 @@ class ServeSettings(BaseSettings):
         f"none = {AUTH_ON_MAX_CONCURRENT} with auth on, no limit with auth off",
     )
     max_prompt_tokens: int = Field(2048, ge=1, description="tokens of a prompt; longer ones get 413")
-    max_new_tokens: int = Field(1024, ge=1, description="the most a request may ask for")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="the most new tokens a request may ask for; none = what the model's context leaves "
+        "after prefix + prompt",
+    )
     max_upload_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="a prefix file or PEFT adapter model"
     )

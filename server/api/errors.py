@@ -1,9 +1,17 @@
-"""Exceptions become HTTP here and only here, with the error body of API.md; never a stack trace."""
+"""Exceptions become HTTP here and only here, with the error body of API.md; never a stack trace.
+
+Two route families, two shapes: the native routes answer ``{"error": {"type", "message"}}``; the
+OpenAI-compatible routes (``OPENAI_PATHS``) answer OpenAI's ``{"error": {"message", "type", "param",
+"code"}}``, with 400 where the native routes say 413 or 422. An :class:`ApiError` carries what both need;
+:class:`ErrorResponse` picks the shape from the path it is sent on, so the middleware's answers (sent before
+any route runs) take the right one too.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from prefix_store.errors import (
     InvalidName,
@@ -28,21 +37,71 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """An error the API answers with ``status`` and ``{"error": {"type", "message"}}``."""
+    """An error the API answers with ``status`` and ``{"error": {"type", "message"}}`` on the native routes;
+    on the OpenAI routes, in OpenAI's shape with ``param`` (the request field at fault) and ``code`` (OpenAI's
+    code for the case, e.g. ``context_length_exceeded``; unset: the status's, else ``error_type``)."""
 
     def __init__(
-        self, status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        *,
+        param: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.error_type, self.message, self.headers = status, error_type, message, headers
+        self.param, self.code = param, code
+
+
+# the paths of the OpenAI-compatible routes (``server.api.openai.router``; a test holds the two together)
+OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+_OPENAI_STATUS = {413: 400, 422: 400}  # OpenAI answers every invalid request 400
+_OPENAI_TYPES = {403: "permission_error", 429: "rate_limit_error"}  # else invalid_request_/server_error
+_OPENAI_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` belongs to the OpenAI-compatible routes (whose errors take OpenAI's shape)."""
+    return any(path == route or path.startswith(f"{route}/") for route in OPENAI_PATHS)
+
+
+def openai_error(error: ApiError) -> tuple[int, dict[str, Any]]:
+    """The status and body OpenAI's clients expect for ``error`` (what vLLM's ``ErrorResponse`` carries,
+    with OpenAI's types and codes)."""
+    status = _OPENAI_STATUS.get(error.status, error.status)
+    default_type = "server_error" if status >= 500 else "invalid_request_error"
+    detail = {
+        "message": error.message,
+        "type": _OPENAI_TYPES.get(status, default_type),
+        "param": error.param,
+        "code": error.code or _OPENAI_CODES.get(status, error.error_type),
+    }
+    return status, {"error": detail}
+
+
+class ErrorResponse(JSONResponse):
+    """``error`` as a response, in the shape of the route family of the path it is sent on."""
+
+    def __init__(self, error: ApiError) -> None:
+        self.error = error
+        body = {"error": {"type": error.error_type, "message": error.message}}
+        super().__init__(body, status_code=error.status, headers=error.headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not is_openai_path(scope.get("path", "")):
+            await super().__call__(scope, receive, send)
+            return
+        status, body = openai_error(self.error)
+        await JSONResponse(body, status_code=status, headers=self.error.headers)(scope, receive, send)
 
 
 def error_response(
     status: int, error_type: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"type": error_type, "message": message}}, status_code=status, headers=headers
-    )
+) -> ErrorResponse:
+    return ErrorResponse(ApiError(status, error_type, message, headers))
 
 
 _STATUS_TYPES = {  # error types of plain HTTP errors (unknown route, wrong method)
@@ -66,9 +125,24 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """The body of every error response."""
+    """The body of every error response of the native routes."""
 
     error: ErrorDetail
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(description="what went wrong; never a stack trace, a path or a key")
+    type: str = Field(description="invalid_request_error, permission_error, rate_limit_error or server_error")
+    param: str | None = Field(description="the request field at fault, e.g. max_tokens or messages.0.content")
+    code: str | None = Field(
+        description="e.g. context_length_exceeded, model_not_found, unsupported_parameter, invalid_api_key"
+    )
+
+
+class OpenAIErrorBody(BaseModel):
+    """The body of every error response of the OpenAI-compatible routes, as OpenAI sends it."""
+
+    error: OpenAIErrorDetail
 
 
 _WHEN = {  # API.md's table: when each error status is answered
@@ -90,13 +164,20 @@ _HEADERS: dict[int, dict[str, Any]] = {
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` declaring ``statuses`` with the error body (FastAPI's own 422 schema is
-    replaced: every error, schema errors included, has the body of API.md)."""
+_OPENAI_WHEN = {
+    400: "an invalid request: a field out of range, unknown or not supported, a body that does not match the "
+    "schema (param names the field), prompt + max_tokens over the model's context (context_length_exceeded)",
+}
+
+
+def error_responses(*statuses: int, openai: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` declaring ``statuses`` with the error body: API.md's, or with ``openai``
+    OpenAI's (FastAPI's own 422 schema is replaced: every error, schema errors included, has the body of
+    its route family)."""
     return {
         status: {
-            "model": ErrorBody,
-            "description": _WHEN[status],
+            "model": OpenAIErrorBody if openai else ErrorBody,
+            "description": (_OPENAI_WHEN if openai else {}).get(status, _WHEN[status]),
             **({"headers": _HEADERS[status]} if status in _HEADERS else {}),
         }
         for status in statuses
@@ -126,7 +207,9 @@ def _translate(exc: Exception) -> ApiError | None:
             )
         case StoreUnavailable():
             return ApiError(503, "store_unavailable", "the prefix store is unavailable; try again later")
-        case RequestTooLong() | RequestTooLarge():
+        case RequestTooLong():
+            return ApiError(413, "payload_too_large", str(exc), code="context_length_exceeded")
+        case RequestTooLarge():
             return ApiError(413, "payload_too_large", str(exc))
         case QueueFull():
             retry_after = str(max(1, math.ceil(exc.retry_after)))
@@ -138,6 +221,38 @@ def _translate(exc: Exception) -> ApiError | None:
 
 _BODY_RULE = "the body must be a JSON object (content-type: application/json)"
 _JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+
+
+# OpenAI's codes for the kinds of schema error it names; any other is "invalid_value" ("invalid_type")
+_SCHEMA_CODES = {
+    "missing": "missing_required_parameter",
+    "extra_forbidden": "unknown_parameter",
+    "unsupported_parameter": "unsupported_parameter",
+}
+# the branch names pydantic puts in a location inside a union (``content.list[ContentPart].0``)
+_UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _schema_error(errors: Sequence[Any], body: Any, request: Request) -> ApiError:
+    """A ``RequestValidationError``'s errors as one 422: every problem in the message, the first one's
+    field as ``param`` and its kind as ``code`` (for the OpenAI shape)."""
+    problems = "; ".join(_schema_problem(error, body, request) for error in errors)
+    first = errors[0] if errors else {"loc": (), "type": ""}
+    kind = first["type"]
+    code = _SCHEMA_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
+    return ApiError(422, "validation_error", problems[:2000], param=_param(first["loc"]), code=code)
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    """The field a location names, as OpenAI writes it (``messages.0.content``); None: the whole body."""
+    if not loc or loc[0] != "body" or (len(loc) == 2 and isinstance(loc[1], int)):  # a JSON offset
+        return None
+    parts: list[str] = []
+    for part in loc[1:]:
+        if isinstance(part, str) and (part in _UNION_BRANCHES or not part.isidentifier()):
+            break  # pydantic's name of a union's branch, not a field
+        parts.append(str(part))
+    return ".".join(parts) or None
 
 
 def _schema_problem(error: Any, body: Any, request: Request) -> str:
@@ -174,15 +289,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def known(_: Request, exc: Exception) -> JSONResponse:
         error = _translate(exc)
         assert error is not None
-        return error_response(error.status, error.error_type, error.message, error.headers)
+        return ErrorResponse(error)
 
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return error_response(exc.status_code, _STATUS_TYPES.get(exc.status_code, "error"), message)
 
     async def schema_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(_schema_problem(error, exc.body, request) for error in exc.errors())
-        return error_response(422, "validation_error", problems[:2000])
+        return ErrorResponse(_schema_error(exc.errors(), exc.body, request))
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")

@@ -5,12 +5,14 @@ of 1 to ``max_stop_sequence_chars`` characters."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI
 
-from server.api.openai.protocol import COMPLETIONS_DEFAULT_MAX_TOKENS
+from server.api.errors import is_openai_path
+from server.api.openai.protocol import CHAT_DEFAULT_MAX_TOKENS, COMPLETIONS_DEFAULT_MAX_TOKENS
 from server.api.schemas import GenerateBody
 from server.config import ServeSettings
 
@@ -29,11 +31,25 @@ def install_openapi(app: FastAPI, settings: ServeSettings) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            apply_limits(build()["components"]["schemas"], settings)
+            document = build()
+            apply_limits(document["components"]["schemas"], settings)
+            drop_openai_422(document)
         assert app.openapi_schema is not None
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def drop_openai_422(document: dict[str, Any]) -> None:
+    """The OpenAI routes answer schema errors with 400: take out the 422 FastAPI declares for them (and its
+    schemas, once nothing refers to them)."""
+    for path, operations in document["paths"].items():
+        if is_openai_path(path):
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+    if "#/components/schemas/HTTPValidationError" not in json.dumps(document["paths"]):
+        for name in ("HTTPValidationError", "ValidationError"):
+            document["components"]["schemas"].pop(name, None)
 
 
 def apply_limits(components: dict[str, Any], settings: ServeSettings) -> None:
@@ -43,14 +59,16 @@ def apply_limits(components: dict[str, Any], settings: ServeSettings) -> None:
         properties = components.get(name, {}).get("properties", {})
         for field, default in token_fields.items():
             prop = properties.get(field, {})
-            for branch in _branches(prop, "integer"):
-                branch["maximum"] = limit
+            if limit is not None:
+                for branch in _branches(prop, "integer"):
+                    branch["maximum"] = limit
             if default is None:
-                unset = f"as many as fit in the model's context, up to {limit}"
+                unset = f"as many as fit in the model's context, up to {limit or CHAT_DEFAULT_MAX_TOKENS}"
             else:
-                prop["default"] = min(default, limit)  # a default past the limit is cut to it
+                prop["default"] = default if limit is None else min(default, limit)  # cut to the limit
                 unset = str(prop["default"])
-            prop["description"] = f"at most {limit} (this server's limit); unset: {unset}"
+            bound = f"{limit} (this server's limit)" if limit else "what the model's context leaves"
+            prop["description"] = f"at most {bound}; unset: {unset}"
         stop = properties.get("stop", {})
         for array in _branches(stop, "array"):
             array["maxItems"] = min(

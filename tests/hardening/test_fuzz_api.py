@@ -11,6 +11,7 @@ import pytest
 
 from hardening.fuzz_api import fuzz, known_values
 from server.api.app import create_app
+from server.api.errors import is_openai_path
 from server.config import ServeSettings
 from tests.hardening.conftest import Hardened
 
@@ -19,17 +20,22 @@ PUBLIC = {"/healthz", "/health", "/readyz"}
 
 
 def test_the_openapi_declares_every_error_with_the_error_body() -> None:
+    """API.md's error body on the native routes; OpenAI's, and 400 for schema errors, on the OpenAI ones."""
     document = create_app(ServeSettings()).openapi()
-    error_ref = "#/components/schemas/ErrorBody"
     for path, operations in document["paths"].items():
+        openai = is_openai_path(path)
+        error_ref = f"#/components/schemas/{'OpenAIErrorBody' if openai else 'ErrorBody'}"
         for method, operation in operations.items():
             responses = operation["responses"]
             errors = {status: r for status, r in responses.items() if status[0] in "45"}
+            assert openai == ("openai" in operation["tags"]), (method, path)  # OPENAI_PATHS = the router
             if path in PUBLIC:
                 continue
             assert {"401", "503"} <= set(errors), (method, path)
             if path.startswith("/v1/admin"):
                 assert "403" in errors, (method, path)
+            if openai and operation.get("requestBody"):
+                assert "400" in errors and "422" not in errors, (method, path)
             for status, response in errors.items():  # FastAPI's own 422 body is replaced everywhere
                 schema = response["content"]["application/json"]["schema"]
                 assert schema == {"$ref": error_ref}, (method, path, status)

@@ -3,15 +3,26 @@ in the schema.
 
 Of OpenAI's request fields, those that change nothing here (accounting, caching and storage hints of
 OpenAI's platform) are accepted and ignored; those that ask for something this server cannot do
-(several choices, log-probabilities, penalties, tools, structured output…) are refused with a 422 that
-names them, never silently dropped; fields OpenAI does not define are refused, as on the native API.
+(several choices, log-probabilities, penalties, tools, structured output…) are refused unless neutral
+(``NEUTRAL_ONLY``: a 400 naming the field, code ``unsupported_parameter``), never silently dropped; fields
+neither OpenAI nor vLLM define here are refused (code ``unknown_parameter``), as on the native API.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from server.api.schemas import Integral
 
@@ -19,22 +30,65 @@ MAX_PROMPT_CHARS = 200_000
 _MAX_STOP = 64
 _MAX_MESSAGES = 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# chat's unset max_tokens ("as many as fit") where the server sets no --max-new-tokens: a row reserves its
+# max_tokens in the batch, so the whole context for each would cut how many requests run at once
+CHAT_DEFAULT_MAX_TOKENS = 1024
 
 FinishReasonName = Literal["stop", "length"]
+
+
+def _falsy(value: Any) -> bool:
+    return not value
+
+
+def _unset(value: Any) -> bool:
+    return value is None
+
+
+def _one(value: Any) -> bool:
+    return value in (None, 1)
+
+
+def _no_choice(value: Any) -> bool:
+    return value in (None, "none", "auto")
 
 
 class _Strict(BaseModel):
     # no unknown fields, JSON types as declared (no true-as-1, no "5"-as-5), finite numbers only
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
+    # fields this server accepts only with a value that asks for nothing it cannot do: name -> that test
+    NEUTRAL_ONLY: ClassVar[dict[str, Callable[[Any], bool]]] = {}
+
+    @field_validator("*")
+    @classmethod
+    def _refuse_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral = cls.NEUTRAL_ONLY.get(info.field_name or "")
+        if neutral is not None and not neutral(value):
+            raise PydanticCustomError("unsupported_parameter", "not supported by this server")
+        return value
+
 
 class StreamOptions(_Strict):
     include_usage: bool | None = Field(None, description="send a last chunk with the usage, before [DONE]")
+    continuous_usage_stats: bool | None = Field(
+        None, description="a vLLM extension: with include_usage, the usage so far in every chunk too"
+    )
     include_obfuscation: bool | None = Field(None, description="ignored: chunks are never obfuscated")
 
 
 class GenerationFields(_Strict):
     """Fields completions and chat completions share."""
+
+    PROMPT_FIELD: ClassVar[str]  # the field holding the prompt, as errors name it
+    # an unset max_tokens: that many tokens (cut to what fits), None: as many as fit
+    UNSET_MAX_TOKENS: ClassVar[int | None]
+    NEUTRAL_ONLY = {
+        "n": _one,
+        "frequency_penalty": _falsy,
+        "presence_penalty": _falsy,
+        "logit_bias": _falsy,
+    }
 
     model: str = Field(
         ...,
@@ -42,7 +96,7 @@ class GenerationFields(_Strict):
         max_length=256,
         description="a task id of the caller, or the base model id (no prefix)",
     )
-    # at most the server's --max-new-tokens (checked by the route, written into the OpenAPI)
+    # at most what the model's context leaves after prefix + prompt, and the server's --max-new-tokens
     max_tokens: Annotated[int, Field(ge=1), Integral] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1; 0 = greedy")
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="default 1; 0 = the most likely token")
@@ -53,6 +107,9 @@ class GenerationFields(_Strict):
     stop: str | Annotated[list[str], Field(max_length=_MAX_STOP)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = Field(
+        None, description="a vLLM extension (the client's extra_body): generate past end-of-sequence tokens"
+    )
     n: Annotated[int, Field(ge=1, le=128), Integral] | None = Field(None, description="only 1 is supported")
     user: str | None = Field(None, max_length=256, description="accepted and ignored")
     # refused unless neutral
@@ -70,25 +127,15 @@ class GenerationFields(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def unsupported(self) -> list[str]:
-        """The fields set to something this server cannot honour."""
-        return [
-            name
-            for name, refused in (
-                ("n", (self.n or 1) > 1),
-                ("frequency_penalty", bool(self.frequency_penalty)),
-                ("presence_penalty", bool(self.presence_penalty)),
-                ("logit_bias", bool(self.logit_bias)),
-            )
-            if refused
-        ]
+    @property
+    def continuous_usage(self) -> bool:
+        """The usage in every chunk (vLLM: only with ``include_usage``)."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
-    @model_validator(mode="after")
-    def _refuse_unsupported(self) -> GenerationFields:
-        refused = self.unsupported()
-        if refused:
-            raise ValueError(f"not supported by this server: {', '.join(refused)}")
-        return self
+    @property
+    def asked_max_tokens(self) -> tuple[int | None, str]:
+        """The new tokens the caller asked for (None: unset) and the field that said so."""
+        return self.max_tokens, "max_tokens"
 
 
 def _one_text_prompt(value: object) -> object:
@@ -105,6 +152,16 @@ def _one_text_prompt(value: object) -> object:
 class CompletionRequest(GenerationFields):
     """``POST /v1/completions``."""
 
+    PROMPT_FIELD = "prompt"
+    UNSET_MAX_TOKENS = COMPLETIONS_DEFAULT_MAX_TOKENS
+    NEUTRAL_ONLY = {
+        **GenerationFields.NEUTRAL_ONLY,
+        "best_of": _one,
+        "echo": _falsy,
+        "suffix": _falsy,
+        "logprobs": _unset,
+    }
+
     prompt: Annotated[
         str, BeforeValidator(_one_text_prompt), Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     ]
@@ -114,23 +171,6 @@ class CompletionRequest(GenerationFields):
         None, description="only 1 is supported"
     )
     logprobs: Annotated[int, Field(ge=0, le=5), Integral] | None = None
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.max_tokens if self.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-
-    def unsupported(self) -> list[str]:
-        refused = [
-            name
-            for name, refused in (
-                ("best_of", (self.best_of or 1) > 1),
-                ("echo", bool(self.echo)),
-                ("suffix", bool(self.suffix)),
-                ("logprobs", self.logprobs is not None),
-            )
-            if refused
-        ]
-        return super().unsupported() + refused
 
 
 class ContentPart(_Strict):
@@ -148,35 +188,36 @@ class ContentPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    # _plain_text_turn's rule in the schema too: only an assistant turn may come without content
+    # _content_unless_assistant's rule in the schema too: only an assistant turn may come without content
     model_config = ConfigDict(
         json_schema_extra={
             "if": {"properties": {"role": {"const": "assistant"}}},
             "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
         }
     )
+    # what a client may echo back from an earlier assistant message; refused when it carries something
+    NEUTRAL_ONLY = {"tool_calls": _falsy, "function_call": _falsy, "audio": _falsy}
 
     role: Literal["system", "developer", "user", "assistant"]
     content: (
         Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
         | Annotated[list[ContentPart], Field(max_length=256)]
         | None
-    ) = None
+    ) = Field(None, validate_default=True)
     name: str | None = Field(None, max_length=128)
-    # what a client may echo back from an earlier assistant message; refused when it carries something
     refusal: str | None = None
     tool_calls: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
     annotations: list[Any] | None = None
 
-    @model_validator(mode="after")
-    def _plain_text_turn(self) -> ChatMessage:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
-        if self.tool_calls or self.function_call or self.audio:
-            raise ValueError("tool calls, function calls and audio are not supported")
-        return self
+    @field_validator("content")
+    @classmethod
+    def _content_unless_assistant(cls, value: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if value is None and role not in (None, "assistant"):
+            raise ValueError(f"a {role} message needs content")
+        return value
 
     @property
     def text(self) -> str:
@@ -201,6 +242,31 @@ class ResponseFormat(_Strict):
 
 class ChatCompletionRequest(GenerationFields):
     """``POST /v1/chat/completions``; the messages are rendered with the tokenizer's chat template."""
+
+    PROMPT_FIELD = "messages"
+    UNSET_MAX_TOKENS = None
+    NEUTRAL_ONLY = {
+        **GenerationFields.NEUTRAL_ONLY,
+        "logprobs": _falsy,
+        "top_logprobs": _falsy,
+        "response_format": lambda value: value is None or value.type == "text",
+        "tools": _falsy,
+        "tool_choice": _no_choice,
+        "functions": _falsy,
+        "function_call": _no_choice,
+        "modalities": lambda value: not value or value == ["text"],
+        **dict.fromkeys(
+            (
+                "audio",
+                "prediction",
+                "web_search_options",
+                "moderation",
+                "reasoning_effort",
+                "verbosity",
+            ),
+            _unset,
+        ),
+    }
 
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=_MAX_MESSAGES)
     max_completion_tokens: Annotated[int, Field(ge=1), Integral] | None = None
@@ -229,43 +295,26 @@ class ChatCompletionRequest(GenerationFields):
     reasoning_effort: str | None = None
     verbosity: str | None = None
 
-    @model_validator(mode="after")
-    def _bounded(self) -> ChatCompletionRequest:
-        if sum(len(message.text) for message in self.messages) > MAX_PROMPT_CHARS:
+    @field_validator("messages")
+    @classmethod
+    def _bounded(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if sum(len(message.text) for message in messages) > MAX_PROMPT_CHARS:
             raise ValueError(f"the messages hold more than {MAX_PROMPT_CHARS} characters")
-        both = self.max_tokens is not None and self.max_completion_tokens is not None
-        if both and self.max_tokens != self.max_completion_tokens:
+        return messages
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_max(cls, value: int | None, info: ValidationInfo) -> int | None:
+        max_tokens = info.data.get("max_tokens")
+        if None not in (value, max_tokens) and value != max_tokens:
             raise ValueError("max_tokens and max_completion_tokens differ: send one of them")
-        return self
+        return value
 
     @property
-    def max_new_tokens(self) -> int | None:
-        """None: as many as the server allows."""
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def unsupported(self) -> list[str]:
-        no_choice = (None, "none", "auto")
-        refused = [
-            name
-            for name, refused in (
-                ("logprobs", bool(self.logprobs)),
-                ("top_logprobs", bool(self.top_logprobs)),
-                ("response_format", self.response_format is not None and self.response_format.type != "text"),
-                ("tools", bool(self.tools)),
-                ("tool_choice", self.tool_choice not in no_choice),
-                ("functions", bool(self.functions)),
-                ("function_call", self.function_call not in no_choice),
-                ("modalities", bool(self.modalities) and self.modalities != ["text"]),
-                ("audio", self.audio is not None),
-                ("prediction", self.prediction is not None),
-                ("web_search_options", self.web_search_options is not None),
-                ("moderation", self.moderation is not None),
-                ("reasoning_effort", self.reasoning_effort is not None),
-                ("verbosity", self.verbosity is not None),
-            )
-            if refused
-        ]
-        return super().unsupported() + refused
+    def asked_max_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 # -- responses ---------------------------------------------------------------------------------

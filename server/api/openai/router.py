@@ -12,16 +12,22 @@ from server.api.openai.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    GenerationFields,
     ModelCard,
     ModelList,
 )
 from server.api.schemas import GENERATION_RESPONSES
-from server.api.serving import max_new_tokens, tokenize_prompt
-from server.api.state import CallerDep, StateDep, caller
+from server.api.serving import tokenize
+from server.api.state import AppState, Caller, CallerDep, StateDep, caller
 
 router = APIRouter(
-    prefix="/v1", tags=["openai"], dependencies=[Depends(caller)], responses=error_responses(401, 503)
+    prefix="/v1",
+    tags=["openai"],
+    dependencies=[Depends(caller)],
+    responses=error_responses(401, 503, openai=True),
 )
+# what the generation routes answer: GENERATION_RESPONSES' 200, OpenAI's errors (schema errors are 400)
+_GENERATION_RESPONSES = {200: GENERATION_RESPONSES[200], **error_responses(400, 404, 429, 504, openai=True)}
 
 
 @router.get("/models", response_model=ModelList)
@@ -30,43 +36,38 @@ async def list_models(state: StateDep, who: CallerDep) -> ModelList:
 
 
 @router.get(
-    "/models/{model}", response_model=ModelCard, responses=error_responses(400, 404, 422)
+    "/models/{model}", response_model=ModelCard, responses=error_responses(400, 404, openai=True)
 )  # 400: a control character in the path
 async def get_model(model: str, state: StateDep, who: CallerDep) -> ModelCard:
     return await translation.get_model(state, who, model)
 
 
-@router.post("/completions", response_model=Completion, responses=GENERATION_RESPONSES)
+@router.post("/completions", response_model=Completion, responses=_GENERATION_RESPONSES)
 async def create_completion(
     body: CompletionRequest, http_request: Request, state: StateDep, who: CallerDep
 ) -> Completion | ChatCompletion | StreamingResponse:
-    task_id = translation.resolve_task(state, body.model)
-    prompt_ids = tokenize_prompt(state, body.prompt)
-    return await translation.respond(
-        state,
-        who,
-        http_request,
-        body,
-        prompt_ids=prompt_ids,
-        task_id=task_id,
-        max_new_tokens=max_new_tokens(
-            state, body.max_new_tokens, explicit=body.max_tokens is not None, field="max_tokens"
-        ),
-        chat=False,
-    )
+    return await _generate(state, who, http_request, body, tokenize(state, body.prompt), chat=False)
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=GENERATION_RESPONSES)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=_GENERATION_RESPONSES)
 async def create_chat_completion(
     body: ChatCompletionRequest, http_request: Request, state: StateDep, who: CallerDep
 ) -> Completion | ChatCompletion | StreamingResponse:
+    prompt = translation.render_chat(state.base, body.messages)
+    prompt_ids = tokenize(state, prompt, add_special_tokens=False)  # the template holds its own
+    return await _generate(state, who, http_request, body, prompt_ids, chat=True)
+
+
+async def _generate(
+    state: AppState,
+    who: Caller,
+    http_request: Request,
+    body: GenerationFields,
+    prompt_ids: list[int],
+    *,
+    chat: bool,
+) -> Completion | ChatCompletion | StreamingResponse:
     task_id = translation.resolve_task(state, body.model)
-    prompt_ids = tokenize_prompt(
-        state, translation.render_chat(state.base, body.messages), add_special_tokens=False
-    )
-    asked = body.max_new_tokens
-    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    fit = asked or await translation.default_max_tokens(state, who, task_id, len(prompt_ids))
     return await translation.respond(
         state,
         who,
@@ -74,6 +75,6 @@ async def create_chat_completion(
         body,
         prompt_ids=prompt_ids,
         task_id=task_id,
-        max_new_tokens=max_new_tokens(state, fit, explicit=asked is not None, field=field),
-        chat=True,
+        max_new_tokens=await translation.decide_max_tokens(state, who, body, task_id, len(prompt_ids)),
+        chat=chat,
     )

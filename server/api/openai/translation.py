@@ -7,16 +7,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel
 
-from prefix_store.errors import InvalidName, PrefixNotFound, StoreUnavailable
+from prefix_store.errors import InvalidName, PrefixNotFound
 from prefix_store.storage.names import validate_task_id
-from server.api.errors import ApiError
+from server.api.errors import ApiError, openai_error
 from server.api.openai.protocol import (
+    CHAT_DEFAULT_MAX_TOKENS,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -31,13 +33,20 @@ from server.api.openai.protocol import (
     ModelList,
     UsageInfo,
 )
-from server.api.serving import UNFINISHED, result_unless_disconnected, submit
+from server.api.serving import (
+    UNFINISHED,
+    ContextUse,
+    context_use,
+    max_new_tokens,
+    result_unless_disconnected,
+    submit,
+)
 from server.api.sse import DONE, event_stream, sse_event
 from server.api.state import AppState, Caller
 from server.engine.async_engine import RequestStream
 from server.engine.base_model import BaseModel as BaseLM
 from server.engine.lifecycle import FinishReason
-from server.engine.request import GenerationResult
+from server.engine.request import GenerationResult, RequestOutput, RequestTooLong
 from server.engine.sampling import SamplingParams
 
 _FINISH: dict[FinishReason, FinishReasonName] = {
@@ -48,7 +57,13 @@ _FINISH: dict[FinishReason, FinishReasonName] = {
 
 
 def unknown_model(model: str) -> ApiError:
-    return ApiError(404, "not_found", f"the model {model!r} does not exist (see GET /v1/models)")
+    return ApiError(
+        404,
+        "not_found",
+        f"the model {model!r} does not exist (see GET /v1/models)",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def resolve_task(state: AppState, model: str) -> str | None:
@@ -69,22 +84,65 @@ def sampling_params(body: GenerationFields) -> SamplingParams:
     return SamplingParams(temperature, body.top_k or 0, top_p, body.seed)
 
 
-async def default_max_tokens(state: AppState, who: Caller, task_id: str | None, prompt_tokens: int) -> int:
-    """OpenAI chat's default, "as many as fit": the server's ``max_new_tokens``, fewer where the
-    model's positions (prefix + prompt + new tokens) run out first."""
-    room = state.settings.max_new_tokens
-    if state.base.max_positions is None:
-        return room
-    free = state.base.max_positions - prompt_tokens
-    if task_id is not None and free < room:  # the prefix takes positions too: learn its length
-        try:
-            record = await asyncio.to_thread(state.store.head, who.tenant, task_id)
-            free -= record.num_virtual_tokens
-        except PrefixNotFound:
-            raise unknown_model(task_id) from None
-        except StoreUnavailable:
-            pass  # a resident prefix may still serve; if it does not fit, the engine says so (413)
-    return max(1, min(room, free))
+async def decide_max_tokens(
+    state: AppState, who: Caller, body: GenerationFields, task_id: str | None, prompt_tokens: int
+) -> int:
+    """The request's ``max_new_tokens``: ``max_tokens`` as asked (over the server's ``--max-new-tokens``:
+    400), else the route's default cut to what fits. 400 ``context_length_exceeded`` when the prompt is over
+    the server's limit, or prefix + prompt (+ ``max_tokens`` as asked) do not fit the model's context."""
+    asked, field = body.asked_max_tokens
+    unset = body.UNSET_MAX_TOKENS or state.settings.max_new_tokens or CHAT_DEFAULT_MAX_TOKENS
+    wanted = max_new_tokens(state, unset if asked is None else asked, explicit=asked is not None, field=field)
+    if prompt_tokens > state.settings.max_prompt_tokens:
+        raise _prompt_over_limit(state, body, prompt_tokens)
+    try:
+        use = await context_use(state, who, task_id, prompt_tokens, new_tokens=wanted)
+    except PrefixNotFound:
+        raise unknown_model(body.model) from None
+    if use.room is None:
+        return wanted
+    if use.room < 1 or (asked is not None and asked > use.room):
+        raise context_length_exceeded(use, body)
+    return min(wanted, use.room)
+
+
+def context_length_exceeded(use: ContextUse, body: GenerationFields) -> ApiError:
+    """OpenAI's 400 for a request over the model's context, in OpenAI's words: "This model's maximum
+    context length is" is what LiteLLM (its ``ContextWindowExceededError``) and others look for. ``param``
+    is the prompt's field if the prompt alone is too long or ``max_tokens`` was unset, else that field."""
+    asked, field = body.asked_max_tokens
+    where, taken = body.PROMPT_FIELD, use.prefix + use.prompt
+    parts = f"{use.prompt} in the {where}" + (f", {use.prefix} in the task's prefix" if use.prefix else "")
+    if asked is None:
+        requested = f"your {where} resulted in {taken} tokens" + (f" ({parts})" if use.prefix else "")
+    else:
+        requested = f"you requested {taken + asked} tokens ({parts}, {asked} in the completion)"
+    prompt_alone = asked is None or use.room is None or use.room < 1
+    return ApiError(
+        400,
+        "invalid_request",
+        f"This model's maximum context length is {use.context} tokens. However, {requested}. Please "
+        f"reduce the length of the {where}{'' if prompt_alone else ' or completion'}.",
+        param=where if prompt_alone else field,
+        code="context_length_exceeded",
+    )
+
+
+def _prompt_over_limit(state: AppState, body: GenerationFields, prompt_tokens: int) -> ApiError:
+    """The 400 for a prompt over the server's ``max_prompt_tokens``, in words LiteLLM also recognises."""
+    where, context = body.PROMPT_FIELD, state.base.max_positions
+    message = [
+        f"This model's maximum context length is {context} tokens." if context else "",
+        f"This server's maximum input length is {state.settings.max_prompt_tokens} tokens.",
+        f"However, your {where} resulted in {prompt_tokens} tokens. Please reduce the length of the {where}.",
+    ]
+    return ApiError(
+        400,
+        "invalid_request",
+        " ".join(filter(None, message)),
+        param=where,
+        code="context_length_exceeded",
+    )
 
 
 async def respond(
@@ -110,13 +168,21 @@ async def respond(
             sampling=sampling_params(body),
             max_new_tokens=max_new_tokens,
             stop=body.stop_sequences,
+            ignore_eos=bool(body.ignore_eos),
             id_prefix="chatcmpl" if chat else "cmpl",
         )
     except PrefixNotFound:
         raise unknown_model(body.model) from None
+    except RequestTooLong as exc:  # the prefix's length was not known before (store unreachable, replaced)
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"This model's maximum context length is {state.base.max_positions} tokens. However, {exc}.",
+            param=body.asked_max_tokens[1],
+            code="context_length_exceeded",
+        ) from None
     if body.stream:
-        events = stream_events(stream, body.model, http_request, chat=chat, include_usage=body.include_usage)
-        return event_stream(events)
+        return event_stream(stream_events(stream, body, http_request, chat=chat))
     result = await result_unless_disconnected(http_request, stream)
     http_request.state.completion_tokens = len(result.token_ids)
     return (chat_completion if chat else completion)(stream, result, body.model)
@@ -181,10 +247,11 @@ def chat_completion(stream: RequestStream, result: GenerationResult, model: str)
 
 
 class _ChunkFormat:
-    """How one endpoint shapes its stream chunks: completions' or chat's."""
+    """How one endpoint shapes its stream chunks: completions' or chat's. A chunk carries ``usage`` only
+    where asked (the last one, or with ``continuous_usage_stats`` every one); else the key is left out."""
 
-    def __init__(self, stream: RequestStream, model: str, *, chat: bool) -> None:
-        self.chat = chat
+    def __init__(self, stream: RequestStream, model: str, *, chat: bool, continuous_usage: bool) -> None:
+        self.chat, self.continuous_usage = chat, continuous_usage
         self.common = {
             "id": stream.request.request_id,
             "created": int(time.time()),
@@ -192,53 +259,56 @@ class _ChunkFormat:
             "system_fingerprint": stream.prefix_version,
         }
 
-    def opening(self) -> BaseModel | None:
+    def opening(self, prompt_tokens: int) -> str | None:
         """Chat streams open with the assistant's role and no content, as OpenAI's do."""
         if not self.chat:
             return None
         delta = {"role": "assistant", "content": ""}
-        return ChatCompletionChunk(**self.common, choices=[ChatChunkChoice(delta=delta)])
+        return self._event([ChatChunkChoice(delta=delta)], usage(prompt_tokens, 0))
 
-    def text(self, text: str, reason: FinishReasonName | None = None) -> BaseModel:
+    def text(self, output: RequestOutput, reason: FinishReasonName | None = None) -> str:
+        so_far = usage(output.prompt_tokens, output.completion_tokens)
         if self.chat:
-            delta = {"content": text} if text else {}
-            return ChatCompletionChunk(
-                **self.common, choices=[ChatChunkChoice(delta=delta, finish_reason=reason)]
-            )
-        return Completion(**self.common, choices=[CompletionChoice(text=text, finish_reason=reason)])
+            delta = {"content": output.text} if output.text else {}
+            return self._event([ChatChunkChoice(delta=delta, finish_reason=reason)], so_far)
+        return self._event([CompletionChoice(text=output.text, finish_reason=reason)], so_far)
 
-    def usage(self, info: UsageInfo) -> BaseModel:
-        if self.chat:
-            return ChatCompletionChunk(**self.common, choices=[], usage=info)
-        return Completion(**self.common, choices=[], usage=info)
+    def usage(self, output: RequestOutput) -> str:
+        """The last chunk, as OpenAI sends it with ``include_usage``: no choices, the usage."""
+        return self._event([], usage(output.prompt_tokens, output.completion_tokens), final=True)
+
+    def _event(self, choices: list[Any], info: UsageInfo, *, final: bool = False) -> str:
+        chunk_type: type[BaseModel] = ChatCompletionChunk if self.chat else Completion
+        chunk = chunk_type(**self.common, choices=choices, usage=info)
+        shown = final or self.continuous_usage
+        return sse_event(chunk.model_dump(mode="json", exclude=None if shown else {"usage"}))
 
 
 async def stream_events(
-    stream: RequestStream, model: str, http_request: Request, *, chat: bool, include_usage: bool
+    stream: RequestStream, body: GenerationFields, http_request: Request, *, chat: bool
 ) -> AsyncIterator[str]:
     """OpenAI's SSE: a chunk per piece of text, the finish reason on the last, the usage (if asked),
     then ``data: [DONE]``. A request that ends without finishing (deadline, engine error, shutdown)
-    sends ``{"error": {"type", "message"}}`` instead, which the official client raises as ``APIError``.
+    sends OpenAI's error body instead, which the official client raises as ``APIError``.
     If the client goes away, the stream is closed and the engine request aborted.
     """
-    chunks = _ChunkFormat(stream, model, chat=chat)
+    chunks = _ChunkFormat(stream, body.model, chat=chat, continuous_usage=body.continuous_usage)
     try:
-        opening = chunks.opening()
+        opening = chunks.opening(len(stream.request.prompt_ids))
         if opening is not None:
-            yield sse_event(opening)
+            yield opening
         async for output in stream:
             if output.finish_reason is None:
                 if output.text:
-                    yield sse_event(chunks.text(output.text))
+                    yield chunks.text(output)
                 continue
             http_request.state.completion_tokens = output.completion_tokens  # for the access log
             if output.finish_reason not in _FINISH:
-                _, error_type, message = UNFINISHED[output.finish_reason]
-                yield sse_event({"error": {"type": error_type, "message": message}})
+                yield sse_event(openai_error(ApiError(*UNFINISHED[output.finish_reason]))[1])
                 break
-            yield sse_event(chunks.text(output.text, _FINISH[output.finish_reason]))
-            if include_usage:
-                yield sse_event(chunks.usage(usage(output.prompt_tokens, output.completion_tokens)))
+            yield chunks.text(output, _FINISH[output.finish_reason])
+            if body.include_usage:
+                yield chunks.usage(output)
         yield DONE
     finally:
         stream.abort()  # a no-op once finished; else the client left mid-stream

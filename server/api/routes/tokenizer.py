@@ -152,10 +152,14 @@ async def detokenize(body: DetokenizeRequest, state: StateDep, who: CallerDep) -
 
 
 def max_model_len(state: AppState) -> int:
-    """vLLM's ``max_model_len``: the model's positions, within the server's prompt and new-token limits."""
-    limit = state.settings.max_prompt_tokens + state.settings.max_new_tokens
-    positions = state.base.max_positions
-    return limit if positions is None else min(positions, limit)
+    """vLLM's ``max_model_len``: the model's positions, within the server's prompt and new-token limits
+    where it sets one (without any, the batch's token budget bounds a request)."""
+    settings = state.settings
+    limits = [state.base.max_positions]
+    if settings.max_new_tokens is not None:
+        limits.append(settings.max_prompt_tokens + settings.max_new_tokens)
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else settings.max_batch_tokens
 
 
 async def _check_model(state: AppState, who: Caller, model: str | None) -> None:

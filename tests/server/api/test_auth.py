@@ -14,6 +14,7 @@ import pytest
 from prefix_store.formats.native import encode_native
 from server.api.app import create_app
 from server.api.auth import Role, create_key, load_auth_config
+from server.api.errors import is_openai_path
 from server.config import ServeSettings
 from server.engine.base_model import BaseModel
 from tests.server.api.live_server import live_server
@@ -81,7 +82,11 @@ def test_every_route_refuses_no_key_and_a_wrong_key(server: str) -> None:
             for method, path, _ in routes:
                 response = client.request(method, path)
                 assert response.status_code == 401, (method, path)
-                assert response.json()["error"]["type"] == "authentication_error"
+                error = response.json()["error"]
+                if is_openai_path(path):  # OpenAI's shape and words
+                    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+                else:
+                    assert error["type"] == "authentication_error" and "code" not in error
                 assert response.headers["www-authenticate"] == "Bearer"
 
 

@@ -1,6 +1,8 @@
 """What a malformed request is told, over real HTTP, on the native and the OpenAI routes: a task id with
 a "/" (400 with the naming rule, not the router's 404), non-finite numbers, bodies that are not JSON
-objects, invalid JSON (the reason and where), and token counts over the server's limit (the limit)."""
+objects, invalid JSON (the reason and where), and token counts over the server's limit (the limit). The
+messages are the same on both; the OpenAI routes answer them 400 in OpenAI's shape
+(``test_openai_errors``)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 
 from prefix_store.errors import InvalidName
 from prefix_store.storage.names import validate_task_id
+from server.api.errors import is_openai_path
 from tests.server.api.live_server import NEW_TOKENS_LIMIT
 
 pytestmark = pytest.mark.e2e  # starts servers or other processes
@@ -36,6 +39,11 @@ def _naming_rule() -> str:
 @pytest.fixture
 def client(limited_client: httpx.Client) -> httpx.Client:
     return limited_client
+
+
+def _schema_status(route: str) -> int:
+    """Schema errors are 422 on the native routes, 400 (OpenAI's) on the OpenAI routes."""
+    return 400 if is_openai_path(route) else 422
 
 
 def _error(response: httpx.Response, status: int) -> str:
@@ -84,7 +92,7 @@ def test_a_non_finite_number_is_refused_as_not_finite(client: httpx.Client, rout
     body, _ = ROUTES[route]
     raw = json.dumps({**body, "temperature": float(value)})  # Python's JSON writes (and reads) them
     assert value in raw
-    message = _error(client.post(route, content=raw.encode(), headers=JSON), 422)
+    message = _error(client.post(route, content=raw.encode(), headers=JSON), _schema_status(route))
     assert message == "temperature: Input should be a finite number"
 
 
@@ -105,7 +113,7 @@ def test_a_non_finite_number_is_refused_as_not_finite(client: httpx.Client, rout
 def test_a_body_that_is_not_a_json_object_is_told_so(
     client: httpx.Client, route: str, content: bytes, headers: dict[str, str], got: str
 ) -> None:
-    message = _error(client.post(route, content=content, headers=headers), 422)
+    message = _error(client.post(route, content=content, headers=headers), _schema_status(route))
     assert message.startswith("the body must be a JSON object (content-type: application/json); " + got)
 
 
@@ -120,7 +128,7 @@ def test_invalid_json_is_told_with_its_reason_and_where(
     with pytest.raises(json.JSONDecodeError) as decoding:
         json.loads(document)
     reason = decoding.value
-    message = _error(client.post(route, content=document.encode(), headers=JSON), 422)
+    message = _error(client.post(route, content=document.encode(), headers=JSON), _schema_status(route))
     assert message == f"invalid JSON: {reason.msg} at line {reason.lineno} column {reason.colno}"
 
 
@@ -129,7 +137,7 @@ def test_invalid_json_is_told_with_its_reason_and_where(
 def test_a_token_count_over_the_limit_names_the_limit(client: httpx.Client, route: str, count: int) -> None:
     body, field = ROUTES[route]
     model = {"model": client.get("/readyz").json()["model"]} if "model" in body else {}
-    message = _error(client.post(route, json={**body, **model, field: count}), 422)
+    message = _error(client.post(route, json={**body, **model, field: count}), _schema_status(route))
     assert message == f"{field} is over the limit of {NEW_TOKENS_LIMIT}"
     assert client.post(route, json={**body, **model, field: NEW_TOKENS_LIMIT}).status_code == 200
 
@@ -138,6 +146,6 @@ def test_chat_names_max_completion_tokens_when_that_was_sent(client: httpx.Clien
     body, _ = ROUTES["/v1/chat/completions"]
     body = {**body, "model": client.get("/readyz").json()["model"], "max_tokens": None}
     message = _error(
-        client.post("/v1/chat/completions", json={**body, "max_completion_tokens": NEW_TOKENS_LIMIT + 1}), 422
+        client.post("/v1/chat/completions", json={**body, "max_completion_tokens": NEW_TOKENS_LIMIT + 1}), 400
     )
     assert message == f"max_completion_tokens is over the limit of {NEW_TOKENS_LIMIT}"

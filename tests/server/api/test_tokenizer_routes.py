@@ -265,3 +265,19 @@ def test_a_prompt_longer_than_the_model_still_tokenizes_with_its_count(acme: htt
     long_text = " ".join(["fox"] * 3000)
     answer = acme.post("/tokenize", json={"prompt": long_text}).json()
     assert answer["count"] == len(answer["tokens"]) > answer["max_model_len"] > MAX_PROMPT_TOKENS
+
+
+def test_max_model_len_is_the_context_when_the_server_sets_no_new_token_cap() -> None:
+    from types import SimpleNamespace
+
+    from server.api.routes.tokenizer import max_model_len
+
+    def state(max_new_tokens: int | None, positions: int | None) -> SimpleNamespace:
+        settings = SimpleNamespace(
+            max_new_tokens=max_new_tokens, max_prompt_tokens=2048, max_batch_tokens=32768
+        )
+        return SimpleNamespace(settings=settings, base=SimpleNamespace(max_positions=positions))
+
+    assert max_model_len(state(None, 8192)) == 8192  # the default settings
+    assert max_model_len(state(24, 8192)) == 2048 + 24
+    assert max_model_len(state(None, None)) == 32768
