@@ -29,6 +29,7 @@ from server.config import ServeSettings, StartupError
 from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import load_base_model
 from server.engine.core import EngineCore
+from server.engine.grammar import GrammarCompiler
 from server.engine.scheduler import SchedulerConfig
 from server.model_source import ModelSourceError, resolve_model
 from server.version import package_version
@@ -87,7 +88,10 @@ def build_state(settings: ServeSettings) -> AppState:
         raise StartupError(f"PREFIX_SERVE_KV_CACHE_BYTES={settings.kv_cache_bytes}: {exc}") from None
     engine = AsyncEngine(core)
     engine.start()
-    return AppState(settings, base, store, registry, engine, limits, auth, TenantGate(auth))
+    grammars = GrammarCompiler(base.tokenizer, base.eos_token_ids)
+    return AppState(
+        settings, base, store, registry, engine, limits, auth, TenantGate(auth), grammars=grammars
+    )
 
 
 def _task_key(name: str) -> tuple[str, str]:

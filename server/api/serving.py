@@ -19,9 +19,11 @@ from prefix_store.storage.names import validate_task_id
 from server.api.errors import ApiError
 from server.api.state import AppState, Caller
 from server.engine.async_engine import RequestStream
+from server.engine.grammar import Grammar
 from server.engine.lifecycle import FinishReason
-from server.engine.request import GenerationRequest, GenerationResult
+from server.engine.request import GenerationRequest, GenerationResult, RequestTooLong
 from server.engine.sampling import SamplingParams
+from server.engine.scheduler import RequestTooLarge
 
 _DISCONNECT_POLL_S = 0.25
 
@@ -135,9 +137,15 @@ async def submit(
     stop: Sequence[str],
     ignore_eos: bool = False,
     id_prefix: str = "gen",
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    min_tokens: int = 0,
+    stop_token_ids: tuple[int, ...] = (),
+    grammar: Grammar | None = None,
 ) -> RequestStream:
     """Check limits, then queue the request (loading and pinning its prefix). Errors raise before any output.
-    ``max_new_tokens`` is already decided (``max_new_tokens()``); ``ignore_eos`` generates past EOS."""
+    ``max_new_tokens`` is already decided (``max_new_tokens()``); ``ignore_eos`` generates past EOS; the
+    rest as ``GenerationRequest`` has them. A request the engine refuses as malformed is a 400."""
     check_stop_sequences(state, stop)
     if task_id is not None:
         validate_task_id(task_id)  # a name, never a path: refused (400) before any admission or I/O
@@ -152,12 +160,22 @@ async def submit(
         tenant=who.tenant,
         task_id=task_id,
         deadline=time.monotonic() + state.settings.request_timeout_s,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        min_tokens=min_tokens,
+        stop_token_ids=stop_token_ids,
+        grammar=grammar,
     )
     on_output = state.metrics.observer(who.tenant) if state.metrics is not None else None
     state.gate.admit(who.tenant)
-    return await state.engine.add_request(
-        request, on_done=lambda: state.gate.release(who.tenant), on_output=on_output
-    )
+    try:
+        return await state.engine.add_request(
+            request, on_done=lambda: state.gate.release(who.tenant), on_output=on_output
+        )
+    except (RequestTooLong, RequestTooLarge):
+        raise
+    except ValueError as exc:  # e.g. min_tokens over max_tokens, a token id outside the vocabulary
+        raise ApiError(400, "invalid_request", str(exc), code="invalid_value") from None
 
 
 async def result_unless_disconnected(http_request: Request, stream: RequestStream) -> GenerationResult:

@@ -17,6 +17,7 @@ from server.api.tenancy import TenantGate
 from server.config import ServeSettings
 from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import BaseModel
+from server.engine.grammar import GrammarCompiler
 
 
 @dataclass
@@ -30,6 +31,7 @@ class AppState:
     auth: AuthConfig
     gate: TenantGate
     metrics: ServerMetrics | None = None  # the app's metrics (install_metrics); None: not recorded
+    grammars: GrammarCompiler | None = None  # structured output's schemas → grammars (built on first use)
 
 
 def app_state(request: Request) -> AppState:

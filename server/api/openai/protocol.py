@@ -1,5 +1,5 @@
-"""Wire schemas of the OpenAI-compatible endpoints, separate from the engine's dataclasses; bounds live
-in the schema.
+"""Wire schemas of the OpenAI-compatible endpoints' requests (``responses`` has the answers), separate from
+the engine's dataclasses; bounds live in the schema.
 
 Of OpenAI's request fields, those that change nothing here (accounting, caching and storage hints of
 OpenAI's platform) are accepted and ignored; those that ask for something this server cannot do
@@ -33,8 +33,6 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # chat's unset max_tokens ("as many as fit") where the server sets no --max-new-tokens: a row reserves its
 # max_tokens in the batch, so the whole context for each would cut how many requests run at once
 CHAT_DEFAULT_MAX_TOKENS = 1024
-
-FinishReasonName = Literal["stop", "length"]
 
 
 def _falsy(value: Any) -> bool:
@@ -83,12 +81,7 @@ class GenerationFields(_Strict):
     PROMPT_FIELD: ClassVar[str]  # the field holding the prompt, as errors name it
     # an unset max_tokens: that many tokens (cut to what fits), None: as many as fit
     UNSET_MAX_TOKENS: ClassVar[int | None]
-    NEUTRAL_ONLY = {
-        "n": _one,
-        "frequency_penalty": _falsy,
-        "presence_penalty": _falsy,
-        "logit_bias": _falsy,
-    }
+    NEUTRAL_ONLY = {"n": _one}
 
     model: str = Field(
         ...,
@@ -112,10 +105,19 @@ class GenerationFields(_Strict):
     )
     n: Annotated[int, Field(ge=1, le=128), Integral] | None = Field(None, description="only 1 is supported")
     user: str | None = Field(None, max_length=256, description="accepted and ignored")
-    # refused unless neutral
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024)] | None
+    ) = None
+    # vLLM's extensions (the client's extra_body)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="1 = none")
+    min_tokens: Annotated[int, Field(ge=0), Integral] | None = Field(
+        None, description="no end-of-sequence or stop token before this many"
+    )
+    stop_token_ids: (
+        Annotated[list[Annotated[int, Field(ge=0), Integral]], Field(max_length=_MAX_STOP)] | None
+    ) = None
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -137,13 +139,24 @@ class GenerationFields(_Strict):
         """The new tokens the caller asked for (None: unset) and the field that said so."""
         return self.max_tokens, "max_tokens"
 
-
-def _one_text_prompt(value: object) -> object:
-    """A prompt is one text: a string, or a list holding one string."""
-    if not isinstance(value, list):
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and not all(token.isdigit() for token in value):
+            raise ValueError("logit_bias keys are token ids (as strings)")
         return value
-    if any(isinstance(item, int | list) for item in value):
-        raise ValueError("token-id prompts are not supported: send the prompt as text")
+
+    @property
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias); its keys are token ids as strings (OpenAI's wire format)."""
+        return tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
+
+
+def _one_prompt(value: object) -> object:
+    """A prompt is one text or one list of token ids: a string, a list of ints, or a list holding one of
+    those (several prompts in one request are not supported yet)."""
+    if not isinstance(value, list) or all(isinstance(item, int) for item in value):
+        return value
     if len(value) != 1:
         raise ValueError(f"send exactly one prompt; a list of {len(value)} prompts is not supported")
     return value[0]
@@ -154,23 +167,25 @@ class CompletionRequest(GenerationFields):
 
     PROMPT_FIELD = "prompt"
     UNSET_MAX_TOKENS = COMPLETIONS_DEFAULT_MAX_TOKENS
-    NEUTRAL_ONLY = {
-        **GenerationFields.NEUTRAL_ONLY,
-        "best_of": _one,
-        "echo": _falsy,
-        "suffix": _falsy,
-        "logprobs": _unset,
-    }
+    NEUTRAL_ONLY = {**GenerationFields.NEUTRAL_ONLY, "best_of": _one, "suffix": _falsy}
 
     prompt: Annotated[
-        str, BeforeValidator(_one_text_prompt), Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+        Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+        | Annotated[
+            list[Annotated[int, Field(ge=0), Integral]], Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+        ],
+        BeforeValidator(_one_prompt),
     ]
-    echo: bool | None = None
+    # 0 is allowed here (with echo: score the prompt only, as lm-eval does)
+    max_tokens: Annotated[int, Field(ge=0), Integral] | None = None
+    echo: bool | None = Field(None, description="the prompt before the completion (with logprobs: theirs)")
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1, le=128), Integral] | None = Field(
         None, description="only 1 is supported"
     )
-    logprobs: Annotated[int, Field(ge=0, le=5), Integral] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20), Integral] | None = Field(
+        None, description="each token's logprob and this many alternatives"
+    )
 
 
 class ContentPart(_Strict):
@@ -235,9 +250,34 @@ class ChatMessage(_Strict):
         return message
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: str
-    json_schema: dict[str, Any] | None = None
+    """``text`` (no constraint), ``json_object`` (a JSON object) or ``json_schema`` (a document that
+    validates against the schema), as OpenAI defines them."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+    @property
+    def constraint(self) -> dict[str, Any] | None:
+        """The JSON schema the reply must follow; None: no constraint."""
+        if self.type == "text":
+            return None
+        if self.json_schema is not None and self.json_schema.schema_ is not None:
+            return self.json_schema.schema_
+        return {"type": "object"}
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -247,9 +287,6 @@ class ChatCompletionRequest(GenerationFields):
     UNSET_MAX_TOKENS = None
     NEUTRAL_ONLY = {
         **GenerationFields.NEUTRAL_ONLY,
-        "logprobs": _falsy,
-        "top_logprobs": _falsy,
-        "response_format": lambda value: value is None or value.type == "text",
         "tools": _falsy,
         "tool_choice": _no_choice,
         "functions": _falsy,
@@ -279,10 +316,10 @@ class ChatCompletionRequest(GenerationFields):
     prompt_cache_retention: str | None = Field(None, max_length=32)
     prompt_cache_options: dict[str, Any] | None = None
     safety_identifier: str | None = Field(None, max_length=256)
-    # refused unless neutral
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20), Integral] | None = None
     response_format: ResponseFormat | None = None
+    # refused unless neutral
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None
@@ -315,83 +352,3 @@ class ChatCompletionRequest(GenerationFields):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
-
-
-# -- responses ---------------------------------------------------------------------------------
-
-
-class UsageInfo(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    logprobs: None = None
-    finish_reason: FinishReasonName | None
-
-
-class Completion(BaseModel):
-    """A completion, and also each chunk of a streamed one (with ``finish_reason`` null until the last)."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = Field(None, description="the prefix version that served the request")
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    logprobs: None = None
-    finish_reason: FinishReasonName
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = Field(None, description="the prefix version that served the request")
-    choices: list[ChatChoice]
-    usage: UsageInfo
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: dict[str, str]  # {"role": "assistant"} first, then {"content": …}; {} on the last
-    logprobs: None = None
-    finish_reason: FinishReasonName | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChatChunkChoice]
-    usage: UsageInfo | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-    parent: str | None = Field(None, description="for a task: the base model its prefix runs on")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

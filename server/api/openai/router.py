@@ -7,15 +7,8 @@ from fastapi.responses import StreamingResponse
 
 from server.api.errors import error_responses
 from server.api.openai import translation
-from server.api.openai.protocol import (
-    ChatCompletion,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    GenerationFields,
-    ModelCard,
-    ModelList,
-)
+from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest, GenerationFields
+from server.api.openai.responses import ChatCompletion, Completion, ModelCard, ModelList
 from server.api.schemas import GENERATION_RESPONSES
 from server.api.serving import tokenize
 from server.api.state import AppState, Caller, CallerDep, StateDep, caller
@@ -46,7 +39,11 @@ async def get_model(model: str, state: StateDep, who: CallerDep) -> ModelCard:
 async def create_completion(
     body: CompletionRequest, http_request: Request, state: StateDep, who: CallerDep
 ) -> Completion | ChatCompletion | StreamingResponse:
-    return await _generate(state, who, http_request, body, tokenize(state, body.prompt), chat=False)
+    prompt = body.prompt
+    prompt_ids = (
+        tokenize(state, prompt) if isinstance(prompt, str) else translation.checked_ids(state, prompt)
+    )
+    return await _generate(state, who, http_request, body, prompt_ids, chat=False)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_GENERATION_RESPONSES)

@@ -17,18 +17,23 @@ from pydantic import BaseModel
 from prefix_store.errors import InvalidName, PrefixNotFound
 from prefix_store.storage.names import validate_task_id
 from server.api.errors import ApiError, openai_error
+from server.api.openai.logprobs import chat_logprobs, completion_logprobs
 from server.api.openai.protocol import (
     CHAT_DEFAULT_MAX_TOKENS,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    GenerationFields,
+)
+from server.api.openai.responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatMessage,
     Completion,
     CompletionChoice,
     FinishReasonName,
-    GenerationFields,
     ModelCard,
     ModelList,
     UsageInfo,
@@ -45,6 +50,7 @@ from server.api.sse import DONE, event_stream, sse_event
 from server.api.state import AppState, Caller
 from server.engine.async_engine import RequestStream
 from server.engine.base_model import BaseModel as BaseLM
+from server.engine.grammar import Grammar, GrammarError
 from server.engine.lifecycle import FinishReason
 from server.engine.request import GenerationResult, RequestOutput, RequestTooLong
 from server.engine.sampling import SamplingParams
@@ -81,7 +87,54 @@ def sampling_params(body: GenerationFields) -> SamplingParams:
     top_p = 1.0 if body.top_p is None else body.top_p
     if top_p == 0.0:  # nucleus sampling's limit: only the most likely token
         temperature, top_p = 0.0, 1.0
-    return SamplingParams(temperature, body.top_k or 0, top_p, body.seed)
+    return SamplingParams(
+        temperature,
+        body.top_k or 0,
+        top_p,
+        body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        logit_bias=body.bias,
+    )
+
+
+def checked_ids(state: AppState, prompt_ids: list[int]) -> list[int]:
+    """A prompt given as token ids: each must be in the vocabulary (400 naming ``prompt``)."""
+    vocab = state.base.model.config.vocab_size
+    if any(token >= vocab for token in prompt_ids):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"prompt: token ids must be below {vocab}",
+            param="prompt",
+            code="invalid_value",
+        )
+    return prompt_ids
+
+
+def logprob_options(body: GenerationFields) -> tuple[int | None, int | None]:
+    """(logprobs of the new tokens, of the prompt's) as the engine takes them: alternatives, or None."""
+    if isinstance(body, CompletionRequest):
+        return body.logprobs, body.logprobs if body.echo and body.logprobs is not None else None
+    if isinstance(body, ChatCompletionRequest) and body.logprobs:
+        return body.top_logprobs or 0, None
+    return None, None
+
+
+async def grammar_for(state: AppState, who: Caller, body: GenerationFields) -> Grammar | None:
+    """The compiled constraint of chat's ``response_format`` (off the event loop, cached per tenant)."""
+    if not isinstance(body, ChatCompletionRequest) or body.response_format is None:
+        return None
+    schema = body.response_format.constraint
+    if schema is None:
+        return None
+    try:
+        return await asyncio.to_thread(state.grammars.json_schema, schema, scope=who.tenant)
+    except GrammarError as exc:
+        raise ApiError(
+            400, "invalid_request", str(exc), param="response_format", code="invalid_value"
+        ) from None
 
 
 async def decide_max_tokens(
@@ -159,6 +212,7 @@ async def respond(
     """Submit through the serving layer, then answer as OpenAI does: one JSON body or an SSE stream.
     Errors (unknown model, limits, queue full) raise before any output."""
     http_request.state.task_id = task_id  # for the access log
+    logprobs, prompt_logprobs = logprob_options(body)
     try:
         stream = await submit(
             state,
@@ -170,6 +224,11 @@ async def respond(
             stop=body.stop_sequences,
             ignore_eos=bool(body.ignore_eos),
             id_prefix="chatcmpl" if chat else "cmpl",
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            min_tokens=body.min_tokens or 0,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            grammar=await grammar_for(state, who, body),
         )
     except PrefixNotFound:
         raise unknown_model(body.model) from None
@@ -182,10 +241,12 @@ async def respond(
             code="context_length_exceeded",
         ) from None
     if body.stream:
-        return event_stream(stream_events(stream, body, http_request, chat=chat))
+        return event_stream(stream_events(state, stream, body, http_request, chat=chat))
     result = await result_unless_disconnected(http_request, stream)
     http_request.state.completion_tokens = len(result.token_ids)
-    return (chat_completion if chat else completion)(stream, result, body.model)
+    if chat:
+        return chat_completion(state, stream, result, body.model)
+    return completion(state, stream, result, body)
 
 
 def render_chat(base: BaseLM, messages: list[ChatMessage]) -> str:
@@ -219,18 +280,35 @@ def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
     )
 
 
-def completion(stream: RequestStream, result: GenerationResult, model: str) -> Completion:
+def completion(
+    state: AppState, stream: RequestStream, result: GenerationResult, body: GenerationFields
+) -> Completion:
+    prompt_ids = stream.request.prompt_ids
+    echo = isinstance(body, CompletionRequest) and bool(body.echo)
+    prompt_text = state.base.tokenizer.decode(prompt_ids) if echo else ""
+    logprobs = None
+    if result.logprobs is not None:
+        tokens = [(entry.token_id, entry) for entry in result.logprobs]
+        if echo and result.prompt_logprobs is not None:
+            tokens = [*zip(prompt_ids, result.prompt_logprobs, strict=True), *tokens]
+        logprobs = completion_logprobs(state.base.tokenizer, tokens)
+    choice = CompletionChoice(
+        text=prompt_text + result.text, logprobs=logprobs, finish_reason=finish_reason(result.finish_reason)
+    )
     return Completion(
         id=result.request_id,
         created=int(time.time()),
-        model=model,
+        model=body.model,
         system_fingerprint=stream.prefix_version,
-        choices=[CompletionChoice(text=result.text, finish_reason=finish_reason(result.finish_reason))],
+        choices=[choice],
         usage=usage(result.prompt_tokens, len(result.token_ids)),
     )
 
 
-def chat_completion(stream: RequestStream, result: GenerationResult, model: str) -> ChatCompletion:
+def chat_completion(
+    state: AppState, stream: RequestStream, result: GenerationResult, model: str
+) -> ChatCompletion:
+    logprobs = None if result.logprobs is None else chat_logprobs(state.base.tokenizer, result.logprobs)
     return ChatCompletion(
         id=result.request_id,
         created=int(time.time()),
@@ -239,6 +317,7 @@ def chat_completion(stream: RequestStream, result: GenerationResult, model: str)
         choices=[
             ChatChoice(
                 message=AssistantMessage(content=result.text),
+                logprobs=logprobs,
                 finish_reason=finish_reason(result.finish_reason),
             )
         ],
@@ -250,8 +329,12 @@ class _ChunkFormat:
     """How one endpoint shapes its stream chunks: completions' or chat's. A chunk carries ``usage`` only
     where asked (the last one, or with ``continuous_usage_stats`` every one); else the key is left out."""
 
-    def __init__(self, stream: RequestStream, model: str, *, chat: bool, continuous_usage: bool) -> None:
+    def __init__(
+        self, state: AppState, stream: RequestStream, model: str, *, chat: bool, continuous_usage: bool
+    ) -> None:
         self.chat, self.continuous_usage = chat, continuous_usage
+        self.tokenizer = state.base.tokenizer
+        self.text_offset = 0  # characters of the completion's text already sent (its logprobs' offsets)
         self.common = {
             "id": stream.request.request_id,
             "created": int(time.time()),
@@ -266,12 +349,35 @@ class _ChunkFormat:
         delta = {"role": "assistant", "content": ""}
         return self._event([ChatChunkChoice(delta=delta)], usage(prompt_tokens, 0))
 
+    def echo(self, prompt_ids: list[int], output: RequestOutput) -> str:
+        """Completions' echo: the prompt first (with its logprobs when they were asked)."""
+        text = self.tokenizer.decode(prompt_ids)
+        logprobs = None
+        if output.prompt_logprobs is not None:
+            logprobs = completion_logprobs(
+                self.tokenizer, list(zip(prompt_ids, output.prompt_logprobs, strict=True))
+            )
+        self.text_offset = len(text)
+        so_far = usage(output.prompt_tokens, 0)
+        return self._event([CompletionChoice(text=text, logprobs=logprobs, finish_reason=None)], so_far)
+
     def text(self, output: RequestOutput, reason: FinishReasonName | None = None) -> str:
         so_far = usage(output.prompt_tokens, output.completion_tokens)
+        entries = output.logprobs or []
         if self.chat:
             delta = {"content": output.text} if output.text else {}
-            return self._event([ChatChunkChoice(delta=delta, finish_reason=reason)], so_far)
-        return self._event([CompletionChoice(text=output.text, finish_reason=reason)], so_far)
+            logprobs = chat_logprobs(self.tokenizer, entries) if output.logprobs is not None else None
+            return self._event(
+                [ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=reason)], so_far
+            )
+        logprobs = None
+        if output.logprobs is not None:
+            tokens = [(entry.token_id, entry) for entry in entries]
+            logprobs = completion_logprobs(self.tokenizer, tokens, text_offset=self.text_offset)
+        self.text_offset += len(output.text)
+        return self._event(
+            [CompletionChoice(text=output.text, logprobs=logprobs, finish_reason=reason)], so_far
+        )
 
     def usage(self, output: RequestOutput) -> str:
         """The last chunk, as OpenAI sends it with ``include_usage``: no choices, the usage."""
@@ -285,21 +391,25 @@ class _ChunkFormat:
 
 
 async def stream_events(
-    stream: RequestStream, body: GenerationFields, http_request: Request, *, chat: bool
+    state: AppState, stream: RequestStream, body: GenerationFields, http_request: Request, *, chat: bool
 ) -> AsyncIterator[str]:
     """OpenAI's SSE: a chunk per piece of text, the finish reason on the last, the usage (if asked),
     then ``data: [DONE]``. A request that ends without finishing (deadline, engine error, shutdown)
     sends OpenAI's error body instead, which the official client raises as ``APIError``.
     If the client goes away, the stream is closed and the engine request aborted.
     """
-    chunks = _ChunkFormat(stream, body.model, chat=chat, continuous_usage=body.continuous_usage)
+    chunks = _ChunkFormat(state, stream, body.model, chat=chat, continuous_usage=body.continuous_usage)
+    echo = isinstance(body, CompletionRequest) and bool(body.echo)
     try:
         opening = chunks.opening(len(stream.request.prompt_ids))
         if opening is not None:
             yield opening
         async for output in stream:
+            if echo:
+                yield chunks.echo(list(stream.request.prompt_ids), output)
+                echo = False
             if output.finish_reason is None:
-                if output.text:
+                if output.text or output.logprobs:
                     yield chunks.text(output)
                 continue
             http_request.state.completion_tokens = output.completion_tokens  # for the access log

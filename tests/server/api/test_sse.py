@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from server.api.openai.protocol import ChatChunkChoice, ChatCompletionChunk, Completion, CompletionChoice
+from server.api.openai.responses import ChatChunkChoice, ChatCompletionChunk, Completion, CompletionChoice
 from server.api.sse import DONE, sse_event
 
 # every character Python's str.splitlines breaks at, JavaScript's line terminators among them
