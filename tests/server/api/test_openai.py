@@ -264,18 +264,20 @@ def test_a_missing_or_wrong_key_is_refused(server_url: str, base_id: str) -> Non
     ("params", "param", "code"),
     [
         ({"n": 2}, "n", "unsupported_parameter"),
-        ({"prompt": [1, 2, 3]}, "prompt", "invalid_value"),
-        ({"prompt": ["one", "two"]}, "prompt", "invalid_value"),
-        ({"echo": True}, "echo", "unsupported_parameter"),
-        ({"logprobs": 2}, "logprobs", "unsupported_parameter"),
-        ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+        ({"best_of": 2}, "best_of", "unsupported_parameter"),
+        ({"suffix": "end"}, "suffix", "unsupported_parameter"),
+        ({"prompt": ["one", "two"]}, "prompt", "invalid_value"),  # several prompts: not yet
+        ({"prompt": [1, -2, 3]}, "prompt", "invalid_type"),  # neither a text nor token ids
+        ({"logprobs": 21}, "logprobs", "invalid_value"),
+        ({"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias", "invalid_value"),
         ({"temperature": 2.5}, "temperature", "invalid_value"),
         ({"temperature": "hot"}, "temperature", "invalid_type"),
-        ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"max_tokens": -1}, "max_tokens", "invalid_value"),
         ({"stop": ["x" * 500]}, "stop", "invalid_value"),
         ({"model": None}, "model", "invalid_type"),
         ({"extra_body": {"not_an_openai_field": 1}}, "not_an_openai_field", "unknown_parameter"),
-        ({"extra_body": {"min_tokens": 2}}, "min_tokens", "unknown_parameter"),  # vLLM's, not yet here
+        ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty", "invalid_value"),
         ({"extra_body": {"stream_options": {"x": 1}}}, "stream_options.x", "unknown_parameter"),
     ],
     ids=lambda value: str(value)[:40] if isinstance(value, dict) else None,
@@ -307,11 +309,20 @@ def test_bad_completion_params_are_a_bad_request_naming_the_field(
         ({"messages": [{"role": "user"}]}, "messages.0.content"),
         ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages.0.role"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logprobs": True}, "logprobs"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"top_logprobs": 21}, "top_logprobs"),
         ({"max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens"),
     ],
-    ids=["no-messages", "image", "no-content", "tool-role", "tools", "json", "logprobs", "two-max"],
+    ids=[
+        "no-messages",
+        "image",
+        "no-content",
+        "tool-role",
+        "tools",
+        "json-without-schema",
+        "logprobs",
+        "two-max",
+    ],
 )
 def test_bad_chat_params_are_a_bad_request_naming_the_field(
     acme: openai.OpenAI, base_id: str, params: dict, param: str
