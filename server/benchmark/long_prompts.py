@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from prefix_store.prefix import Prefix
 from server.benchmark.baselines import Log
 from server.benchmark.loops import EngineSystem, closed_loop
 from server.benchmark.models import build_model, random_prefixes
@@ -41,7 +42,14 @@ from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
 
 
-def _request(request_id: str, tokens: int, new_tokens: int, rng: random.Random, vocab: int, prefix=None):
+def _request(
+    request_id: str,
+    tokens: int,
+    new_tokens: int,
+    rng: random.Random,
+    vocab: int,
+    prefix: Prefix | None = None,
+) -> GenerationRequest:
     prompt = [rng.randrange(5, vocab) for _ in range(tokens)]
     return GenerationRequest(request_id, prompt, prefix, SamplingParams(), new_tokens, ignore_eos=True)
 

@@ -206,9 +206,10 @@ class EngineCore:
             chunk_tokens=config.prefill_chunk_tokens,
             step_tokens=config.prefill_step_tokens,
         )
-        echoed = [[chunk] for chunk in chunks if chunk.row.request.prompt_logprobs is not None]
         plain = [chunk for chunk in chunks if chunk.row.request.prompt_logprobs is None]
-        for group in length_groups(plain, lambda chunk: chunk.tokens) + echoed:
+        passes = [(group, False) for group in length_groups(plain, lambda chunk: chunk.tokens)]
+        passes += [([chunk], True) for chunk in chunks if chunk.row.request.prompt_logprobs is not None]
+        for group, every_position in passes:
             records = [chunk.row for chunk in group]
             inputs = [
                 r.request.prompt_ids[r.prompt_fed : r.prompt_fed + chunk.tokens]
@@ -219,7 +220,7 @@ class EngineCore:
                 record.prompt_fed += chunk.tokens
             done = [i for i, chunk in enumerate(group) if chunk.last]
             sampled = [i for i in done if records[i].request.max_new_tokens > 0]
-            self._run(batch, records, outputs, sampled=sampled, every_position=group in echoed)
+            self._run(batch, records, outputs, sampled=sampled, every_position=every_position)
             for i in done:
                 if records[i].request.max_new_tokens == 0 and records[i].tracker.finish_reason is None:
                     outputs.append(self._output(records[i], records[i].tracker.end(FinishReason.LENGTH)))
