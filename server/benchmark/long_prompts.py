@@ -9,7 +9,8 @@ memory           one long request in a fresh process: its peak memory growth aga
                  plus one prefill chunk's activations
 shared-prefix    rows of one task: the bytes their prefix takes in the KV pool, against one copy per row
 decode           the engine's decode step at a batch of 16 against the same rows in the dense layout: one
-                 transformers ``DynamicCache`` for the batch, every row padded to the longest prefix + prompt
+                 transformers ``DynamicCache`` for the batch, every row padded to the longest prefix + prompt;
+                 the two step in lockstep
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -174,50 +176,50 @@ def measure_shared_prefix(base: BaseModel, spec: LongPromptSpec) -> dict[str, An
 
 
 def measure_decode(base: BaseModel, spec: LongPromptSpec, repeats: int) -> dict[str, Any]:
-    """The median decode step of ``decode_rows`` rows (prompts 16-64, prefixes of 4-32 tokens, 32 new
-    tokens) in the engine, and with the same rows in the dense layout (``PrefillBatch``: one transformers
-    ``DynamicCache`` for the batch, every row padded to the longest prefix and prompt, greedy), interleaved;
-    the median of the round-by-round ratios."""
+    """The decode steps of ``decode_rows`` rows (prompts 16-64, prefixes of 4-32 tokens, 32 new tokens) in
+    the engine, and of the same rows in the dense layout (``PrefillBatch``: one transformers
+    ``DynamicCache`` for the batch, every row padded to the longest prefix and prompt, greedy), in
+    lockstep: an engine step, then a dense one, so the machine's drift hits both alike. The medians of the
+    steps and of the step-by-step ratios, over ``repeats`` rounds after a warm-up. The engine is one core
+    throughout, as in a server: its pool is allocated once."""
     rng, vocab = random.Random(8), base.model.config.vocab_size
     prefixes = random_prefixes(base, [4, 8, 12, 16, 20, 24, 28, 32], seed=12)
     prompts = [[rng.randrange(5, vocab) for _ in range(rng.randint(16, 64))] for _ in range(spec.decode_rows)]
+    core = EngineCore(base, SchedulerConfig(max_batch_size=spec.decode_rows, max_batch_tokens=1 << 16))
+    runner = ModelRunner(base)
 
-    def engine() -> float:
-        core = EngineCore(base, SchedulerConfig(max_batch_size=spec.decode_rows, max_batch_tokens=1 << 16))
+    def engine_steps() -> Iterator[float]:
         for i, prompt in enumerate(prompts):
             core.add_request(
                 GenerationRequest(f"r{i}", prompt, prefixes[i % 8], SamplingParams(), 33, ignore_eos=True)
             )
         while any(r.prompt_left for r in core.rows) or core.scheduler.num_waiting:
             core.step()
-        steps = []
         while core.has_work:
             started = time.perf_counter()
             core.step()
-            steps.append(time.perf_counter() - started)
-        return statistics.median(steps[:-1])
+            yield time.perf_counter() - started
 
-    def dense() -> float:
+    def dense_steps() -> Iterator[float]:
         rows = [BatchRow(f"r{i}", prompt, prefixes[i % 8]) for i, prompt in enumerate(prompts)]
         batch = PrefillBatch.from_rows(rows, base.geometry, base.device, base.dtype)
-        runner = ModelRunner(base)
         batch.advance(runner.forward(batch).argmax(-1))
-        steps = []
         for _ in range(32):
             started = time.perf_counter()
             tokens = runner.forward(batch).argmax(-1)
             batch.advance(tokens)
             tokens.tolist()
-            steps.append(time.perf_counter() - started)
-        return statistics.median(steps)
+            yield time.perf_counter() - started
 
-    engine(), dense()  # warm-up
-    rounds = [(engine(), dense()) for _ in range(repeats)]
+    pairs: list[tuple[float, float]] = []
+    for round_ in range(repeats + 1):  # the first is a warm-up
+        steps = list(zip(engine_steps(), dense_steps(), strict=True))
+        pairs += steps[:-1] if round_ else []  # the engine's last step also retires the rows
     return {
         "rows": spec.decode_rows,
-        "engine_step_ms": statistics.median(e for e, _ in rounds) * 1e3,
-        "dense_step_ms": statistics.median(b for _, b in rounds) * 1e3,
-        "dense_over_engine": statistics.median(b / e for e, b in rounds),
+        "engine_step_ms": statistics.median(e for e, _ in pairs) * 1e3,
+        "dense_step_ms": statistics.median(d for _, d in pairs) * 1e3,
+        "dense_over_engine": statistics.median(d / e for e, d in pairs),
     }
 
 

@@ -1,11 +1,12 @@
 """The KV pool: every layer's keys and values in fixed-size blocks drawn from one preallocated pool.
 
-Each layer has a keys and a values tensor ``[num_blocks, block_size, kv_heads, head_dim]``; a row of the
-batch owns a list of block ids (its block table) and its tokens fill them in order. Block 0 is scratch:
-padding queries write there and padding columns of a gathered block table read from there, so it is
-never handed out. A block is zeroed when it is handed out (masked slots must hold finite values: a NaN
-in a masked slot still poisons some kernels), and the pool's memory is reserved but not touched until
-blocks are used, so on the CPU resident memory follows the tokens in use. Freed blocks are handed out
+Each layer has a keys and a values tensor ``[num_blocks, block_size, kv_heads, head_dim]`` (views of one
+storage, so handing out blocks zeroes them in one call); a row of the batch owns a list of block ids (its
+block table) and its tokens fill them in order. Block 0 is scratch: padding queries write there and
+padding columns of a gathered block table read from there, so it is never handed out. A block is zeroed
+when it is handed out (masked slots must hold finite values: a NaN in a masked slot still poisons some
+kernels), and the pool's memory is reserved but not touched until blocks are used, so on the CPU
+resident memory follows the tokens in use. Freed blocks are handed out
 again first, which keeps the touched part of the pool small.
 """
 
@@ -37,12 +38,12 @@ class KVPool:
         if num_blocks < 2:
             raise ValueError("a KV pool needs a scratch block and at least one more")
         self.block_size = block_size
-        shape = (num_blocks, block_size, geometry.num_kv_heads, geometry.head_dim)
+        shape = (2, geometry.num_layers, num_blocks, block_size, geometry.num_kv_heads, geometry.head_dim)
+        self._storage = torch.empty(shape, device=device, dtype=dtype)  # keys, values; one zero-fill a pass
         layers = range(geometry.num_layers)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in layers]  # [N, bs, H, D]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in layers]
-        for tensor in self.keys + self.values:
-            tensor[SCRATCH_BLOCK].zero_()
+        self.keys = [self._storage[0, layer] for layer in layers]  # per layer [N, bs, H, D], views
+        self.values = [self._storage[1, layer] for layer in layers]
+        self._storage[:, :, SCRATCH_BLOCK].zero_()
         self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # a stack: pops the lowest id first
         self.device = device
         self.bytes_per_block = self.block_bytes(geometry, dtype, block_size)
@@ -76,15 +77,14 @@ class KVPool:
             raise PoolExhausted(f"{count} KV blocks asked for, {len(self._free)} free")
         blocks = [self._free.pop() for _ in range(count)]
         if blocks:
-            ids = torch.tensor(blocks, device=self.device)
-            for tensor in self.keys + self.values:
-                tensor.index_fill_(0, ids, 0)
+            self._storage.index_fill_(2, torch.tensor(blocks, device=self.device), 0)
         return blocks
 
     def free(self, blocks: list[int]) -> None:
         """Give blocks back; they are handed out again before any never-used block."""
         self._free.extend(reversed(blocks))
 
+    @torch.no_grad()  # the pool is never part of a graph (a prefix may come from a model being trained)
     def write(self, blocks: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         """Fill ``blocks`` in order with ``keys``/``values`` ``[layers, kv_heads, T, head_dim]`` (T ≤ their slots)."""
         tokens = keys.shape[2]

@@ -4,7 +4,7 @@ A model served by the engine runs with the attention implementation ``ATTENTION`
 of the unmodified model calls ``paged_attention`` with its queries. In an engine forward pass (one that
 carries ``paged=`` a ``PagedAttention``) the function reads the keys and values from the pool itself:
 the batch's rows are split into groups of similar context length, and each group's block tables are
-gathered and attended with transformers' own SDPA function. So a decode step that holds one 2,000-token
+gathered and attended with SDPA (``_attend``). So a decode step that holds one 2,000-token
 row among short ones does not make every short row attend over 2,000 padded columns, while the model's
 projections and MLPs still run once over the whole batch. Any other call (training, a reference loop)
 is plain SDPA, with SDPA's own mask construction.
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -53,13 +54,40 @@ class PagedAttention:
             k = keys.index_select(0, group.read_blocks).view(shape).transpose(1, 2)  # [b, H, S, D]
             v = values.index_select(0, group.read_blocks).view(shape).transpose(1, 2)
             q = query if group.rows is None else query.index_select(0, group.rows)
-            attended, _ = sdpa_attention_forward(module, q, k, v, group.mask, is_causal=False, **kwargs)
+            attended = _attend(module, q, k, v, group.mask, **kwargs)
             if group.rows is None:
                 return attended
             if output is None:
                 output = attended.new_empty(query.shape[0], *attended.shape[1:])
             output.index_copy_(0, group.rows, attended)
         return output
+
+
+def _attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    **kwargs: object,
+) -> torch.Tensor:
+    """SDPA of ``query`` ``[b, heads, Q, D]`` over ``key``/``value`` ``[b, kv_heads, S, D]`` → ``[b, Q, heads, D]``.
+    On the CPU, SDPA's own grouped-query mode with the mask (about a third faster at one query per row than
+    transformers' packing of the query heads, which it does because CUDA's kernels refuse a mask with
+    grouped heads); elsewhere, or for what plain SDPA cannot do (soft-capping, a position bias), transformers'
+    function."""
+    if (
+        query.device.type != "cpu"
+        or kwargs.get("softcap") is not None
+        or kwargs.get("position_bias") is not None
+    ):
+        return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)[0]
+    grouped = query.shape[1] != key.shape[1]
+    scale = kwargs.get("scaling")
+    attended = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scale, enable_gqa=grouped
+    )
+    return attended.transpose(1, 2)
 
 
 def paged_attention(

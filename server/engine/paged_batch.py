@@ -130,9 +130,10 @@ class PagedBatch:
             pool.values,
             [self._group(group, groups, tables, rows, own_index, bs, dtype, device) for group in groups],
         )
+        slots, columns = write_slots.view(-1).to(device), max(len(t) for t in tables) * bs
         self.cache = Cache(
             layers=[
-                PagedLayer(keys, values, write_slots.view(-1).to(device), max(len(t) for t in tables) * bs)
+                PagedLayer(keys, values, slots, columns)
                 for keys, values in zip(pool.keys, pool.values, strict=True)
             ]
         )
