@@ -2,6 +2,8 @@
 
 engine-mixed        the engine, tasks round-robin over prefixes of 4-32 virtual tokens
 engine-one-task     the same requests all on ONE prefix of the mixed prefixes' mean length
+engine-extras       the mixed requests with a quarter asking for more: logprobs=5 (1 in 8), a JSON schema
+                    (another 1 in 8)
 peft-serial         PEFT one request at a time
 peft-grouped        PEFT one batch per task, tasks one after another
 engine-varied       the engine on a second workload whose max_new_tokens vary 8-128
@@ -24,8 +26,26 @@ from server.benchmark.settings import BenchSettings
 from server.benchmark.timeline import Timeline, summarize
 from server.benchmark.workload import engine_requests, sample_shapes
 from server.engine.base_model import BaseModel
+from server.engine.grammar import GrammarCompiler
+from server.engine.request import GenerationRequest
 
 Log = Callable[[str], None]
+
+
+# what the schema rows of engine-extras must follow
+EXTRAS_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}, "score": {"type": "integer"}},
+    "required": ["answer", "score"],
+}
+
+
+def with_extras(base: BaseModel, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+    """``requests`` with every 8th asking for its tokens' logprobs and 5 alternatives, and every 8th from
+    the 5th constrained to ``EXTRAS_SCHEMA`` (compiled once, as the server caches it)."""
+    grammar = GrammarCompiler(base.tokenizer, base.eos_token_ids).json_schema(EXTRAS_SCHEMA)
+    extras = {0: {"logprobs": 5}, 4: {"grammar": grammar}}
+    return [replace(request, **extras.get(i % 8, {})) for i, request in enumerate(requests)]
 
 
 def mix_lengths(tasks: int) -> list[int]:
@@ -41,6 +61,7 @@ def run_baselines(base: BaseModel, settings: BenchSettings, log: Log) -> dict[st
     vocab = base.model.config.vocab_size
     mixed = engine_requests(sample_shapes(settings.workload, sorted(prefixes)), prefixes, vocab_size=vocab)
     one_task = [replace(r, prefix=mean_prefix, task_id="mean") for r in mixed]
+    extras = with_extras(base, mixed)
     varied_spec = replace(settings.workload, new_tokens=(8, 128), seed=settings.workload.seed + 1)
     varied = engine_requests(sample_shapes(varied_spec, sorted(prefixes)), prefixes, vocab_size=vocab)
     concurrency = settings.concurrency
@@ -52,6 +73,7 @@ def run_baselines(base: BaseModel, settings: BenchSettings, log: Log) -> dict[st
     systems: dict[str, Callable[[], Timeline]] = {
         "engine-mixed": lambda: closed_loop(engine(), mixed, concurrency),
         "engine-one-task": lambda: closed_loop(engine(), one_task, concurrency),
+        "engine-extras": lambda: closed_loop(engine(), extras, concurrency),
         "peft-serial": lambda: closed_loop(
             PeftSystem(base.model, peft_models, grouped=False), mixed, concurrency
         ),

@@ -65,6 +65,11 @@ def _throughput_targets(
             "mixed tasks / one task, engine throughput", _paired(mixed, systems.get("engine-one-task")), 0.95
         ),
         Target(
+            "a quarter of rows with logprobs=5 or a JSON schema / none, throughput",
+            _paired(systems.get("engine-extras"), mixed),
+            0.9,
+        ),
+        Target(
             f"engine ({concurrency} clients, mixed) / PEFT one at a time",
             _paired(mixed, systems.get("peft-serial")),
             5.0,

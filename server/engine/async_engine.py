@@ -160,24 +160,32 @@ class AsyncEngine:
             except Exception:
                 log.exception("engine step failed")
                 outputs = []
-            for output in outputs:
-                self._deliver(output)
+            self._deliver(outputs)
             if not outputs and self.core.counts()["running"] == 0:
                 self._wake.wait(_IDLE_WAIT_S)
 
-    def _deliver(self, output: RequestOutput) -> None:
-        with self._routes_lock:
-            route = self._routes.get(output.request_id)
-        if route is None:
-            return
-        if route.on_output is not None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up of each event loop per step, not one per
+        output (fewer thread switches while the step's rows stream)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for output in outputs:
+            with self._routes_lock:
+                route = self._routes.get(output.request_id)
+            if route is None:
+                continue
+            if route.on_output is not None:
+                try:
+                    route.on_output(output)
+                except Exception:
+                    log.exception("output observer failed")
+            if output.finish_reason is not None:
+                self._unroute(output.request_id)  # the core gave its pin back before the step returned
+            batches.setdefault(route.loop, []).append((route.queue, output))
+        for loop, batch in batches.items():
             try:
-                route.on_output(output)
-            except Exception:
-                log.exception("output observer failed")
-        if output.finish_reason is not None:
-            self._unroute(output.request_id)  # the core gave its pin back before the step returned
-        route.loop.call_soon_threadsafe(route.queue.put_nowait, output)
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that loop has closed: nobody is listening any more
+                log.debug("dropped %d outputs for a closed event loop", len(batch))
 
     def _unroute(self, request_id: str) -> _Route | None:
         with self._routes_lock:
@@ -221,3 +229,8 @@ class AsyncEngine:
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 5.0)
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, output in batch:
+        queue.put_nowait(output)

@@ -196,6 +196,7 @@ def test_targets_pass_fail_and_not_run() -> None:
         "baselines": {
             "engine-mixed": _summary(100.0),
             "engine-one-task": _summary(110.0),
+            "engine-extras": _summary(95.0),
             "peft-serial": _summary(10.0),
             "peft-grouped": _summary(80.0),
             "engine-varied": _summary(90.0, p50=2.0),
@@ -206,6 +207,7 @@ def test_targets_pass_fail_and_not_run() -> None:
     verdicts = [(t.value, t.verdict) for t in evaluate(report, concurrency=16)]
     assert verdicts == [
         (pytest.approx(100 / 110), "FAIL"),
+        (pytest.approx(0.95), "PASS"),
         (10.0, "PASS"),
         (1.25, "FAIL"),
         (1.5, "PASS"),

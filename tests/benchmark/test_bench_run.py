@@ -21,6 +21,7 @@ pytestmark = pytest.mark.e2e  # starts servers or other processes
 BASELINES = {
     "engine-mixed",
     "engine-one-task",
+    "engine-extras",
     "peft-serial",
     "peft-grouped",
     "engine-varied",
@@ -85,10 +86,12 @@ def test_targets_are_the_ratios_of_the_same_run(quick_run: tuple[int, Path]) -> 
     _, out = quick_run
     report = json.loads((out / "report.json").read_text())
     targets = {t["name"]: t for t in report["targets"]}
-    assert len(targets) == 12
+    assert len(targets) == 13
     tps = {name: s["tokens_per_s"] for name, s in report["baselines"].items()}
     mixed_vs_one = next(t for name, t in targets.items() if name.startswith("mixed tasks / one task"))
     assert mixed_vs_one["value"] == pytest.approx(tps["engine-mixed"] / tps["engine-one-task"])
+    extras = next(t for name, t in targets.items() if name.startswith("a quarter of rows with logprobs"))
+    assert extras["value"] == pytest.approx(tps["engine-extras"] / tps["engine-mixed"])
     serial = next(t for name, t in targets.items() if "PEFT one at a time" in name)
     assert serial["value"] == pytest.approx(tps["engine-mixed"] / tps["peft-serial"])
     prefix = {p["x"]: p["tokens_per_s"] for p in report["curves"]["prefix-length"]}
@@ -126,7 +129,7 @@ def test_tables_are_written_as_csv_and_curves_as_plots(quick_run: tuple[int, Pat
     text = (out / "report.md").read_text()
     for title in ("**systems (same run)**", "**curve: cache-budget**", "**prefix memory", "**targets**"):
         assert title in text
-    assert text.count("| PASS |") + text.count("| FAIL |") == 12
+    assert text.count("| PASS |") + text.count("| FAIL |") == 13
     with (out / "long-prompts.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 10
 

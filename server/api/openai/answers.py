@@ -3,6 +3,7 @@ chunks (text, logprobs, usage, the finish reason; echo for completions)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -54,10 +55,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
 
 
 def completion(
-    state: AppState, stream: RequestStream, result: GenerationResult, body: GenerationFields
+    state: AppState,
+    results: list[tuple[RequestStream, GenerationResult]],
+    body: GenerationFields,
+    prompt_tokens: int,
 ) -> Completion:
-    prompt_ids = stream.request.prompt_ids
+    """One choice per result, in order (``index`` = its place)."""
     echo = isinstance(body, CompletionRequest) and bool(body.echo)
+    return Completion(
+        id=results[0][1].request_id,
+        created=int(time.time()),
+        model=body.model,
+        system_fingerprint=results[0][0].prefix_version,
+        choices=[
+            _completion_choice(state, index, stream.request.prompt_ids, result, echo=echo)
+            for index, (stream, result) in enumerate(results)
+        ],
+        usage=usage(prompt_tokens, sum(len(result.token_ids) for _, result in results)),
+    )
+
+
+def _completion_choice(
+    state: AppState, index: int, prompt_ids: list[int], result: GenerationResult, *, echo: bool
+) -> CompletionChoice:
     prompt_text = state.base.tokenizer.decode(prompt_ids) if echo else ""
     logprobs = None
     if result.logprobs is not None:
@@ -65,64 +85,63 @@ def completion(
         if echo and result.prompt_logprobs is not None:
             tokens = [*zip(prompt_ids, result.prompt_logprobs, strict=True), *tokens]
         logprobs = completion_logprobs(state.base.tokenizer, tokens)
-    choice = CompletionChoice(
-        text=prompt_text + result.text, logprobs=logprobs, finish_reason=finish_reason(result.finish_reason)
-    )
-    return Completion(
-        id=result.request_id,
-        created=int(time.time()),
-        model=body.model,
-        system_fingerprint=stream.prefix_version,
-        choices=[choice],
-        usage=usage(result.prompt_tokens, len(result.token_ids)),
+    return CompletionChoice(
+        index=index,
+        text=prompt_text + result.text,
+        logprobs=logprobs,
+        finish_reason=finish_reason(result.finish_reason),
     )
 
 
 def chat_completion(
-    state: AppState, stream: RequestStream, result: GenerationResult, model: str
+    state: AppState, results: list[tuple[RequestStream, GenerationResult]], model: str, prompt_tokens: int
 ) -> ChatCompletion:
-    logprobs = None if result.logprobs is None else chat_logprobs(state.base.tokenizer, result.logprobs)
+    """One choice per result, in order."""
+    tokenizer = state.base.tokenizer
     return ChatCompletion(
-        id=result.request_id,
+        id=results[0][1].request_id,
         created=int(time.time()),
         model=model,
-        system_fingerprint=stream.prefix_version,
+        system_fingerprint=results[0][0].prefix_version,
         choices=[
             ChatChoice(
+                index=index,
                 message=AssistantMessage(content=result.text),
-                logprobs=logprobs,
+                logprobs=None if result.logprobs is None else chat_logprobs(tokenizer, result.logprobs),
                 finish_reason=finish_reason(result.finish_reason),
             )
+            for index, (_, result) in enumerate(results)
         ],
-        usage=usage(result.prompt_tokens, len(result.token_ids)),
+        usage=usage(prompt_tokens, sum(len(result.token_ids) for _, result in results)),
     )
 
 
 class _ChunkFormat:
     """How one endpoint shapes its stream chunks: completions' or chat's. A chunk carries ``usage`` only
-    where asked (the last one, or with ``continuous_usage_stats`` every one); else the key is left out."""
+    where asked (the last one, or with ``continuous_usage_stats`` every one: that choice's so far); else
+    the key is left out."""
 
     def __init__(
-        self, state: AppState, stream: RequestStream, model: str, *, chat: bool, continuous_usage: bool
+        self, state: AppState, first: RequestStream, model: str, *, chat: bool, continuous_usage: bool
     ) -> None:
         self.chat, self.continuous_usage = chat, continuous_usage
         self.tokenizer = state.base.tokenizer
-        self.text_offset = 0  # characters of the completion's text already sent (its logprobs' offsets)
+        self.text_offset: dict[int, int] = {}  # per choice: characters already sent (its logprobs' offsets)
         self.common = {
-            "id": stream.request.request_id,
+            "id": first.request.request_id,
             "created": int(time.time()),
             "model": model,
-            "system_fingerprint": stream.prefix_version,
+            "system_fingerprint": first.prefix_version,
         }
 
-    def opening(self, prompt_tokens: int) -> str | None:
-        """Chat streams open with the assistant's role and no content, as OpenAI's do."""
+    def opening(self, index: int, prompt_tokens: int) -> str | None:
+        """Chat streams open each choice with the assistant's role and no content, as OpenAI's do."""
         if not self.chat:
             return None
         delta = {"role": "assistant", "content": ""}
-        return self._event([ChatChunkChoice(delta=delta)], usage(prompt_tokens, 0))
+        return self._event([ChatChunkChoice(index=index, delta=delta)], usage(prompt_tokens, 0))
 
-    def echo(self, prompt_ids: list[int], output: RequestOutput) -> str:
+    def echo(self, index: int, prompt_ids: list[int], output: RequestOutput) -> str:
         """Completions' echo: the prompt first (with its logprobs when they were asked)."""
         text = self.tokenizer.decode(prompt_ids)
         logprobs = None
@@ -130,31 +149,31 @@ class _ChunkFormat:
             logprobs = completion_logprobs(
                 self.tokenizer, list(zip(prompt_ids, output.prompt_logprobs, strict=True))
             )
-        self.text_offset = len(text)
+        self.text_offset[index] = len(text)
         so_far = usage(output.prompt_tokens, 0)
-        return self._event([CompletionChoice(text=text, logprobs=logprobs, finish_reason=None)], so_far)
+        choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=None)
+        return self._event([choice], so_far)
 
-    def text(self, output: RequestOutput, reason: FinishReasonName | None = None) -> str:
+    def text(self, index: int, output: RequestOutput, reason: FinishReasonName | None = None) -> str:
         so_far = usage(output.prompt_tokens, output.completion_tokens)
         entries = output.logprobs or []
         if self.chat:
             delta = {"content": output.text} if output.text else {}
             logprobs = chat_logprobs(self.tokenizer, entries) if output.logprobs is not None else None
-            return self._event(
-                [ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=reason)], so_far
-            )
+            choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)
+            return self._event([choice], so_far)
         logprobs = None
+        offset = self.text_offset.get(index, 0)
         if output.logprobs is not None:
             tokens = [(entry.token_id, entry) for entry in entries]
-            logprobs = completion_logprobs(self.tokenizer, tokens, text_offset=self.text_offset)
-        self.text_offset += len(output.text)
-        return self._event(
-            [CompletionChoice(text=output.text, logprobs=logprobs, finish_reason=reason)], so_far
-        )
+            logprobs = completion_logprobs(self.tokenizer, tokens, text_offset=offset)
+        self.text_offset[index] = offset + len(output.text)
+        choice = CompletionChoice(index=index, text=output.text, logprobs=logprobs, finish_reason=reason)
+        return self._event([choice], so_far)
 
-    def usage(self, output: RequestOutput) -> str:
-        """The last chunk, as OpenAI sends it with ``include_usage``: no choices, the usage."""
-        return self._event([], usage(output.prompt_tokens, output.completion_tokens), final=True)
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+        """The last chunk, as OpenAI sends it with ``include_usage``: no choices, the request's usage."""
+        return self._event([], usage(prompt_tokens, completion_tokens), final=True)
 
     def _event(self, choices: list[Any], info: UsageInfo, *, final: bool = False) -> str:
         chunk_type: type[BaseModel] = ChatCompletionChunk if self.chat else Completion
@@ -163,35 +182,73 @@ class _ChunkFormat:
         return sse_event(chunk.model_dump(mode="json", exclude=None if shown else {"usage"}))
 
 
-async def stream_events(
-    state: AppState, stream: RequestStream, body: GenerationFields, http_request: Request, *, chat: bool
-) -> AsyncIterator[str]:
-    """OpenAI's SSE: a chunk per piece of text, the finish reason on the last, the usage (if asked),
-    then ``data: [DONE]``. A request that ends without finishing (deadline, engine error, shutdown)
-    sends OpenAI's error body instead, which the official client raises as ``APIError``.
-    If the client goes away, the stream is closed and the engine request aborted.
-    """
-    chunks = _ChunkFormat(state, stream, body.model, chat=chat, continuous_usage=body.continuous_usage)
-    echo = isinstance(body, CompletionRequest) and bool(body.echo)
-    try:
-        opening = chunks.opening(len(stream.request.prompt_ids))
-        if opening is not None:
-            yield opening
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of every stream as they come, each with its stream's index."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
         async for output in stream:
-            if echo:
-                yield chunks.echo(list(stream.request.prompt_ids), output)
-                echo = False
+            queue.put_nowait((index, output))
+
+    pumps = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        for _ in range(len(streams)):  # until every stream has sent its last output
+            while True:
+                index, output = await queue.get()
+                yield index, output
+                if output.finish_reason is not None:
+                    break
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def stream_events(
+    state: AppState,
+    streams: list[RequestStream],
+    body: GenerationFields,
+    http_request: Request,
+    *,
+    chat: bool,
+) -> AsyncIterator[str]:
+    """OpenAI's SSE over one stream per choice (``index`` = its place): a chunk per piece of text, the
+    finish reason on each choice's last, the usage (if asked: all choices') once all have finished, then
+    ``data: [DONE]``. A request that ends without finishing (deadline, engine error, shutdown) sends
+    OpenAI's error body instead, which the official client raises as ``APIError``, and ends the others.
+    If the client goes away, every stream is closed and its engine request aborted.
+    """
+    chunks = _ChunkFormat(state, streams[0], body.model, chat=chat, continuous_usage=body.continuous_usage)
+    echoing = set(range(len(streams))) if isinstance(body, CompletionRequest) and body.echo else set()
+    completion_tokens = 0
+    try:
+        for index, stream in enumerate(streams):
+            opening = chunks.opening(index, len(stream.request.prompt_ids))
+            if opening is not None:
+                yield opening
+        async for index, output in _merged(streams):
+            if index in echoing:
+                yield chunks.echo(index, list(streams[index].request.prompt_ids), output)
+                echoing.discard(index)
             if output.finish_reason is None:
                 if output.text or output.logprobs:
-                    yield chunks.text(output)
+                    yield chunks.text(index, output)
                 continue
-            http_request.state.completion_tokens = output.completion_tokens  # for the access log
             if output.finish_reason not in _FINISH:
                 yield sse_event(openai_error(ApiError(*UNFINISHED[output.finish_reason]))[1])
                 break
-            yield chunks.text(output, _FINISH[output.finish_reason])
+            completion_tokens += output.completion_tokens
+            yield chunks.text(index, output, _FINISH[output.finish_reason])
+        else:
+            http_request.state.completion_tokens = completion_tokens  # for the access log
             if body.include_usage:
-                yield chunks.usage(output)
+                samples = body.samples_per_prompt
+                prompt_tokens = sum(len(stream.request.prompt_ids) for stream in streams[::samples])
+                yield chunks.usage(prompt_tokens, completion_tokens)
         yield DONE
     finally:
-        stream.abort()  # a no-op once finished; else the client left mid-stream
+        for stream in streams:
+            stream.abort()  # a no-op once finished; else the client left mid-stream, or a choice failed

@@ -2,14 +2,15 @@
 the engine's dataclasses; bounds live in the schema.
 
 Of OpenAI's request fields, those that change nothing here (accounting, caching and storage hints of
-OpenAI's platform) are accepted and ignored; those that ask for something this server cannot do
-(several choices, log-probabilities, penalties, tools, structured output…) are refused unless neutral
+OpenAI's platform) are accepted and ignored; those that ask for something this server cannot do (tools,
+audio, a completion's suffix…) are refused unless neutral
 (``NEUTRAL_ONLY``: a 400 naming the field, code ``unsupported_parameter``), never silently dropped; fields
 neither OpenAI nor vLLM define here are refused (code ``unknown_parameter``), as on the native API.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -23,10 +24,13 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from transformers import PreTrainedTokenizerBase
 
 from server.api.schemas import Integral
 
 MAX_PROMPT_CHARS = 200_000
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_SAMPLES = 128  # engine requests one request may start: prompts × (best_of or n)
 _MAX_STOP = 64
 _MAX_MESSAGES = 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -41,10 +45,6 @@ def _falsy(value: Any) -> bool:
 
 def _unset(value: Any) -> bool:
     return value is None
-
-
-def _one(value: Any) -> bool:
-    return value in (None, 1)
 
 
 def _no_choice(value: Any) -> bool:
@@ -81,7 +81,6 @@ class GenerationFields(_Strict):
     PROMPT_FIELD: ClassVar[str]  # the field holding the prompt, as errors name it
     # an unset max_tokens: that many tokens (cut to what fits), None: as many as fit
     UNSET_MAX_TOKENS: ClassVar[int | None]
-    NEUTRAL_ONLY = {"n": _one}
 
     model: str = Field(
         ...,
@@ -103,7 +102,9 @@ class GenerationFields(_Strict):
     ignore_eos: bool | None = Field(
         None, description="a vLLM extension (the client's extra_body): generate past end-of-sequence tokens"
     )
-    n: Annotated[int, Field(ge=1, le=128), Integral] | None = Field(None, description="only 1 is supported")
+    n: Annotated[int, Field(ge=1, le=MAX_SAMPLES), Integral] | None = Field(
+        None, description="choices per prompt: independent samples (with a seed, sample i uses seed + i)"
+    )
     user: str | None = Field(None, max_length=256, description="accepted and ignored")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -118,6 +119,15 @@ class GenerationFields(_Strict):
     stop_token_ids: (
         Annotated[list[Annotated[int, Field(ge=0), Integral]], Field(max_length=_MAX_STOP)] | None
     ) = None
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """Engine requests per prompt (``best_of`` where the route has it, else ``n``)."""
+        return self.choices_per_prompt
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -152,14 +162,23 @@ class GenerationFields(_Strict):
         return tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
 
 
-def _one_prompt(value: object) -> object:
-    """A prompt is one text or one list of token ids: a string, a list of ints, or a list holding one of
-    those (several prompts in one request are not supported yet)."""
+_Text = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+_TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0), Integral]], Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+]
+
+
+def _prompt_shape(value: object) -> object:
+    """Clear errors for the shapes of a prompt list (the union's own errors would list every branch)."""
     if not isinstance(value, list) or all(isinstance(item, int) for item in value):
+        if value == []:
+            raise ValueError("send at least one prompt")
         return value
-    if len(value) != 1:
-        raise ValueError(f"send exactly one prompt; a list of {len(value)} prompts is not supported")
-    return value[0]
+    if len(value) > MAX_PROMPTS:
+        raise ValueError(f"send at most {MAX_PROMPTS} prompts per request, not {len(value)}")
+    if not (all(isinstance(item, str) for item in value) or all(isinstance(item, list) for item in value)):
+        raise ValueError("a list of prompts holds texts or lists of token ids, not both")
+    return value
 
 
 class CompletionRequest(GenerationFields):
@@ -167,25 +186,55 @@ class CompletionRequest(GenerationFields):
 
     PROMPT_FIELD = "prompt"
     UNSET_MAX_TOKENS = COMPLETIONS_DEFAULT_MAX_TOKENS
-    NEUTRAL_ONLY = {**GenerationFields.NEUTRAL_ONLY, "best_of": _one, "suffix": _falsy}
+    NEUTRAL_ONLY = {**GenerationFields.NEUTRAL_ONLY, "suffix": _falsy}
 
+    # a text, token ids, or a list of either (one choice per prompt and sample)
     prompt: Annotated[
-        Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-        | Annotated[
-            list[Annotated[int, Field(ge=0), Integral]], Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-        ],
-        BeforeValidator(_one_prompt),
+        _Text
+        | _TokenIds
+        | Annotated[list[_Text], Field(max_length=MAX_PROMPTS)]
+        | Annotated[list[_TokenIds], Field(max_length=MAX_PROMPTS)],
+        BeforeValidator(_prompt_shape),
     ]
     # 0 is allowed here (with echo: score the prompt only, as lm-eval does)
     max_tokens: Annotated[int, Field(ge=0), Integral] | None = None
     echo: bool | None = Field(None, description="the prompt before the completion (with logprobs: theirs)")
     suffix: str | None = None
-    best_of: Annotated[int, Field(ge=1, le=128), Integral] | None = Field(
-        None, description="only 1 is supported"
+    best_of: Annotated[int, Field(ge=1, le=MAX_SAMPLES), Integral] | None = Field(
+        None,
+        validate_default=True,  # its validator bounds the samples of every request
+        description="samples per prompt, of which the n with the highest total logprob are returned",
     )
     logprobs: Annotated[int, Field(ge=0, le=20), Integral] | None = Field(
         None, description="each token's logprob and this many alternatives"
     )
+
+    @field_validator("best_of")
+    @classmethod
+    def _samples_bounded(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n, prompt = info.data.get("n") or 1, info.data.get("prompt")
+        if value is not None and value < n:
+            raise ValueError(f"best_of ({value}) must be at least n ({n})")
+        if value not in (None, n) and info.data.get("stream"):
+            raise ValueError("best_of cannot be streamed (it picks among finished samples)")
+        prompts = (
+            1 if prompt is None or isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
+        )
+        if prompts * (value or n) > MAX_SAMPLES:
+            raise ValueError(f"prompts × samples per prompt (best_of or n) must be at most {MAX_SAMPLES}")
+        return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a text or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.best_of or self.choices_per_prompt
 
 
 class ContentPart(_Strict):
@@ -280,6 +329,16 @@ class ResponseFormat(_Strict):
         return {"type": "object"}
 
 
+# what a chat template sees that is not the request's to set: the messages, and the arguments of the
+# tokenizer's ``apply_chat_template`` (they are its own, not the template's)
+TEMPLATE_ARGUMENTS = frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) | {
+    "messages",
+    "conversation",
+    "bos_token",
+    "eos_token",
+}
+
+
 class ChatCompletionRequest(GenerationFields):
     """``POST /v1/chat/completions``; the messages are rendered with the tokenizer's chat template."""
 
@@ -319,6 +378,9 @@ class ChatCompletionRequest(GenerationFields):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20), Integral] | None = None
     response_format: ResponseFormat | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = Field(
+        None, description="a vLLM extension: more variables for the chat template (e.g. enable_thinking)"
+    )
     # refused unless neutral
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -338,6 +400,16 @@ class ChatCompletionRequest(GenerationFields):
         if sum(len(message.text) for message in messages) > MAX_PROMPT_CHARS:
             raise ValueError(f"the messages hold more than {MAX_PROMPT_CHARS} characters")
         return messages
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = [key for key in value or {} if key in TEMPLATE_ARGUMENTS or not key.isidentifier()]
+        if taken:
+            raise ValueError(
+                f"not a chat template variable this server lets a request set: {taken[0][:64]!r}"
+            )
+        return value
 
     @field_validator("max_completion_tokens")
     @classmethod

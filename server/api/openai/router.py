@@ -39,20 +39,20 @@ async def get_model(model: str, state: StateDep, who: CallerDep) -> ModelCard:
 async def create_completion(
     body: CompletionRequest, http_request: Request, state: StateDep, who: CallerDep
 ) -> Completion | ChatCompletion | StreamingResponse:
-    prompt = body.prompt
-    prompt_ids = (
+    prompts = [
         tokenize(state, prompt) if isinstance(prompt, str) else translation.checked_ids(state, prompt)
-    )
-    return await _generate(state, who, http_request, body, prompt_ids, chat=False)
+        for prompt in body.prompts
+    ]
+    return await _generate(state, who, http_request, body, prompts, chat=False)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_GENERATION_RESPONSES)
 async def create_chat_completion(
     body: ChatCompletionRequest, http_request: Request, state: StateDep, who: CallerDep
 ) -> Completion | ChatCompletion | StreamingResponse:
-    prompt = translation.render_chat(state.base, body.messages)
+    prompt = translation.render_chat(state.base, body.messages, body.chat_template_kwargs)
     prompt_ids = tokenize(state, prompt, add_special_tokens=False)  # the template holds its own
-    return await _generate(state, who, http_request, body, prompt_ids, chat=True)
+    return await _generate(state, who, http_request, body, [prompt_ids], chat=True)
 
 
 async def _generate(
@@ -60,7 +60,7 @@ async def _generate(
     who: Caller,
     http_request: Request,
     body: GenerationFields,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     *,
     chat: bool,
 ) -> Completion | ChatCompletion | StreamingResponse:
@@ -70,8 +70,11 @@ async def _generate(
         who,
         http_request,
         body,
-        prompt_ids=prompt_ids,
+        prompts=prompts,
         task_id=task_id,
-        max_new_tokens=await translation.decide_max_tokens(state, who, body, task_id, len(prompt_ids)),
+        max_new_tokens=[
+            await translation.decide_max_tokens(state, who, body, task_id, len(prompt_ids))
+            for prompt_ids in prompts
+        ],
         chat=chat,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -15,6 +16,7 @@ from prefix_store.errors import InvalidName, PrefixNotFound
 from prefix_store.storage.names import validate_task_id
 from server.api.errors import ApiError
 from server.api.openai.answers import chat_completion, completion, stream_events
+from server.api.openai.choices import best_of, finished
 from server.api.openai.protocol import (
     CHAT_DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
@@ -27,11 +29,11 @@ from server.api.serving import (
     ContextUse,
     context_use,
     max_new_tokens,
-    result_unless_disconnected,
     submit,
 )
 from server.api.sse import event_stream
 from server.api.state import AppState, Caller
+from server.engine.async_engine import RequestStream
 from server.engine.base_model import BaseModel as BaseLM
 from server.engine.grammar import Grammar, GrammarError
 from server.engine.request import RequestTooLong
@@ -58,7 +60,9 @@ def resolve_task(state: AppState, model: str) -> str | None:
         raise unknown_model(model) from None
 
 
-def sampling_params(body: GenerationFields) -> SamplingParams:
+def sampling_params(body: GenerationFields, sample: int = 0) -> SamplingParams:
+    """The engine's sampling for sample ``sample`` of a prompt: with a seed, sample i draws with seed + i, so
+    a request's samples differ and the request is reproducible."""
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     if top_p == 0.0:  # nucleus sampling's limit: only the most likely token
@@ -67,7 +71,7 @@ def sampling_params(body: GenerationFields) -> SamplingParams:
         temperature,
         body.top_k or 0,
         top_p,
-        body.seed,
+        None if body.seed is None else (body.seed + sample) % 2**63,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=body.repetition_penalty or 1.0,
@@ -180,60 +184,81 @@ async def respond(
     http_request: Request,
     body: GenerationFields,
     *,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     task_id: str | None,
-    max_new_tokens: int,
+    max_new_tokens: list[int],
     chat: bool,
 ) -> Completion | ChatCompletion | StreamingResponse:
-    """Submit through the serving layer, then answer as OpenAI does: one JSON body or an SSE stream.
-    Errors (unknown model, limits, queue full) raise before any output."""
+    """Submit ``samples_per_prompt`` engine requests per prompt (``max_new_tokens[i]`` for prompt ``i``)
+    through the serving layer, then answer as OpenAI does: one JSON body or an SSE stream, one choice per
+    prompt and sample (with ``best_of``, the ``n`` samples of each prompt with the highest total logprob).
+    Errors (unknown model, limits, queue full) raise before any output, and end what was submitted."""
     http_request.state.task_id = task_id  # for the access log
     logprobs, prompt_logprobs = logprob_options(body)
+    samples = body.samples_per_prompt
+    ranked = samples > body.choices_per_prompt  # best_of: the samples' logprobs pick the choices
+    grammar = await grammar_for(state, who, body)
+    streams: list[RequestStream] = []
     try:
-        stream = await submit(
-            state,
-            who,
-            prompt_ids=prompt_ids,
-            task_id=task_id,
-            sampling=sampling_params(body),
-            max_new_tokens=max_new_tokens,
-            stop=body.stop_sequences,
-            ignore_eos=bool(body.ignore_eos),
-            id_prefix="chatcmpl" if chat else "cmpl",
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            min_tokens=body.min_tokens or 0,
-            stop_token_ids=tuple(body.stop_token_ids or ()),
-            grammar=await grammar_for(state, who, body),
-        )
-    except PrefixNotFound:
-        raise unknown_model(body.model) from None
-    except RequestTooLong as exc:  # the prefix's length was not known before (store unreachable, replaced)
-        raise ApiError(
-            400,
-            "invalid_request",
-            f"This model's maximum context length is {state.base.max_positions} tokens. However, {exc}.",
-            param=body.asked_max_tokens[1],
-            code="context_length_exceeded",
-        ) from None
+        for prompt_ids, new_tokens in zip(prompts, max_new_tokens, strict=True):
+            for sample in range(samples):
+                streams.append(
+                    await submit(
+                        state,
+                        who,
+                        prompt_ids=prompt_ids,
+                        task_id=task_id,
+                        sampling=sampling_params(body, sample),
+                        max_new_tokens=new_tokens,
+                        stop=body.stop_sequences,
+                        ignore_eos=bool(body.ignore_eos),
+                        id_prefix="chatcmpl" if chat else "cmpl",
+                        logprobs=0 if ranked and logprobs is None else logprobs,
+                        prompt_logprobs=prompt_logprobs,
+                        min_tokens=body.min_tokens or 0,
+                        stop_token_ids=tuple(body.stop_token_ids or ()),
+                        grammar=grammar,
+                    )
+                )
+    except BaseException as exc:
+        for stream in streams:
+            stream.abort()
+        if isinstance(exc, PrefixNotFound):
+            raise unknown_model(body.model) from None
+        if isinstance(exc, RequestTooLong):  # the prefix's length was not known before (store down, replaced)
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"This model's maximum context length is {state.base.max_positions} tokens. However, {exc}.",
+                param=body.asked_max_tokens[1],
+                code="context_length_exceeded",
+            ) from None
+        raise
     if body.stream:
-        return event_stream(stream_events(state, stream, body, http_request, chat=chat))
-    result = await result_unless_disconnected(http_request, stream)
-    http_request.state.completion_tokens = len(result.token_ids)
+        return event_stream(stream_events(state, streams, body, http_request, chat=chat))
+    results = await finished(http_request, streams)
+    if ranked:
+        results = best_of(results, samples, body.choices_per_prompt, keep_logprobs=logprobs is not None)
+    http_request.state.completion_tokens = sum(len(result.token_ids) for _, result in results)
+    prompt_tokens = sum(len(ids) for ids in prompts)
     if chat:
-        return chat_completion(state, stream, result, body.model)
-    return completion(state, stream, result, body)
+        return chat_completion(state, results, body.model, prompt_tokens)
+    return completion(state, results, body, prompt_tokens)
 
 
-def render_chat(base: BaseLM, messages: list[ChatMessage]) -> str:
-    """The prompt text of ``messages`` by the tokenizer's chat template, ready for the reply."""
+def render_chat(base: BaseLM, messages: list[ChatMessage], variables: dict[str, Any] | None = None) -> str:
+    """The prompt text of ``messages`` by the tokenizer's chat template, ready for the reply; ``variables``
+    (``chat_template_kwargs``) are more names the template sees."""
     if not getattr(base.tokenizer, "chat_template", None):
         raise ApiError(
             400, "invalid_request", f"the model {base.model_id!r} has no chat template: use /v1/completions"
         )
     try:
         return base.tokenizer.apply_chat_template(
-            [message.for_template() for message in messages], tokenize=False, add_generation_prompt=True
+            [message.for_template() for message in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+            **(variables or {}),
         )
     except (TemplateError, ValueError, TypeError) as exc:
         raise ApiError(

@@ -263,10 +263,7 @@ def test_a_missing_or_wrong_key_is_refused(server_url: str, base_id: str) -> Non
 @pytest.mark.parametrize(
     ("params", "param", "code"),
     [
-        ({"n": 2}, "n", "unsupported_parameter"),
-        ({"best_of": 2}, "best_of", "unsupported_parameter"),
         ({"suffix": "end"}, "suffix", "unsupported_parameter"),
-        ({"prompt": ["one", "two"]}, "prompt", "invalid_value"),  # several prompts: not yet
         ({"prompt": [1, -2, 3]}, "prompt", "invalid_type"),  # neither a text nor token ids
         ({"logprobs": 21}, "logprobs", "invalid_value"),
         ({"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
