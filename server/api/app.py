@@ -30,6 +30,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import load_base_model
 from server.engine.core import EngineCore
 from server.engine.grammar import GrammarCompiler
+from server.engine.model_support import UnsupportedModel
 from server.engine.scheduler import SchedulerConfig
 from server.model_source import ModelSourceError, resolve_model
 from server.version import package_version
@@ -54,6 +55,8 @@ def build_state(settings: ServeSettings) -> AppState:
         )
     except ModelSourceError as exc:
         raise StartupError(f"--model {settings.model}: {exc}") from exc
+    except UnsupportedModel as exc:
+        raise StartupError(f"--model {settings.model}: cannot serve it: {exc}") from None
     except (OSError, ValueError) as exc:  # no such model, not one transformers can load
         raise StartupError(f"--model {settings.model}: cannot load it: {exc}") from exc
     try:

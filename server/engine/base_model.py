@@ -17,6 +17,8 @@ from transformers import (
 )
 
 from prefix_store.geometry import ModelGeometry
+from server.engine.model_support import check_attention_layout
+from server.engine.paged_attention import use_paged_attention
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +80,16 @@ def load_base_model(
     dtype: DtypeOption = "auto",
     model_id: str | None = None,
 ) -> BaseModel:
-    """Load a Hugging Face causal LM folder (or hub id) once, frozen, in eval mode. ``model_id`` names it
-    in the API (default: the folder's name)."""
+    """Load a Hugging Face causal LM folder (or hub id) once, frozen, in eval mode, its attention switched to
+    the engine's (``UnsupportedModel`` for one the engine cannot serve). ``model_id`` names it in the API
+    (default: the folder's name)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     model.to(torch_device).eval().requires_grad_(False)
+    check_attention_layout(model.config)  # UnsupportedModel: what the engine cannot serve, before any use
+    use_paged_attention(model)
     config = model.config.get_text_config()
     base = BaseModel(
         model_id=model_id or Path(str(model_path)).name or str(model_path),

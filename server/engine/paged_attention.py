@@ -1,8 +1,8 @@
 """Attention over the KV pool, plugged into transformers' attention interface.
 
 A model served by the engine runs with the attention implementation ``ATTENTION``: every attention layer
-of the unmodified model calls ``paged_attention`` with its queries. In an engine forward pass (one that
-carries ``paged=`` a ``PagedAttention``) the function reads the keys and values from the pool itself:
+of the unmodified model calls ``paged_attention`` with its queries. In an engine forward pass (one run
+inside ``reading_pool`` with a ``PagedAttention``) the function reads the keys and values from the pool itself:
 the batch's rows are split into groups of similar context length, and each group's block tables are
 gathered and attended with SDPA (``_attend``). So a decode step that holds one 2,000-token
 row among short ones does not make every short row attend over 2,000 padded columns, while the model's
@@ -12,8 +12,12 @@ is plain SDPA, with SDPA's own mask construction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +25,12 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from server.engine.model_support import UnsupportedModel
+
 ATTENTION = "prefix_serve_paged"
 
 
-@dataclass(frozen=True)
+@dataclass
 class AttentionGroup:
     """Rows of one forward pass that attend together, over ``columns`` gathered slots each."""
 
@@ -32,7 +38,24 @@ class AttentionGroup:
     size: int  # b
     read_blocks: torch.Tensor  # [b * T] the rows' block tables, T blocks each (padded with the scratch block)
     columns: int  # S = T * block_size
-    mask: torch.Tensor  # [b, 1, Q, S] additive: 0 where a query may look, dtype-min elsewhere
+    allowed: torch.Tensor  # [b, 1, Q, S] bool: where a query may look
+    query_positions: torch.Tensor  # [b, 1, Q, 1] each query's cache position (the prefix holds 0…P-1)
+    key_positions: torch.Tensor  # [b, 1, 1, S] each slot's cache position
+    dtype: torch.dtype  # the masks'
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """``[b, 1, Q, S]`` additive: 0 where a query may look, dtype-min elsewhere. With a sliding window
+        (a local attention layer), only at keys less than ``sliding_window`` cache positions behind the
+        query, transformers' rule, so a prefix leaves a local layer's window as PEFT's does. Built once
+        per pass and window."""
+        if sliding_window not in self._masks:
+            allowed = self.allowed
+            if sliding_window is not None:
+                allowed = allowed & (self.query_positions - self.key_positions < sliding_window)
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+            self._masks[sliding_window] = mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return self._masks[sliding_window]
 
 
 @dataclass(frozen=True)
@@ -43,8 +66,15 @@ class PagedAttention:
     pool_values: Sequence[torch.Tensor]
     groups: Sequence[AttentionGroup]
 
-    def attend(self, module: torch.nn.Module, query: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        """``query`` ``[B, heads, Q, D]`` → the attention output ``[B, Q, heads, D]``."""
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        sliding_window: int | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        """``query`` ``[B, heads, Q, D]`` → the attention output ``[B, Q, heads, D]``; ``sliding_window``: the
+        layer's, if it is a local one."""
         layer = module.layer_idx
         keys, values = self.pool_keys[layer], self.pool_values[layer]
         heads, dim = keys.shape[2], keys.shape[3]
@@ -54,7 +84,7 @@ class PagedAttention:
             k = keys.index_select(0, group.read_blocks).view(shape).transpose(1, 2)  # [b, H, S, D]
             v = values.index_select(0, group.read_blocks).view(shape).transpose(1, 2)
             q = query if group.rows is None else query.index_select(0, group.rows)
-            attended = _attend(module, q, k, v, group.mask, **kwargs)
+            attended = _attend(module, q, k, v, group.mask(sliding_window), **kwargs)
             if group.rows is None:
                 return attended
             if output is None:
@@ -71,16 +101,14 @@ def _attend(
     mask: torch.Tensor,
     **kwargs: object,
 ) -> torch.Tensor:
-    """SDPA of ``query`` ``[b, heads, Q, D]`` over ``key``/``value`` ``[b, kv_heads, S, D]`` → ``[b, Q, heads, D]``.
-    On the CPU, SDPA's own grouped-query mode with the mask (about a third faster at one query per row than
-    transformers' packing of the query heads, which it does because CUDA's kernels refuse a mask with
-    grouped heads); elsewhere, or for what plain SDPA cannot do (soft-capping, a position bias), transformers'
-    function."""
-    if (
-        query.device.type != "cpu"
-        or kwargs.get("softcap") is not None
-        or kwargs.get("position_bias") is not None
-    ):
+    """Attention of ``query`` ``[b, heads, Q, D]`` over ``key``/``value`` ``[b, kv_heads, S, D]`` →
+    ``[b, Q, heads, D]``. Soft-capped scores (Gemma 2), which SDPA cannot compute, go through the model's own
+    eager attention function. Otherwise SDPA: on the CPU in its own grouped-query mode with the mask (about
+    a third faster at one query per row than transformers' packing of the query heads, which it does
+    because CUDA's kernels refuse a mask with grouped heads), elsewhere through transformers' function."""
+    if kwargs.get("softcap") is not None:
+        return _eager(module)(module, query, key, value, mask, **kwargs)[0]
+    if query.device.type != "cpu" or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)[0]
     grouped = query.shape[1] != key.shape[1]
     scale = kwargs.get("scaling")
@@ -90,18 +118,42 @@ def _attend(
     return attended.transpose(1, 2)
 
 
+def _eager(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """The eager attention function of ``module``'s model (its own module's ``eager_attention_forward``)."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise UnsupportedModel(f"{type(module).__name__} soft-caps its scores but has no eager attention")
+    return eager
+
+
+# the forward pass being run over the pool, if any: set by ``reading_pool`` around it (a context variable, not a
+# model argument: some models do not hand their layers the forward's extra arguments)
+_CURRENT: ContextVar[PagedAttention | None] = ContextVar("paged_attention", default=None)
+
+
+@contextmanager
+def reading_pool(paged: PagedAttention | None) -> Iterator[None]:
+    """Within it, attention layers read ``paged``'s pool (None: plain SDPA)."""
+    token = _CURRENT.set(paged)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    *,
-    paged: PagedAttention | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """The registered attention function: the pool's when ``paged`` is given, else plain SDPA."""
+    """The registered attention function: the pool's inside ``reading_pool``, else plain SDPA."""
+    paged = _CURRENT.get()
     if paged is None:
+        if kwargs.get("softcap") is not None:
+            return _eager(module)(module, query, key, value, attention_mask, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     for unused in ("dropout", "is_causal"):
         kwargs.pop(unused, None)
@@ -113,11 +165,12 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # outside the engine, mas
 
 
 def use_paged_attention(model: PreTrainedModel) -> None:
-    """Switch ``model`` to ``ATTENTION``; raises ``ValueError`` if its attention layers cannot be switched
-    (a model that does not go through transformers' attention interface)."""
-    model.set_attn_implementation(ATTENTION)
+    """Switch ``model`` to ``ATTENTION``; raises ``UnsupportedModel`` if its attention layers cannot be
+    switched (a model that computes attention itself, not through transformers' attention interface)."""
+    with contextlib.suppress(ValueError):  # said below, in the engine's words
+        model.set_attn_implementation(ATTENTION)
     if model.config._attn_implementation != ATTENTION:
-        raise ValueError(
+        raise UnsupportedModel(
             f"{type(model).__name__} does not route its attention through transformers' attention interface, "
             "so the engine cannot read its keys and values from the KV pool"
         )

@@ -9,7 +9,9 @@ group by row group (rows of similar table length together), with a mask per grou
 
 - a prefix slot is seen by every query of its row, a masked one (past the prefix, in its last block) by none;
 - own slot ``k`` is seen by the row's query with own index ``t`` when ``k ≤ t``;
-- a padding query sees what the row's first real query sees (never nothing: no NaN rows).
+- a padding query sees what the row's first real query sees (never nothing: no NaN rows);
+- in a local (sliding-window) layer, only slots less than the window behind the query in cache positions
+  (the prefix at 0…P-1, own slot ``k`` at P + ``k``), as the model's own mask does under PEFT.
 
 Attention ignores slot order (position ids are explicit and keys already rotated), so the gaps after a
 prefix or at a table's end change no number that matters.
@@ -160,26 +162,28 @@ class PagedBatch:
         allowed = (columns < prefix_lengths)[:, None, :] | (
             (own_column >= 0) & (own_column <= index)
         )  # [b, Q, S]
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        key_positions = torch.where(own_column >= 0, prefix_lengths[:, None] + own_column, columns[:, None])
         whole = len(groups) == 1
         return AttentionGroup(
             rows=None if whole else torch.tensor(members, device=device),
             size=len(members),
             read_blocks=read_blocks.view(-1).to(device),
             columns=width * bs,
-            mask=mask[:, None].to(device),
+            allowed=allowed[:, None].to(device),
+            query_positions=(prefix_lengths[:, None] + index)[:, None].to(device),
+            key_positions=key_positions[:, None].to(device),
+            dtype=dtype,
         )
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def model_kwargs(self, dtype: torch.dtype) -> dict[str, object]:
-        """What the model's forward takes besides the inputs: ``paged`` for ``paged_attention`` (its masks
-        are in the pool's dtype, the model's), and a placeholder 4-D mask (a 4-D mask is passed through as
-        it is: transformers builds none)."""
+        """What the model's forward takes besides the inputs: a placeholder 4-D mask (a 4-D mask is passed
+        through as it is: transformers builds none; ``paged_attention`` masks with ``paged``'s groups)."""
         batch, queries = self.input_ids.shape
         mask = torch.zeros(batch, 1, queries, 0, device=self.input_ids.device)
-        return {"attention_mask": mask, "paged": self.paged}
+        return {"attention_mask": mask}
 
     def advance(self) -> None:
         """The forward pass wrote every row's inputs: count them as cached."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -43,6 +44,7 @@ class PrefillBatch:
     input_ids: torch.Tensor  # [B, Q] long: tokens fed by the next forward
     input_mask: torch.Tensor  # [B, Q] bool: False for left padding of shorter prompts
     input_positions: torch.Tensor  # [B, Q] long: position id of each input token (0 for padding)
+    paged: ClassVar[None] = None  # nothing in a KV pool: the cache holds every key and value
 
     @classmethod
     def from_rows(

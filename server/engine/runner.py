@@ -8,13 +8,14 @@ import torch
 from transformers.cache_utils import Cache
 
 from server.engine.base_model import BaseModel
-from server.engine.paged_attention import use_paged_attention
+from server.engine.paged_attention import PagedAttention, reading_pool, use_paged_attention
 
 
 class ModelInputs(Protocol):
     """What a forward pass needs: the engine's ``PagedBatch`` (or a dense ``PrefillBatch``)."""
 
     cache: Cache
+    paged: PagedAttention | None  # what attention reads from the KV pool; None: the cache holds it all
 
     @property
     def input_ids(self) -> torch.Tensor: ...  # [B, Q]
@@ -22,7 +23,7 @@ class ModelInputs(Protocol):
     @property
     def input_positions(self) -> torch.Tensor: ...  # [B, Q]
 
-    def model_kwargs(self, dtype: torch.dtype) -> dict[str, object]: ...  # the mask, and what attention reads
+    def model_kwargs(self, dtype: torch.dtype) -> dict[str, object]: ...  # the mask
 
 
 class ModelRunner:
@@ -39,12 +40,13 @@ class ModelRunner:
         """Run the batch's inputs through the model, growing its cache; returns next-token logits ``[B, V]``
         in float32, taken at each row's last input (always a real token: inputs are left-padded), or with
         ``every_position`` the logits at every input, ``[B, Q, V]``."""
-        output = self.base.model(
-            input_ids=batch.input_ids,
-            position_ids=batch.input_positions,
-            cache=batch.cache,
-            use_cache=True,
-            logits_to_keep=0 if every_position else 1,
-            **batch.model_kwargs(self.base.dtype),
-        )
+        with reading_pool(batch.paged):
+            output = self.base.model(
+                input_ids=batch.input_ids,
+                position_ids=batch.input_positions,
+                cache=batch.cache,
+                use_cache=True,
+                logits_to_keep=0 if every_position else 1,
+                **batch.model_kwargs(self.base.dtype),
+            )
         return output.logits.float() if every_position else output.logits[:, -1, :].float()
