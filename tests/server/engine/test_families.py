@@ -6,6 +6,7 @@ semantics: the model's own mask over the prefix slots at cache positions 0…P-1
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -241,3 +242,15 @@ def test_a_model_computing_attention_itself_is_refused_at_load(name: str, tmp_pa
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModel, match="attention interface"):
         load_base_model(tmp_path, device="cpu", dtype="float32")
+
+
+def test_the_readme_support_table_is_the_matrix() -> None:
+    """Every family of the matrix is in the README's table as tested, every one refused at load as refused."""
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    table = readme[readme.index("## Model families") : readme.index("## Performance")]
+    status = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        if len(cells) == 3 and cells[1] in ("tested", "refused"):
+            status |= dict.fromkeys(re.findall(r"`([^`]+)`", cells[0]), cells[1])
+    assert status == {**dict.fromkeys(FAMILIES, "tested"), **dict.fromkeys(REFUSED_AT_LOAD, "refused")}
