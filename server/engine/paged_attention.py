@@ -2,12 +2,12 @@
 
 A model served by the engine runs with the attention implementation ``ATTENTION``: every attention layer
 of the unmodified model calls ``paged_attention`` with its queries. In an engine forward pass (one run
-inside ``reading_pool`` with a ``PagedAttention``) the function reads the keys and values from the pool itself:
-the batch's rows are split into groups of similar context length, and each group's block tables are
-gathered and attended with SDPA (``_attend``). So a decode step that holds one 2,000-token
-row among short ones does not make every short row attend over 2,000 padded columns, while the model's
-projections and MLPs still run once over the whole batch. Any other call (training, a reference loop)
-is plain SDPA, with SDPA's own mask construction.
+inside ``reading_pool``) the function reads the keys and values from the pool itself: the batch's rows
+are split into groups of similar context length, and each group's block tables are gathered and attended
+(``_attend``). So a decode step that holds one 2,000-token row among short ones does not make every
+short row attend over 2,000 padded columns, while the model's projections and MLPs still run once over
+the whole batch. Any other call (training, a reference loop) is the model's own attention as
+transformers would run it: SDPA with SDPA's own masks (soft-capped scores: the model's eager function).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -126,12 +125,12 @@ def _eager(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, torch.T
     return eager
 
 
-# the forward pass being run over the pool, if any: set by ``reading_pool`` around it (a context variable, not a
-# model argument: some models do not hand their layers the forward's extra arguments)
+# the forward pass being run over the pool, if any: set by ``reading_pool`` around it (a context variable,
+# not a model argument: some models do not hand their layers the forward's extra arguments)
 _CURRENT: ContextVar[PagedAttention | None] = ContextVar("paged_attention", default=None)
 
 
-@contextmanager
+@contextlib.contextmanager
 def reading_pool(paged: PagedAttention | None) -> Iterator[None]:
     """Within it, attention layers read ``paged``'s pool (None: plain SDPA)."""
     token = _CURRENT.set(paged)
