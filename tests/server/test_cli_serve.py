@@ -14,10 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from transformers import BloomConfig, BloomForCausalLM
 
 from server.cli import build_parser
 from server.cli.serve import CLI_OPTIONS, LIMIT_OPTIONS, describe_setting
 from server.config import ServeSettings
+from server.demo_model import build_demo_tokenizer
 from testing.server_process import ServerProcess
 
 pytestmark = pytest.mark.e2e  # starts servers or other processes
@@ -153,6 +155,26 @@ def test_a_model_that_fails_to_load_is_one_line_without_traceback(tmp_path: Path
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 2, result.stderr  # the reason, then uvicorn's "Application startup failed"
     assert f"cannot start: --model {model}: cannot load it: " in errors[0]
+
+
+def test_a_model_whose_attention_cannot_be_paged_is_refused_in_one_line(tmp_path: Path) -> None:
+    """BLOOM computes ALiBi attention itself: refused when the server starts, naming the reason."""
+    model = tmp_path / "tiny-bloom"
+    tokenizer = build_demo_tokenizer()
+    BloomForCausalLM(
+        BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4)
+    ).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    result = _prefix_serve(
+        "serve", "--model", str(model), "--store", str(tmp_path / "store"), "--port", "0", "--device", "cpu",
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert (
+        f"cannot start: --model {model}: cannot serve it: BloomForCausalLM does not route its attention"
+        in errors[0]
+    )
 
 
 def test_a_kv_pool_too_small_for_the_batch_is_refused_at_start(tmp_path: Path) -> None:
