@@ -181,6 +181,13 @@ def _prompt_shape(value: object) -> object:
     return value
 
 
+def _each_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> list[str | list[int]]:
+    """A valid ``prompt`` field as its prompts (one text or token-id list, or each of a list of them)."""
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
 class CompletionRequest(GenerationFields):
     """``POST /v1/completions``."""
 
@@ -217,9 +224,7 @@ class CompletionRequest(GenerationFields):
             raise ValueError(f"best_of ({value}) must be at least n ({n})")
         if value not in (None, n) and info.data.get("stream"):
             raise ValueError("best_of cannot be streamed (it picks among finished samples)")
-        prompts = (
-            1 if prompt is None or isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
-        )
+        prompts = 1 if prompt is None else len(_each_prompt(prompt))
         if prompts * (value or n) > MAX_SAMPLES:
             raise ValueError(f"prompts × samples per prompt (best_of or n) must be at most {MAX_SAMPLES}")
         return value
@@ -227,10 +232,7 @@ class CompletionRequest(GenerationFields):
     @property
     def prompts(self) -> list[str | list[int]]:
         """Each prompt of the request: a text or token ids."""
-        prompt = self.prompt
-        if isinstance(prompt, str) or isinstance(prompt[0], int):
-            return [prompt]  # type: ignore[list-item]
-        return list(prompt)  # type: ignore[arg-type]
+        return _each_prompt(self.prompt)
 
     @property
     def samples_per_prompt(self) -> int:
