@@ -142,39 +142,34 @@ def test_an_environment_setting_is_named_as_such(tmp_path: Path) -> None:
     assert "PREFIX_SERVE_MAX_QUEUE=0: Input should be greater than or equal to 1" in result.stderr
 
 
+def _start_refusal(model: Path, store: Path) -> str:
+    """The reason ``serve --model model`` gives for not starting: one line, no traceback."""
+    result = _prefix_serve(
+        "serve", "--model", str(model), "--store", str(store), "--port", "0", "--device", "cpu", timeout=120
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 2, result.stderr  # the reason, then uvicorn's "Application startup failed"
+    return errors[0]
+
+
 def test_a_model_that_fails_to_load_is_one_line_without_traceback(tmp_path: Path) -> None:
     """Past the cheap checks (the folder looks like a model), the loader refuses it at start-up."""
     model = tmp_path / "broken-model"
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "no-such-architecture"}')
-    result = _prefix_serve(
-        "serve", "--model", str(model), "--store", str(tmp_path / "store"), "--port", "0", "--device", "cpu",
-        timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
-    assert len(errors) == 2, result.stderr  # the reason, then uvicorn's "Application startup failed"
-    assert f"cannot start: --model {model}: cannot load it: " in errors[0]
+    assert f"cannot start: --model {model}: cannot load it: " in _start_refusal(model, tmp_path / "store")
 
 
 def test_a_model_whose_attention_cannot_be_paged_is_refused_in_one_line(tmp_path: Path) -> None:
     """BLOOM computes ALiBi attention itself: refused when the server starts, naming the reason."""
     model = tmp_path / "tiny-bloom"
     tokenizer = build_demo_tokenizer()
-    BloomForCausalLM(
-        BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4)
-    ).save_pretrained(model)
+    config = BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4)
+    BloomForCausalLM(config).save_pretrained(model)
     tokenizer.save_pretrained(model)
-    result = _prefix_serve(
-        "serve", "--model", str(model), "--store", str(tmp_path / "store"), "--port", "0", "--device", "cpu",
-        timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
-    assert (
-        f"cannot start: --model {model}: cannot serve it: BloomForCausalLM does not route its attention"
-        in errors[0]
-    )
+    reason = f"cannot start: --model {model}: cannot serve it: BloomForCausalLM does not route its attention"
+    assert reason in _start_refusal(model, tmp_path / "store")
 
 
 def test_a_kv_pool_too_small_for_the_batch_is_refused_at_start(tmp_path: Path) -> None:

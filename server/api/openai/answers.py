@@ -184,7 +184,7 @@ class _ChunkFormat:
 
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """The outputs of every stream as they come, each with its stream's index."""
-    if len(streams) == 1:
+    if len(streams) == 1:  # the common case: no task and no queue hop per output
         async for output in streams[0]:
             yield 0, output
         return

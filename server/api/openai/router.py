@@ -72,9 +72,8 @@ async def _generate(
         body,
         prompts=prompts,
         task_id=task_id,
-        max_new_tokens=[
-            await translation.decide_max_tokens(state, who, body, task_id, len(prompt_ids))
-            for prompt_ids in prompts
-        ],
+        max_new_tokens=await translation.decide_max_tokens(
+            state, who, body, task_id, [len(prompt_ids) for prompt_ids in prompts]
+        ),
         chat=chat,
     )

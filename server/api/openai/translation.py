@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -16,7 +17,7 @@ from prefix_store.errors import InvalidName, PrefixNotFound
 from prefix_store.storage.names import validate_task_id
 from server.api.errors import ApiError
 from server.api.openai.answers import chat_completion, completion, stream_events
-from server.api.openai.choices import best_of, finished
+from server.api.openai.choices import best_of, finished, submitted
 from server.api.openai.protocol import (
     CHAT_DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
@@ -33,7 +34,6 @@ from server.api.serving import (
 )
 from server.api.sse import event_stream
 from server.api.state import AppState, Caller
-from server.engine.async_engine import RequestStream
 from server.engine.base_model import BaseModel as BaseLM
 from server.engine.grammar import Grammar, GrammarError
 from server.engine.request import RequestTooLong
@@ -118,25 +118,29 @@ async def grammar_for(state: AppState, who: Caller, body: GenerationFields) -> G
 
 
 async def decide_max_tokens(
-    state: AppState, who: Caller, body: GenerationFields, task_id: str | None, prompt_tokens: int
-) -> int:
-    """The request's ``max_new_tokens``: ``max_tokens`` as asked (over the server's ``--max-new-tokens``:
-    400), else the route's default cut to what fits. 400 ``context_length_exceeded`` when the prompt is over
-    the server's limit, or prefix + prompt (+ ``max_tokens`` as asked) do not fit the model's context."""
+    state: AppState, who: Caller, body: GenerationFields, task_id: str | None, prompt_lengths: list[int]
+) -> list[int]:
+    """Each prompt's ``max_new_tokens``: ``max_tokens`` as asked (over the server's ``--max-new-tokens``:
+    400), else the route's default cut to what fits. 400 ``context_length_exceeded`` when a prompt is over
+    the server's limit, or prefix + prompt (+ ``max_tokens`` as asked) do not fit the model's context. The
+    prefix's length is looked up once for all the prompts."""
     asked, field = body.asked_max_tokens
     unset = body.UNSET_MAX_TOKENS or state.settings.max_new_tokens or CHAT_DEFAULT_MAX_TOKENS
     wanted = max_new_tokens(state, unset if asked is None else asked, explicit=asked is not None, field=field)
-    if prompt_tokens > state.settings.max_prompt_tokens:
-        raise _prompt_over_limit(state, body, prompt_tokens)
+    longest = max(prompt_lengths)
+    if longest > state.settings.max_prompt_tokens:
+        raise _prompt_over_limit(state, body, longest)
     try:
-        use = await context_use(state, who, task_id, prompt_tokens, new_tokens=wanted)
+        longest_use = await context_use(state, who, task_id, longest, new_tokens=wanted)
     except PrefixNotFound:
         raise unknown_model(body.model) from None
-    if use.room is None:
-        return wanted
-    if use.room < 1 or (asked is not None and asked > use.room):
-        raise context_length_exceeded(use, body)
-    return min(wanted, use.room)
+    decided = []
+    for length in prompt_lengths:
+        use = replace(longest_use, prompt=length)
+        if use.room is not None and (use.room < 1 or (asked is not None and asked > use.room)):
+            raise context_length_exceeded(use, body)
+        decided.append(wanted if use.room is None else min(wanted, use.room))
+    return decided
 
 
 def context_length_exceeded(use: ContextUse, body: GenerationFields) -> ApiError:
@@ -198,42 +202,38 @@ async def respond(
     samples = body.samples_per_prompt
     ranked = samples > body.choices_per_prompt  # best_of: the samples' logprobs pick the choices
     grammar = await grammar_for(state, who, body)
-    streams: list[RequestStream] = []
+    submissions = (
+        submit(
+            state,
+            who,
+            prompt_ids=prompt_ids,
+            task_id=task_id,
+            sampling=sampling_params(body, sample),
+            max_new_tokens=new_tokens,
+            stop=body.stop_sequences,
+            ignore_eos=bool(body.ignore_eos),
+            id_prefix="chatcmpl" if chat else "cmpl",
+            logprobs=0 if ranked and logprobs is None else logprobs,
+            prompt_logprobs=prompt_logprobs,
+            min_tokens=body.min_tokens or 0,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            grammar=grammar,
+        )
+        for prompt_ids, new_tokens in zip(prompts, max_new_tokens, strict=True)
+        for sample in range(samples)
+    )
     try:
-        for prompt_ids, new_tokens in zip(prompts, max_new_tokens, strict=True):
-            for sample in range(samples):
-                streams.append(
-                    await submit(
-                        state,
-                        who,
-                        prompt_ids=prompt_ids,
-                        task_id=task_id,
-                        sampling=sampling_params(body, sample),
-                        max_new_tokens=new_tokens,
-                        stop=body.stop_sequences,
-                        ignore_eos=bool(body.ignore_eos),
-                        id_prefix="chatcmpl" if chat else "cmpl",
-                        logprobs=0 if ranked and logprobs is None else logprobs,
-                        prompt_logprobs=prompt_logprobs,
-                        min_tokens=body.min_tokens or 0,
-                        stop_token_ids=tuple(body.stop_token_ids or ()),
-                        grammar=grammar,
-                    )
-                )
-    except BaseException as exc:
-        for stream in streams:
-            stream.abort()
-        if isinstance(exc, PrefixNotFound):
-            raise unknown_model(body.model) from None
-        if isinstance(exc, RequestTooLong):  # the prefix's length was not known before (store down, replaced)
-            raise ApiError(
-                400,
-                "invalid_request",
-                f"This model's maximum context length is {state.base.max_positions} tokens. However, {exc}.",
-                param=body.asked_max_tokens[1],
-                code="context_length_exceeded",
-            ) from None
-        raise
+        streams = await submitted(submissions)
+    except PrefixNotFound:
+        raise unknown_model(body.model) from None
+    except RequestTooLong as exc:  # the prefix's length was not known before (store down, replaced)
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"This model's maximum context length is {state.base.max_positions} tokens. However, {exc}.",
+            param=body.asked_max_tokens[1],
+            code="context_length_exceeded",
+        ) from None
     if body.stream:
         return event_stream(stream_events(state, streams, body, http_request, chat=chat))
     results = await finished(http_request, streams)
