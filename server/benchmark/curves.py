@@ -1,5 +1,5 @@
 """Scaling curves: each point is a closed-loop run (median of ``repeats``, points interleaved) with its
-throughput and latency, and its throughput relative to the curve's reference point.
+throughput and latency, and its throughput relative to the curve's reference point (run around it).
 
   concurrency    the engine, the baselines' task mix, 1-64 clients (batch size = clients)
   prefix-length  the engine, every request on one prefix of 0-128 virtual tokens; relative to none
@@ -26,14 +26,14 @@ from server.benchmark.models import random_prefixes, random_tasks
 from server.benchmark.served import InProcessServer, upload
 from server.benchmark.served import closed_loop as async_closed_loop
 from server.benchmark.settings import BenchSettings
-from server.benchmark.timeline import Timeline, paired_ratio, summarize
+from server.benchmark.timeline import Timeline, summarize
 from server.benchmark.workload import engine_requests, http_bodies, sample_shapes, single_token_words
 from server.engine.base_model import BaseModel
 
 Point = dict[str, Any]
 
 
-def _points(
+def _curve(
     xs: Sequence[float],
     run: Callable[[float], Timeline],
     settings: BenchSettings,
@@ -41,25 +41,38 @@ def _points(
     log: Log,
     *,
     warm_up: float | None,
-) -> dict[float, list[Timeline]]:
-    """Each x's runs; one unrecorded run at ``warm_up`` first (allocations, first-call costs)."""
+    reference: float | None = None,
+) -> list[Point]:
+    """Each x's ``summarize`` over ``repeats`` rounds of the points, after one unrecorded run at
+    ``warm_up`` (allocations, first-call costs).
+
+    With a ``reference`` x, each round runs every other x between two runs of the reference, and an
+    x's ``relative`` is the median over rounds of its throughput over the mean of the two reference
+    runs around it: the machine's drift cancels within each bracket of three short runs."""
     if warm_up is not None:
         run(warm_up)
-    repeated: dict[float, list[Timeline]] = defaultdict(list)
+    runs: dict[float, list[Timeline]] = defaultdict(list)
+    ratios: dict[float, list[float]] = defaultdict(list)
+
+    def measure(x: float, repeat: int) -> float:
+        runs[x].append(run(x))
+        log(f"{name} {repeat + 1}/{settings.repeats}: {x} -> {runs[x][-1].tokens_per_s:.1f} tok/s")
+        return runs[x][-1].tokens_per_s
+
     for repeat in range(settings.repeats):
-        for x in xs:
-            repeated[x].append(run(x))
-            log(f"{name} {repeat + 1}/{settings.repeats}: {x} -> {repeated[x][-1].tokens_per_s:.1f} tok/s")
-    return repeated
-
-
-def _curve(repeated: dict[float, list[Timeline]], reference: float | None) -> list[Point]:
-    """Each x's ``summarize``, and its throughput relative to the reference x (paired by repeat)."""
-    points = [{"x": x, **summarize(runs)} for x, runs in repeated.items()]
-    if reference in repeated:
-        reference_runs = [t.tokens_per_s for t in repeated[reference]]
+        if reference is None:
+            for x in xs:
+                measure(x, repeat)
+            continue
+        before = measure(reference, repeat)
+        for x in (x for x in xs if x != reference):
+            value, after = measure(x, repeat), measure(reference, repeat)
+            ratios[x].append(value / statistics.mean([before, after]))
+            before = after
+    points = [{"x": x, **summarize(runs[x])} for x in xs]
+    if reference is not None:
         for point in points:
-            point["relative"] = paired_ratio(point["runs_tokens_per_s"], reference_runs)
+            point["relative"] = statistics.median(ratios[point["x"]]) if point["x"] != reference else 1.0
     return points
 
 
@@ -73,10 +86,7 @@ def concurrency_curve(base: BaseModel, settings: BenchSettings, log: Log) -> lis
         requests = engine_requests(shapes, prefixes, vocab_size=vocab)
         return closed_loop(EngineSystem(base, max_batch_size=clients), requests, clients)
 
-    return _curve(
-        _points(settings.concurrency_curve, run, settings, "concurrency", log, warm_up=settings.concurrency),
-        reference=None,
-    )
+    return _curve(settings.concurrency_curve, run, settings, "concurrency", log, warm_up=settings.concurrency)
 
 
 def prefix_length_curve(base: BaseModel, settings: BenchSettings, log: Log) -> list[Point]:
@@ -95,9 +105,12 @@ def prefix_length_curve(base: BaseModel, settings: BenchSettings, log: Log) -> l
         )
 
     return _curve(
-        _points(
-            settings.prefix_curve, run, settings, "prefix-length", log, warm_up=min(settings.prefix_curve)
-        ),
+        settings.prefix_curve,
+        run,
+        settings,
+        "prefix-length",
+        log,
+        warm_up=min(settings.prefix_curve),
         reference=0,
     )
 
@@ -115,8 +128,7 @@ def tasks_curve(base: BaseModel, settings: BenchSettings, workdir: Path, log: Lo
         return asyncio.run(_serve(base, store_url, bodies, settings.concurrency, preload=chosen))
 
     return _curve(
-        _points(settings.tasks_curve, run, settings, "tasks", log, warm_up=min(settings.tasks_curve)),
-        reference=8,
+        settings.tasks_curve, run, settings, "tasks", log, warm_up=min(settings.tasks_curve), reference=8
     )
 
 
@@ -146,7 +158,12 @@ def cache_budget_curve(base: BaseModel, settings: BenchSettings, workdir: Path, 
         )
 
     points = _curve(
-        _points(settings.cache_curve, run, settings, "cache-budget", log, warm_up=None),
+        settings.cache_curve,
+        run,
+        settings,
+        "cache-budget",
+        log,
+        warm_up=None,
         reference=min(settings.cache_curve),
     )
     for point in points:  # of acquires during the runs (after a warm preload); the mean of the repeats

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from server.benchmark.baselines import mix_lengths
+from server.benchmark.curves import _curve
 from server.benchmark.memory import memory_table
 from server.benchmark.remote import _retry_after_s, requests_per_point
 from server.benchmark.remote_prompts import PROBE_WORDS, CountTokens, calibrate
@@ -187,6 +188,26 @@ def test_percentiles_and_throughput() -> None:
     assert summary["p50_latency_s"] == pytest.approx(1.25) and summary["p99_ttft_s"] <= 0.5
 
 
+def test_curve_points_run_between_two_reference_runs_so_linear_drift_cancels() -> None:
+    order: list[float] = []
+    cost = {0: 1.0, 8: 1.25, 32: 2.0}  # seconds per token at the first run; the machine slows each run
+
+    def run(x: float) -> Timeline:
+        order.append(x)
+        slowdown = 1 + 0.1 * len(order)
+        return Timeline(started=0.0, ended=cost[int(x)] * slowdown, tokens=1)
+
+    settings = BenchSettings(repeats=2)
+    points = {
+        p["x"]: p for p in _curve([0, 8, 32], run, settings, "test", lambda _: None, warm_up=0, reference=0)
+    }
+    assert order == [0, 0, 8, 0, 32, 0, 0, 8, 0, 32, 0]  # the warm-up, then each round's brackets
+    # Each ratio is to the mean of the reference runs around it: drift linear in time cancels to first order.
+    assert points[8]["relative"] == pytest.approx(0.8, rel=0.01)
+    assert points[32]["relative"] == pytest.approx(0.5, rel=0.01)
+    assert points[0]["relative"] == 1.0 and len(points[0]["runs_tokens_per_s"]) == 6
+
+
 def _summary(tokens_per_s: float, p50: float = 1.0) -> dict[str, object]:
     return {"tokens_per_s": tokens_per_s, "p50_latency_s": p50, "runs_tokens_per_s": [tokens_per_s]}
 
@@ -202,7 +223,12 @@ def test_targets_pass_fail_and_not_run() -> None:
             "engine-varied": _summary(90.0, p50=2.0),
             "static-varied": _summary(70.0, p50=3.0),
         },
-        "curves": {"prefix-length": [{"x": 0, **_summary(50.0)}, {"x": 32, **_summary(46.0)}]},
+        "curves": {
+            "prefix-length": [
+                {"x": 0, **_summary(50.0), "relative": 1.0},
+                {"x": 32, **_summary(46.0), "relative": 0.92},
+            ]
+        },
     }
     verdicts = [(t.value, t.verdict) for t in evaluate(report, concurrency=16)]
     assert verdicts == [
