@@ -14,10 +14,12 @@ class ModelGeometry:
     num_layers: int  # attention layers, each of which gets its own prefix K/V
     num_kv_heads: int  # key/value heads (fewer than query heads under grouped-query attention)
     head_dim: int  # features per head
+    embedding_dim: int | None = None  # width of the input embeddings (a soft prompt's); not fingerprinted
 
     @classmethod
     def from_config(cls, config: Any) -> ModelGeometry:
-        """Derive the geometry from a Hugging Face model config (Llama/Mistral/Qwen2-style or GPT-2)."""
+        """Derive the geometry from a Hugging Face model config (Llama/Mistral/Qwen2-style or GPT-2); the
+        embedding width is the hidden size (``load_base_model`` takes the model's own where they differ)."""
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         num_heads = text_config.num_attention_heads
         num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
@@ -27,6 +29,7 @@ class ModelGeometry:
             num_layers=int(text_config.num_hidden_layers),
             num_kv_heads=int(num_kv_heads),
             head_dim=int(head_dim),
+            embedding_dim=int(text_config.hidden_size),
         )
 
     @property

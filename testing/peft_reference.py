@@ -1,4 +1,5 @@
-"""PEFT as the reference implementation of prefix tuning, for tests of any Hugging Face causal LM.
+"""PEFT as the reference implementation of prefix tuning and soft prompts, for tests of any Hugging Face
+causal LM.
 
 Stock ``PeftModel.generate`` silently ignores prefix-tuning adapters with transformers 5.24 (it passes
 its own empty cache; the prefix PEFT passes under the deprecated ``past_key_values`` name is dropped),
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from transformers import PreTrainedModel
 
 
@@ -35,6 +36,32 @@ def make_peft_adapter(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(base_model, config)
+    peft_model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def make_peft_soft_prompt(
+    base_model: PreTrainedModel,
+    out_dir: Path,
+    *,
+    num_virtual_tokens: int,
+    method: str = "PROMPT_TUNING",
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised PEFT soft-prompt adapter (``PROMPT_TUNING``, or ``P_TUNING`` with its MLP
+    prompt encoder, which PEFT saves as the encoder's output) for ``base_model`` into ``out_dir``; seeded
+    like ``make_peft_adapter``."""
+    configs = {
+        "PROMPT_TUNING": lambda: PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens
+        ),
+        "P_TUNING": lambda: PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=32
+        ),
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(base_model, configs[method]())
     peft_model.save_pretrained(str(out_dir))
     return out_dir
 

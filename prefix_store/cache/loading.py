@@ -4,6 +4,8 @@ and ``place_prefix`` (device memory: ``PrefixCacheFull``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from prefix_store.errors import PrefixCacheFull, PrefixValidationError
@@ -11,6 +13,7 @@ from prefix_store.formats.limits import PrefixLimits
 from prefix_store.formats.native import decode_native
 from prefix_store.geometry import ModelGeometry
 from prefix_store.prefix import Prefix
+from prefix_store.soft_prompt import SoftPrompt
 from prefix_store.storage.store import PrefixRecord, PrefixStore
 
 DEFAULT_CPU_BUDGET_BYTES = 1 << 30
@@ -25,17 +28,30 @@ def default_budget_bytes(device: torch.device) -> int:
     return DEFAULT_CPU_BUDGET_BYTES
 
 
+SoftPromptEncoder = Callable[[SoftPrompt], Prefix]  # a soft prompt's keys and values, from the model
+
+
 def fetch_prefix(
     store: PrefixStore,
     record: PrefixRecord,
     geometry: ModelGeometry,
     limits: PrefixLimits,
     dtype: torch.dtype,
+    encode_soft_prompt: SoftPromptEncoder | None = None,
 ) -> Prefix:
     """Read a version's blob and validate it fully (a store is trusted with bytes, not with their
-    meaning), then cast it to the model dtype on the CPU."""
+    meaning), cast it to the model dtype on the CPU; a soft prompt becomes the keys and values its
+    virtual tokens give (``encode_soft_prompt``, a CPU prefix in the model dtype)."""
     blob = store.get_blob(record)
-    prefix = decode_native(blob, geometry, limits).to("cpu", dtype)
+    adapter = decode_native(blob, geometry, limits).to("cpu", dtype)
+    if isinstance(adapter, SoftPrompt):
+        if encode_soft_prompt is None:
+            raise PrefixValidationError(
+                f"{record.task_id!r} is a soft prompt, and this cache cannot encode one"
+            )
+        prefix = encode_soft_prompt(adapter)
+    else:
+        prefix = adapter
     if prefix.num_virtual_tokens != record.num_virtual_tokens:
         raise PrefixValidationError(
             f"the stored prefix of {record.task_id!r} has {prefix.num_virtual_tokens} virtual tokens "

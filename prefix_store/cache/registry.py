@@ -7,7 +7,8 @@ a request and ``release`` exactly once when the request ends, however it ends.
   requests already holding the old version keep it until they release it.
 - **Single flight**: concurrent acquirers of a version that is not resident wait for one load.
 - **Fetch, then place**: the blob is read from the store (or the host tier) and decoded and cast on
-  the CPU; only then is its size charged to the budget and the prefix copied to the device.
+  the CPU (a soft prompt becomes its virtual tokens' keys and values: ``encode_soft_prompt``, once per
+  load); only then is its size charged to the budget and the prefix copied to the device.
 - **Byte budget**: resident bytes never exceed ``budget_bytes``; to make room, the least recently used
   *unpinned* versions are evicted. If pinned versions leave no room, the acquire waits up to
   ``cache_full_wait_s`` for releases, then fails with ``PrefixCacheFull``: the budget is never exceeded.
@@ -33,7 +34,7 @@ import torch
 
 from prefix_store.cache.host_tier import HostTier
 from prefix_store.cache.invalidation import VersionWatcher
-from prefix_store.cache.loading import default_budget_bytes, fetch_prefix, place_prefix
+from prefix_store.cache.loading import SoftPromptEncoder, default_budget_bytes, fetch_prefix, place_prefix
 from prefix_store.cache.pins import PrefixPins, acquire_async
 from prefix_store.cache.registry_stats import Counters, LatencyWindow, RegistryStats, StoreHealth
 from prefix_store.cache.residency import CacheEntry, LoadState, ResidentSet
@@ -95,8 +96,10 @@ class PrefixRegistry:
         store_retry_s: float = 1.0,
         cache_full_wait_s: float = 0.0,
         prefetch_on_change: bool = True,
+        encode_soft_prompt: SoftPromptEncoder | None = None,
     ) -> None:
         self.store = store
+        self.encode_soft_prompt = encode_soft_prompt
         self.geometry = geometry
         self.device = torch.device(device)
         self.dtype = dtype
@@ -318,7 +321,9 @@ class PrefixRegistry:
             if host_copy is None:
                 with self._lock:
                     self._counts.store_reads += 1
-            cpu = host_copy or fetch_prefix(self.store, entry.record, self.geometry, self.limits, self.dtype)
+            cpu = host_copy or fetch_prefix(
+                self.store, entry.record, self.geometry, self.limits, self.dtype, self.encode_soft_prompt
+            )
             self._charge(entry, cpu.nbytes)
             placed = place_prefix(cpu, self.device)
         except BaseException as exc:

@@ -1,7 +1,11 @@
-"""The native prefix file of API.md: safetensors with tensors ``keys`` and ``values`` and string metadata.
+"""The native prefix file of API.md: safetensors with string metadata and, by its ``kind``:
 
-``keys``/``values``: ``[num_layers, num_kv_heads, num_virtual_tokens, head_dim]``; metadata
-``format`` = ``prefix-serve/1``, ``num_virtual_tokens``, ``base_model`` = the geometry's fingerprint.
+- a prefix (``kind`` absent or ``prefix``): ``keys``/``values``
+  ``[num_layers, num_kv_heads, num_virtual_tokens, head_dim]``;
+- a soft prompt (``kind`` = ``soft_prompt``): ``embeddings`` ``[num_virtual_tokens, embedding_dim]``.
+
+Metadata ``format`` = ``prefix-serve/1``, ``num_virtual_tokens``, ``base_model`` = the geometry's
+fingerprint (a soft prompt's width is checked against the model's embeddings too).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Mapping
 
 import safetensors.torch
 import torch
@@ -24,9 +29,12 @@ from prefix_store.formats.safetensors_check import (
 )
 from prefix_store.geometry import ModelGeometry
 from prefix_store.prefix import Prefix
+from prefix_store.soft_prompt import Adapter, SoftPrompt, kind_of
 
 NATIVE_FORMAT = "prefix-serve/1"
 NATIVE_TENSOR_NAMES = ("keys", "values")
+SOFT_PROMPT_TENSOR = "embeddings"
+_TENSORS_OF_KIND = {"prefix": NATIVE_TENSOR_NAMES, "soft_prompt": (SOFT_PROMPT_TENSOR,)}
 
 _SOURCE = "prefix file"
 _MISPLACED = {
@@ -38,27 +46,38 @@ _MISPLACED = {
 _DECIMAL = re.compile(r"[0-9]{1,9}")
 
 
-def require_fits(prefix: Prefix, geometry: ModelGeometry) -> None:
-    """Refuse to serialise a prefix whose tensors do not have the geometry's shape."""
-    if not prefix.fits(geometry):
+def require_fits(adapter: Adapter, geometry: ModelGeometry) -> None:
+    """Refuse to serialise a prefix or soft prompt whose tensors do not have the geometry's shape."""
+    if adapter.fits(geometry):
+        return
+    if isinstance(adapter, SoftPrompt):
         raise PrefixValidationError(
-            f"a prefix with keys {format_shape(prefix.keys.shape)} and values "
-            f"{format_shape(prefix.values.shape)} does not fit the base model {geometry.fingerprint}"
+            f"a soft prompt of embeddings {format_shape(adapter.embeddings.shape)} does not fit the base "
+            f"model's embeddings of width {geometry.embedding_dim}"
         )
+    raise PrefixValidationError(
+        f"a prefix with keys {format_shape(adapter.keys.shape)} and values "
+        f"{format_shape(adapter.values.shape)} does not fit the base model {geometry.fingerprint}"
+    )
 
 
-def encode_native(prefix: Prefix, geometry: ModelGeometry) -> bytes:
-    """Serialise ``prefix`` as a native prefix file for the base model of ``geometry``."""
-    require_fits(prefix, geometry)
-    # safetensors refuses non-contiguous tensors and tensors that share storage: give each its own copy.
-    tensors = {
-        "keys": prefix.keys.detach().cpu().clone(memory_format=torch.contiguous_format),
-        "values": prefix.values.detach().cpu().clone(memory_format=torch.contiguous_format),
-    }
+def encode_native(adapter: Adapter, geometry: ModelGeometry) -> bytes:
+    """Serialise a prefix or a soft prompt as a native file for the base model of ``geometry``."""
+    require_fits(adapter, geometry)
     metadata = {
         "format": NATIVE_FORMAT,
-        "num_virtual_tokens": str(prefix.num_virtual_tokens),
+        "num_virtual_tokens": str(adapter.num_virtual_tokens),
         "base_model": geometry.fingerprint,
+    }
+    if isinstance(adapter, SoftPrompt):
+        tensors = {SOFT_PROMPT_TENSOR: adapter.embeddings}
+        metadata["kind"] = kind_of(adapter)
+    else:
+        tensors = {"keys": adapter.keys, "values": adapter.values}
+    # safetensors refuses non-contiguous tensors and tensors that share storage: give each its own copy.
+    tensors = {
+        name: tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for name, tensor in tensors.items()
     }
     return canonical_header(safetensors.torch.save(tensors, metadata=metadata))
 
@@ -74,23 +93,53 @@ def canonical_header(data: bytes) -> bytes:
     return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
 
 
-def decode_native(data: bytes, geometry: ModelGeometry, limits: PrefixLimits) -> Prefix:
-    """Validate an untrusted native prefix file fully, then build its tensors.
+def decode_native(data: bytes, geometry: ModelGeometry, limits: PrefixLimits) -> Adapter:
+    """Validate an untrusted native file fully, then build its prefix or soft prompt.
 
     Raises ``PrefixValidationError`` (status 400, or 413 for oversize) naming what is wrong. The tensors
-    keep the file's floating dtype (keys and values promoted to a common one); callers cast with
-    ``Prefix.to``.
+    keep the file's floating dtype (keys and values promoted to a common one); callers cast with ``to``.
     """
     header = check_safetensors(
-        data, expected_names=NATIVE_TENSOR_NAMES, limits=limits, source=_SOURCE, misplaced=_MISPLACED
+        data, expected_names=_tensors_of_kind, limits=limits, source=_SOURCE, misplaced=_MISPLACED
     )
     _check_format_and_base_model(header.metadata, geometry)
-    num_virtual_tokens = _check_shapes(header.tensors["keys"], header.tensors["values"], geometry)
+    soft = SOFT_PROMPT_TENSOR in header.tensors
+    if soft:
+        num_virtual_tokens = check_soft_prompt_shape(
+            header.tensors[SOFT_PROMPT_TENSOR].shape, geometry, _SOURCE
+        )
+    else:
+        num_virtual_tokens = _check_shapes(header.tensors["keys"], header.tensors["values"], geometry)
     limits.check_num_virtual_tokens(num_virtual_tokens, _SOURCE)
     _check_declared_num_virtual_tokens(header.metadata, num_virtual_tokens)
     tensors = load_checked_tensors(data, _SOURCE)
+    if soft:
+        return SoftPrompt(tensors[SOFT_PROMPT_TENSOR])
     dtype = torch.promote_types(tensors["keys"].dtype, tensors["values"].dtype)
     return Prefix(keys=tensors["keys"].to(dtype), values=tensors["values"].to(dtype))
+
+
+def _tensors_of_kind(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    kind = metadata.get("kind", "prefix")
+    if kind not in _TENSORS_OF_KIND:
+        raise PrefixValidationError(
+            f"{_SOURCE} has metadata kind {excerpt(kind)}; expected 'prefix' or 'soft_prompt'"
+        )
+    return _TENSORS_OF_KIND[kind]
+
+
+def check_soft_prompt_shape(shape: tuple[int, ...], geometry: ModelGeometry, source: str) -> int:
+    """Check a soft prompt's ``[num_virtual_tokens, embedding_dim]`` against the model; return P."""
+    if geometry.embedding_dim is None:
+        raise PrefixValidationError(
+            f"{source}: the base model's embedding width is unknown; soft prompts need it"
+        )
+    if len(shape) != 2 or shape[1] != geometry.embedding_dim:
+        raise PrefixValidationError(
+            f"{source}: a soft prompt's embeddings have shape {format_shape(shape)}; expected "
+            f"[num_virtual_tokens, {geometry.embedding_dim}] (the base model's embedding width)"
+        )
+    return shape[0]
 
 
 def _check_format_and_base_model(metadata: dict[str, str], geometry: ModelGeometry) -> None:

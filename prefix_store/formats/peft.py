@@ -1,9 +1,15 @@
-"""PEFT ``PREFIX_TUNING`` adapters (``adapter_config.json`` + ``adapter_model.safetensors``): read, write.
+"""PEFT prompt-learning adapters (``adapter_config.json`` + ``adapter_model.safetensors``): read, write.
 
-PEFT saves one tensor, ``prompt_embeddings`` ``[P, num_layers * 2 * kv_heads * head_dim]``, already
-projected when the adapter was trained with ``prefix_projection`` (the MLP is not saved), so both kinds
-read the same. Each row is laid out ``[num_layers, 2 (key, value), kv_heads, head_dim]``. In the config
-``num_attention_heads`` is the model's key/value head count and ``token_dim`` = kv_heads × head_dim.
+PEFT saves one tensor, ``prompt_embeddings``, for every prompt-learning method:
+
+- ``PREFIX_TUNING``: ``[P, num_layers * 2 * kv_heads * head_dim]``, already projected when the adapter
+  was trained with ``prefix_projection`` (the MLP is not saved), so both kinds read the same. Each row is
+  laid out ``[num_layers, 2 (key, value), kv_heads, head_dim]``. In the config ``num_attention_heads`` is
+  the model's key/value head count and ``token_dim`` = kv_heads × head_dim. Read as a ``Prefix``.
+- ``PROMPT_TUNING`` and ``P_TUNING``: ``[P, token_dim]`` input embeddings, ``token_dim`` the model's
+  embedding width (P-Tuning saves its prompt encoder's output, so both read the same). Read as a
+  ``SoftPrompt``; a soft prompt is written as ``PROMPT_TUNING``.
+
 peft itself is not imported: it is a test dependency only.
 """
 
@@ -18,7 +24,7 @@ import torch
 
 from prefix_store.errors import PrefixValidationError
 from prefix_store.formats.limits import PrefixLimits
-from prefix_store.formats.native import NATIVE_TENSOR_NAMES, require_fits
+from prefix_store.formats.native import NATIVE_TENSOR_NAMES, check_soft_prompt_shape, require_fits
 from prefix_store.formats.safetensors_check import (
     check_safetensors,
     excerpt,
@@ -27,10 +33,13 @@ from prefix_store.formats.safetensors_check import (
 )
 from prefix_store.geometry import ModelGeometry
 from prefix_store.prefix import Prefix
+from prefix_store.soft_prompt import Adapter, SoftPrompt
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_MODEL_NAME = "adapter_model.safetensors"
 PROMPT_EMBEDDINGS = "prompt_embeddings"
+SOFT_PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
+ACCEPTED_TYPES = ("PREFIX_TUNING", *SOFT_PROMPT_TYPES)
 
 _MISPLACED = {
     frozenset(NATIVE_TENSOR_NAMES): (
@@ -41,13 +50,14 @@ _MISPLACED = {
 
 def decode_peft(
     adapter_config: bytes, adapter_model: bytes, geometry: ModelGeometry, limits: PrefixLimits
-) -> Prefix:
-    """Validate an untrusted PEFT prefix-tuning adapter fully, then convert it to a ``Prefix``.
+) -> Adapter:
+    """Validate an untrusted PEFT prompt-learning adapter fully, then convert it: a ``Prefix`` for
+    ``PREFIX_TUNING``, a ``SoftPrompt`` for ``PROMPT_TUNING`` and ``P_TUNING``.
 
     Raises ``PrefixValidationError`` (400, or 413 for oversize) naming the file and what is wrong.
     The tensors keep the file's floating dtype.
     """
-    num_virtual_tokens = _check_config(adapter_config, geometry, limits)
+    peft_type, num_virtual_tokens = _check_config(adapter_config, geometry, limits)
     header = check_safetensors(
         adapter_model,
         expected_names=(PROMPT_EMBEDDINGS,),
@@ -55,8 +65,16 @@ def decode_peft(
         source=ADAPTER_MODEL_NAME,
         misplaced=_MISPLACED,
     )
-    expected = (num_virtual_tokens, 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim)
     shape = header.tensors[PROMPT_EMBEDDINGS].shape
+    if peft_type in SOFT_PROMPT_TYPES:
+        rows = check_soft_prompt_shape(shape, geometry, f"{ADAPTER_MODEL_NAME}: tensor '{PROMPT_EMBEDDINGS}'")
+        if rows != num_virtual_tokens:
+            raise PrefixValidationError(
+                f"{ADAPTER_MODEL_NAME}: tensor '{PROMPT_EMBEDDINGS}' has {rows} rows; {ADAPTER_CONFIG_NAME} "
+                f"says num_virtual_tokens is {num_virtual_tokens}"
+            )
+        return SoftPrompt(load_checked_tensors(adapter_model, ADAPTER_MODEL_NAME)[PROMPT_EMBEDDINGS])
+    expected = (num_virtual_tokens, 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim)
     if shape != expected:
         raise PrefixValidationError(
             f"{ADAPTER_MODEL_NAME}: tensor '{PROMPT_EMBEDDINGS}' has shape {format_shape(shape)}; expected "
@@ -73,39 +91,57 @@ def decode_peft(
 
 
 def encode_peft(
-    prefix: Prefix, geometry: ModelGeometry, base_model_name_or_path: str = ""
+    adapter: Adapter, geometry: ModelGeometry, base_model_name_or_path: str = ""
 ) -> dict[str, bytes]:
-    """The files of an inference-mode PEFT ``PREFIX_TUNING`` adapter holding ``prefix``, by file name.
+    """The files of an inference-mode PEFT adapter holding ``adapter``, by file name: ``PREFIX_TUNING`` for
+    a prefix, ``PROMPT_TUNING`` for a soft prompt.
 
-    ``PeftModel.from_pretrained(base_model, folder)`` loads them; the prefix is written as already
+    ``PeftModel.from_pretrained(base_model, folder)`` loads them; a prefix is written as already
     projected, so the config says ``prefix_projection: false`` whatever the prefix was trained with.
     """
-    require_fits(prefix, geometry)
-    num_virtual_tokens = prefix.num_virtual_tokens
-    keys_values = torch.stack(
-        [prefix.keys, prefix.values], dim=1
-    )  # [layers, key|value, kv_heads, P, head_dim]
-    embeddings = (
-        keys_values.detach().cpu().permute(3, 0, 1, 2, 4).reshape(num_virtual_tokens, -1).contiguous()
-    )  # [P, layers * 2 * kv_heads * head_dim]
-    token_dim = geometry.num_kv_heads * geometry.head_dim
-    config = {
+    require_fits(adapter, geometry)
+    config: dict[str, Any] = {
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path or None,
-        "encoder_hidden_size": token_dim,
         "inference_mode": True,
-        "init_weights": None,
         "modules_to_save": None,
-        "num_attention_heads": geometry.num_kv_heads,
         "num_layers": geometry.num_layers,
         "num_transformer_submodules": 1,
-        "num_virtual_tokens": num_virtual_tokens,
-        "peft_type": "PREFIX_TUNING",
-        "prefix_projection": False,
+        "num_virtual_tokens": adapter.num_virtual_tokens,
         "revision": None,
         "task_type": "CAUSAL_LM",
-        "token_dim": token_dim,
     }
+    if isinstance(adapter, SoftPrompt):
+        embeddings = adapter.embeddings.detach().cpu().contiguous()  # [P, embedding_dim]
+        config |= {
+            "num_attention_heads": geometry.num_kv_heads,
+            "peft_type": "PROMPT_TUNING",
+            "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None,
+            "token_dim": geometry.embedding_dim,
+            "tokenizer_kwargs": None,
+            "tokenizer_name_or_path": None,
+        }
+    else:
+        keys_values = torch.stack(
+            [adapter.keys, adapter.values], dim=1
+        )  # [layers, key|value, kv_heads, P, head_dim]
+        embeddings = (
+            keys_values.detach()
+            .cpu()
+            .permute(3, 0, 1, 2, 4)
+            .reshape(adapter.num_virtual_tokens, -1)
+            .contiguous()
+        )  # [P, layers * 2 * kv_heads * head_dim]
+        token_dim = geometry.num_kv_heads * geometry.head_dim
+        config |= {
+            "encoder_hidden_size": token_dim,
+            "init_weights": None,
+            "num_attention_heads": geometry.num_kv_heads,
+            "peft_type": "PREFIX_TUNING",
+            "prefix_projection": False,
+            "token_dim": token_dim,
+        }
     return {
         ADAPTER_CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
         ADAPTER_MODEL_NAME: safetensors.torch.save(
@@ -115,17 +151,17 @@ def encode_peft(
 
 
 def write_peft_folder(
-    prefix: Prefix, geometry: ModelGeometry, out_dir: Path, base_model_name_or_path: str = ""
+    adapter: Adapter, geometry: ModelGeometry, out_dir: Path, base_model_name_or_path: str = ""
 ) -> Path:
     """Write ``encode_peft``'s files into ``out_dir`` (created if missing); return ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, content in encode_peft(prefix, geometry, base_model_name_or_path).items():
+    for name, content in encode_peft(adapter, geometry, base_model_name_or_path).items():
         (out_dir / name).write_bytes(content)
     return out_dir
 
 
-def _check_config(adapter_config: bytes, geometry: ModelGeometry, limits: PrefixLimits) -> int:
-    """Check ``adapter_config.json`` against the geometry; return its ``num_virtual_tokens``."""
+def _check_config(adapter_config: bytes, geometry: ModelGeometry, limits: PrefixLimits) -> tuple[str, int]:
+    """Check ``adapter_config.json`` against the geometry; return its ``peft_type`` and ``num_virtual_tokens``."""
     limits.check_config_size(len(adapter_config), ADAPTER_CONFIG_NAME)
     try:
         config = json.loads(adapter_config.decode("utf-8"))
@@ -136,10 +172,11 @@ def _check_config(adapter_config: bytes, geometry: ModelGeometry, limits: Prefix
             f"{ADAPTER_CONFIG_NAME} must be a JSON object, got {type(config).__name__}"
         )
     peft_type = config.get("peft_type")
-    if peft_type != "PREFIX_TUNING":
+    if peft_type not in ACCEPTED_TYPES:
         got = "has no 'peft_type'" if peft_type is None else f"is a {_shown(peft_type)} adapter"
         raise PrefixValidationError(
-            f"{ADAPTER_CONFIG_NAME} {got}; only PEFT PREFIX_TUNING adapters are accepted"
+            f"{ADAPTER_CONFIG_NAME} {got}; only PEFT prompt-learning adapters are accepted "
+            f"({', '.join(ACCEPTED_TYPES)})"
         )
     task_type = config.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
@@ -155,6 +192,14 @@ def _check_config(adapter_config: bytes, geometry: ModelGeometry, limits: Prefix
         raise PrefixValidationError(
             f"{ADAPTER_CONFIG_NAME}: modules_to_save is set; an adapter may not change the frozen base model"
         )
+    if peft_type in SOFT_PROMPT_TYPES:
+        token_dim = _required_int(config, "token_dim")
+        if token_dim != geometry.embedding_dim:
+            raise PrefixValidationError(
+                f"{ADAPTER_CONFIG_NAME}: token_dim is {token_dim} but must be {geometry.embedding_dim} "
+                "(the base model's embedding width)"
+            )
+        return peft_type, _num_virtual_tokens(config, limits)
     token_dim = geometry.num_kv_heads * geometry.head_dim
     for field, expected, meaning in (
         ("num_layers", geometry.num_layers, "the base model's layers"),
@@ -170,6 +215,10 @@ def _check_config(adapter_config: bytes, geometry: ModelGeometry, limits: Prefix
             raise PrefixValidationError(
                 f"{ADAPTER_CONFIG_NAME}: {field} is {value} but must be {expected} ({meaning})"
             )
+    return peft_type, _num_virtual_tokens(config, limits)
+
+
+def _num_virtual_tokens(config: dict[str, Any], limits: PrefixLimits) -> int:
     num_virtual_tokens = _required_int(config, "num_virtual_tokens")
     limits.check_num_virtual_tokens(num_virtual_tokens, ADAPTER_CONFIG_NAME)
     return num_virtual_tokens

@@ -11,7 +11,7 @@ from prefix_store.formats.limits import PrefixLimits
 from prefix_store.formats.native import decode_native
 from prefix_store.formats.peft import ADAPTER_CONFIG_NAME, ADAPTER_MODEL_NAME, decode_peft
 from prefix_store.geometry import ModelGeometry
-from prefix_store.prefix import Prefix
+from prefix_store.soft_prompt import Adapter
 
 _PICKLE_ADAPTER_NAME = "adapter_model.bin"
 _PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
@@ -27,8 +27,8 @@ class SourceFormat(StrEnum):
 
 def load_prefix_source(
     path: Path, geometry: ModelGeometry, limits: PrefixLimits
-) -> tuple[Prefix, SourceFormat]:
-    """Read and fully validate a prefix: a native ``.safetensors`` file or a PEFT adapter folder.
+) -> tuple[Adapter, SourceFormat]:
+    """Read and fully validate a prefix or soft prompt: a native ``.safetensors`` file or a PEFT adapter folder.
 
     Sizes are checked with ``stat`` before anything is read. Raises ``PrefixValidationError``.
     """

@@ -75,6 +75,7 @@ class FileStore(PrefixStore):
         *,
         num_virtual_tokens: int,
         source_format: str,
+        kind: str = "prefix",
         if_match: str | None = None,
     ) -> tuple[PrefixRecord, bool]:
         record_path = self._record_path(tenant, task_id)
@@ -97,6 +98,7 @@ class FileStore(PrefixStore):
                 bytes=len(blob),
                 created_at=time.time(),
                 source_format=source_format,
+                kind=kind,
             )
             _atomic_write(record_path, json.dumps(record.to_json()).encode())
             if previous is not None and previous.sha256 != sha256:

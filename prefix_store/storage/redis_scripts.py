@@ -31,7 +31,7 @@ end
 
 # KEYS: record, tenant index, refs hash, sequence hash, new blob, operation id
 # ARGV: if_match ('' = none), tenant, task_id, sha256, num_virtual_tokens, bytes, created_at,
-#       source_format, blob key prefix, grace seconds, channel, origin
+#       source_format, blob key prefix, grace seconds, channel, origin, kind
 PUT = (
     _COMMON
     + """
@@ -49,7 +49,7 @@ local version = sequence .. '-' .. string.sub(ARGV[4], 1, 12)
 local record = cjson.encode({
   tenant = ARGV[2], task_id = ARGV[3], version = version, sha256 = ARGV[4],
   num_virtual_tokens = tonumber(ARGV[5]), bytes = tonumber(ARGV[6]),
-  created_at = tonumber(ARGV[7]), source_format = ARGV[8]})
+  created_at = tonumber(ARGV[7]), source_format = ARGV[8], kind = ARGV[13]})
 redis.call('SET', KEYS[1], record)
 redis.call('ZADD', KEYS[2], 0, ARGV[3])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)

@@ -109,6 +109,7 @@ class RedisStore(PrefixStore):
         *,
         num_virtual_tokens: int,
         source_format: str,
+        kind: str = "prefix",
         if_match: str | None = None,
     ) -> tuple[PrefixRecord, bool]:
         record_key = self._record_key(tenant, task_id)
@@ -135,6 +136,7 @@ class RedisStore(PrefixStore):
             self.gc_grace_s,
             self._channel,
             self._origin,
+            kind,
         ]
         with _redis_errors("store a prefix"):
             for _ in range(3):

@@ -43,6 +43,7 @@ class PrefixRecord:
     bytes: int  # size of the native blob
     created_at: float  # unix seconds
     source_format: str  # "native" or "peft": what the uploader sent
+    kind: str = "prefix"  # "prefix" or "soft_prompt": what the blob holds (records from before say neither)
 
     @property
     def key(self) -> TaskKey:
@@ -66,6 +67,7 @@ class PrefixRecord:
             bytes=int(data["bytes"]),  # type: ignore[call-overload]
             created_at=float(data["created_at"]),  # type: ignore[arg-type]
             source_format=str(data["source_format"]),
+            kind=str(data.get("kind", "prefix")),
         )
 
 
@@ -116,9 +118,11 @@ class PrefixStore(abc.ABC):
         *,
         num_virtual_tokens: int,
         source_format: str,
+        kind: str = "prefix",
         if_match: str | None = None,
     ) -> tuple[PrefixRecord, bool]:
-        """Store ``blob`` (a validated native prefix) as the task's new current version, atomically.
+        """Store ``blob`` (a validated native prefix or soft prompt, of ``kind``) as the task's new current
+        version, atomically.
 
         Returns the new record and whether it replaced an earlier version. Raises ``VersionMismatch``
         when ``if_match`` is given and is not the current version. Once this returns the upload is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from server.engine.core import EngineCore
 from server.engine.grammar import GrammarCompiler
 from server.engine.model_support import UnsupportedModel
 from server.engine.scheduler import SchedulerConfig
+from server.engine.soft_prompts import soft_prompt_prefix
 from server.model_source import ModelSourceError, resolve_model
 from server.version import package_version
 
@@ -75,6 +77,7 @@ def build_state(settings: ServeSettings) -> AppState:
         budget_bytes=settings.prefix_cache_bytes,
         host_budget_bytes=settings.prefix_host_cache_bytes,
         reconcile_interval_s=settings.prefix_reconcile_interval_s,
+        encode_soft_prompt=functools.partial(soft_prompt_prefix, base),
     )
     # kept resident (pinned) while the server runs; failures are logged, not fatal
     registry.preload([_task_key(name) for name in settings.preload], pin=True)

@@ -75,9 +75,15 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
+AdapterKindField = Field(
+    description="prefix: keys and values for every attention layer; soft_prompt: input embeddings before the prompt"
+)
+
+
 class PrefixInfo(BaseModel):
     task_id: str
     version: str
+    kind: Literal["prefix", "soft_prompt"] = AdapterKindField
     num_virtual_tokens: int
     bytes: int
     created_at: datetime = Field(description="when this version was stored: ISO 8601, UTC")
@@ -91,6 +97,7 @@ class PrefixList(BaseModel):
 class UploadResult(BaseModel):
     task_id: str
     version: str
+    kind: Literal["prefix", "soft_prompt"] = AdapterKindField
     num_virtual_tokens: int
     bytes: int
     sha256: str

@@ -4,6 +4,9 @@ engine-mixed        the engine, tasks round-robin over prefixes of 4-32 virtual 
 engine-one-task     the same requests all on ONE prefix of the mixed prefixes' mean length
 engine-extras       the mixed requests with a quarter asking for more: logprobs=5 (1 in 8), a JSON schema
                     (another 1 in 8)
+engine-soft-prompts the mixed requests with every other task a soft prompt of the same length, served as the
+                    keys and values its virtual tokens give (computed at load, untimed: that cost per task
+                    is in its summary, beside a deep prefix's decode and cast)
 peft-serial         PEFT one request at a time
 peft-grouped        PEFT one batch per task, tasks one after another
 engine-varied       the engine on a second workload whose max_new_tokens vary 8-128
@@ -23,6 +26,7 @@ from server.benchmark.loops import EngineSystem, closed_loop, open_loop
 from server.benchmark.models import random_prefixes
 from server.benchmark.peft_baseline import PeftSystem, peft_tasks
 from server.benchmark.settings import BenchSettings
+from server.benchmark.soft_prompt_mix import with_soft_prompts
 from server.benchmark.timeline import Timeline, summarize
 from server.benchmark.workload import engine_requests, sample_shapes
 from server.engine.base_model import BaseModel
@@ -62,6 +66,13 @@ def run_baselines(base: BaseModel, settings: BenchSettings, log: Log) -> dict[st
     mixed = engine_requests(sample_shapes(settings.workload, sorted(prefixes)), prefixes, vocab_size=vocab)
     one_task = [replace(r, prefix=mean_prefix, task_id="mean") for r in mixed]
     extras = with_extras(base, mixed)
+    soft_tasks, soft_load = with_soft_prompts(base, prefixes, seed=11)
+    soft = [replace(r, prefix=soft_tasks[r.task_id]) for r in mixed]
+    log(
+        f"baselines: {soft_load['soft_prompt_tasks']} soft prompts encoded at "
+        f"{soft_load['soft_prompt_encode_ms']:.1f} ms per task (a deep prefix's decode and cast: "
+        f"{soft_load['prefix_decode_cast_ms']:.2f} ms)"
+    )
     varied_spec = replace(settings.workload, new_tokens=(8, 128), seed=settings.workload.seed + 1)
     varied = engine_requests(sample_shapes(varied_spec, sorted(prefixes)), prefixes, vocab_size=vocab)
     concurrency = settings.concurrency
@@ -74,6 +85,7 @@ def run_baselines(base: BaseModel, settings: BenchSettings, log: Log) -> dict[st
         "engine-mixed": lambda: closed_loop(engine(), mixed, concurrency),
         "engine-one-task": lambda: closed_loop(engine(), one_task, concurrency),
         "engine-extras": lambda: closed_loop(engine(), extras, concurrency),
+        "engine-soft-prompts": lambda: closed_loop(engine(), soft, concurrency),
         "peft-serial": lambda: closed_loop(
             PeftSystem(base.model, peft_models, grouped=False), mixed, concurrency
         ),
@@ -91,6 +103,7 @@ def run_baselines(base: BaseModel, settings: BenchSettings, log: Log) -> dict[st
                 f"baselines {repeat + 1}/{settings.repeats}: {name} {repeated[name][-1].tokens_per_s:.1f} tok/s"
             )
     results = {name: summarize(timelines) for name, timelines in repeated.items()}
+    results["engine-soft-prompts"] |= soft_load
     # default arrival rate: 70% of the continuous engine's capacity (a busy server, not a saturated one)
     mean_new_tokens = statistics.mean(r.max_new_tokens for r in varied)
     rate = settings.arrival_rate or 0.7 * results["engine-varied"]["tokens_per_s"] / mean_new_tokens

@@ -1,5 +1,5 @@
-"""Randomly initialised Llama-shaped models of named sizes, and random prefixes for them: speed does
-not depend on the weights' values, so a benchmark needs no download."""
+"""Randomly initialised Llama-shaped models of named sizes, and random prefixes and soft prompts for them:
+speed does not depend on the weights' values, so a benchmark needs no download."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefix_store.geometry import ModelGeometry
 from prefix_store.prefix import Prefix
+from prefix_store.soft_prompt import SoftPrompt
 from server.benchmark.settings import GEOMETRIES
 from server.demo_model import build_demo_tokenizer
 from server.engine.base_model import BaseModel
@@ -71,3 +72,20 @@ def random_tasks(base: BaseModel, lengths: Sequence[int], *, seed: int) -> dict[
     """``random_prefixes`` named ``task0``, ``task1``, ... in order."""
     prefixes = random_prefixes(base, lengths, seed=seed)
     return {f"task{i}": prefix for i, prefix in enumerate(prefixes)}
+
+
+def random_soft_prompts(
+    base: BaseModel, lengths: Sequence[int], *, seed: int, noise: float = 0.1
+) -> list[SoftPrompt]:
+    """One soft prompt per length, of the scale of real token embeddings: rows of the model's input
+    embedding matrix drawn at random, plus Gaussian noise of ``noise`` times that matrix's standard
+    deviation; float32 on the CPU, as a store holds one."""
+    table = base.model.get_input_embeddings().weight.detach().float().cpu()  # [vocab, embedding_dim]
+    scale = noise * float(table.std())
+    generator = torch.Generator().manual_seed(seed)
+    soft_prompts = []
+    for length in lengths:
+        rows = torch.randint(table.shape[0], (length,), generator=generator)
+        jitter = torch.randn(length, table.shape[1], generator=generator) * scale
+        soft_prompts.append(SoftPrompt(table[rows] + jitter))  # [P, embedding_dim]
+    return soft_prompts

@@ -42,6 +42,9 @@ def report_tables(report: Mapping[str, Any]) -> list[ReportTable]:
     if report.get("baselines"):
         rows = [[name, *_summary_cells(s)] for name, s in report["baselines"].items()]
         tables.append(ReportTable("systems (same run)", ["system", *SUMMARY_COLUMNS], rows))
+        soft = report["baselines"].get("engine-soft-prompts", {})
+        if "soft_prompt_encode_ms" in soft:
+            tables.append(_soft_prompt_load(soft))
     for name, points in report.get("curves", {}).items():
         extra = [key for key in EXTRA_CURVE_COLUMNS if points and key in points[0]]
         rows = [[number(p["x"]), *_summary_cells(p), *(number(p[k]) for k in extra)] for p in points]
@@ -127,6 +130,17 @@ def store_rows(store: Mapping[str, Any]) -> list[dict[str, Any]]:
         }
         for backend, r in store.items()
     ]
+
+
+def _soft_prompt_load(summary: Mapping[str, Any]) -> ReportTable:
+    """What ``engine-soft-prompts`` paid once per task, outside its timed runs."""
+    columns = ["soft-prompt tasks", "encode ms per task (median)", "deep prefix decode + cast ms (median)"]
+    row = [
+        number(summary["soft_prompt_tasks"]),
+        number(summary["soft_prompt_encode_ms"]),
+        number(summary["prefix_decode_cast_ms"]),
+    ]
+    return ReportTable("soft prompts: keys and values computed once at load (same run)", columns, [row], 0)
 
 
 def _memory(rows: Sequence[Mapping[str, Any]]) -> ReportTable:

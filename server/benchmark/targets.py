@@ -71,6 +71,11 @@ def _throughput_targets(
             0.9,
         ),
         Target(
+            "the 8-task mix with half the tasks soft prompts / all deep prefixes, throughput",
+            _paired(systems.get("engine-soft-prompts"), mixed),
+            0.95,
+        ),
+        Target(
             f"engine ({concurrency} clients, mixed) / PEFT one at a time",
             _paired(mixed, systems.get("peft-serial")),
             5.0,

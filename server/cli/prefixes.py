@@ -60,6 +60,7 @@ def _push(client: Client, args: argparse.Namespace) -> int:
         source = "a PEFT adapter" if result.source_format == "peft" else "a native file"
         print(
             f"{'created' if result.created else 'replaced'} {result.task_id}: version {result.version}, "
+            f"{'a soft prompt of ' if result.kind == 'soft_prompt' else ''}"
             f"{result.num_virtual_tokens} virtual tokens, {human_bytes(result.bytes)} (from {source})"
         )
     return 0
@@ -101,6 +102,7 @@ def _print_table(prefixes: list[PrefixInfo]) -> None:
     table = Table(box=None, header_style="bold")
     table.add_column("task", overflow="fold")
     table.add_column("version", no_wrap=True)
+    table.add_column("kind")
     table.add_column("virtual tokens", justify="right")
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("resident")
@@ -109,6 +111,7 @@ def _print_table(prefixes: list[PrefixInfo]) -> None:
         table.add_row(
             p.task_id,
             p.version,
+            p.kind,
             str(p.num_virtual_tokens),
             human_bytes(p.bytes),
             "yes" if p.resident else "no",

@@ -1,4 +1,5 @@
-"""``prefix-serve train``: learn a task's prefix on the frozen base model, export it, optionally push it."""
+"""``prefix-serve train``: learn a task's prefix (or soft prompt) on the frozen base model, export it,
+optionally push it."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from server.cli.argtypes import positive_int
-from server.training.config import MAX_DEFAULT_WARMUP_STEPS
+from server.training.config import MAX_DEFAULT_WARMUP_STEPS, METHODS
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"  # where --push uploads without --server or PREFIX_SERVE_URL
 
 # option name -> TrainConfig field; every one defaults to None ("not given"), so a resumed run can tell
 # what the user asked for from what it should take from its checkpoint
 _CONFIG_OPTIONS = (
+    "method",
     "num_virtual_tokens",
     "epochs",
     "lr",
@@ -37,12 +39,14 @@ _CONFIG_OPTIONS = (
 def register(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
-        help="train a prefix on the frozen base model (prefix tuning), export it, optionally push it",
+        help="train a prefix (prefix tuning) or a soft prompt (prompt tuning) on the frozen base model, "
+        "export it, optionally push it",
         description=(
-            "Train a prefix (Li & Liang, 2021) with the base model frozen. FILE.jsonl holds one "
+            "Train a prefix (Li & Liang, 2021), or with --method prompt-tuning a soft prompt (Lester et al., "
+            "2021), with the base model frozen. FILE.jsonl holds one "
             '{"prompt": str, "completion": str} per line; the loss is on completion tokens only. Writes '
-            "DIR/prefix.safetensors (native), DIR/peft/ (a PEFT PREFIX_TUNING adapter), DIR/training.json "
-            "and DIR/checkpoint.safetensors (per epoch; --resume continues from it)."
+            "DIR/prefix.safetensors (native), DIR/peft/ (a PEFT PREFIX_TUNING adapter, or PROMPT_TUNING), "
+            "DIR/training.json and DIR/checkpoint.safetensors (per epoch; --resume continues from it)."
         ),
     )
     train.add_argument(
@@ -63,9 +67,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     hyper = train.add_argument_group("training")
     hyper.add_argument(
+        "--method",
+        choices=METHODS,
+        help="what is learned: prefix (keys and values in every layer) or prompt-tuning (a soft prompt: "
+        "input embeddings before the prompt, initialised from the embeddings of --init-text's tokens, "
+        "else of tokens sampled from the vocabulary, as PEFT's TEXT and SAMPLE_VOCAB; exported as a PEFT "
+        "PROMPT_TUNING adapter) (default: prefix)",
+    )
+    hyper.add_argument(
         "--num-virtual-tokens",
         type=int,
-        help="prefix length (default: 20; with --init-text: the text's token count)",
+        help="prefix or soft prompt length (default: 20; with --init-text: the text's token count)",
     )
     hyper.add_argument("--epochs", type=int, help="passes over the data, in total (default: 3)")
     hyper.add_argument("--lr", type=float, help="peak AdamW learning rate (default: 1e-2)")
@@ -90,13 +102,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     hyper.add_argument(
         "--prefix-projection",
         action=argparse.BooleanOptionalAction,
-        help="reparameterise through an MLP, folded into plain K/V at export (default: off)",
+        help="reparameterise through an MLP, folded into plain K/V at export; prefix only (default: off)",
     )
     hyper.add_argument("--projection-hidden", type=int, help="hidden width of that MLP (default: 512)")
     hyper.add_argument(
-        "--init-text", help="initialise from the frozen model's own K/V of this text (default: random)"
+        "--init-text",
+        help="initialise from the frozen model's own K/V of this text, or with --method prompt-tuning from "
+        "its tokens' embeddings (default: random; prompt-tuning: sampled vocabulary tokens' embeddings)",
     )
-    hyper.add_argument("--init-std", type=float, help="std of a random initialisation (default: 1.0)")
+    hyper.add_argument(
+        "--init-std", type=float, help="std of a random prefix initialisation; prefix only (default: 1.0)"
+    )
     hyper.add_argument(
         "--max-steps",
         type=int,
@@ -134,7 +150,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     push = train.add_argument_group("upload when done")
     push.add_argument(
-        "--push", metavar="TASK_ID", help="upload the prefix to a server as TASK_ID (default: no upload)"
+        "--push",
+        metavar="TASK_ID",
+        help="upload the prefix or soft prompt to a server as TASK_ID (default: no upload)",
     )
     push.add_argument(
         "--server", help=f"server URL (default: env PREFIX_SERVE_URL, else {DEFAULT_SERVER_URL})"
@@ -214,19 +232,30 @@ def _train_and_export(args: argparse.Namespace) -> Any:
         progress=not args.no_progress and sys.stderr.isatty(),
         on_epoch=lambda record, epochs: print(_epoch_line(record, epochs), flush=True),
     )
-    summary = result.summary
-    print(
-        f"prefix: {result.config.num_virtual_tokens} virtual tokens = {summary['prefix_parameters']:,} parameters "
-        f"({100 * summary['prefix_fraction_of_base']:.3f}% of the base model's {summary['base_parameters']:,}); "
-        f"trained {summary['trainable_parameters']:,} parameters"
-        + (" through the projection MLP" if result.config.prefix_projection else "")
-    )
+    print(_size_line(result.config, result.summary))
     if not result.finished:
         print(f"stopped after {result.state.global_step} steps (--max-steps); --resume continues the run")
     print(
         f"wrote {result.native_path} (native), {result.peft_dir}/ (PEFT adapter), {args.out / 'training.json'}"
     )
     return result
+
+
+def _size_line(config: Any, summary: dict[str, Any]) -> str:
+    base = f"of the base model's {summary['base_parameters']:,}"
+    if config.method == "prompt-tuning":
+        trained = summary["trainable_parameters"]
+        return (
+            f"soft prompt: {config.num_virtual_tokens} virtual tokens = {trained:,} parameters "
+            f"({100 * trained / summary['base_parameters']:.3f}% {base}); served as a prefix of "
+            f"{summary['prefix_parameters']:,} keys and values"
+        )
+    return (
+        f"prefix: {config.num_virtual_tokens} virtual tokens = {summary['prefix_parameters']:,} parameters "
+        f"({100 * summary['prefix_fraction_of_base']:.3f}% {base}); "
+        f"trained {summary['trainable_parameters']:,} parameters"
+        + (" through the projection MLP" if config.prefix_projection else "")
+    )
 
 
 def _epoch_line(record: Any, epochs: int) -> str:

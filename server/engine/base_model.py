@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -95,7 +95,9 @@ def load_base_model(
         model_id=model_id or Path(str(model_path)).name or str(model_path),
         model=model,
         tokenizer=tokenizer,
-        geometry=ModelGeometry.from_config(config),
+        geometry=replace(
+            ModelGeometry.from_config(config), embedding_dim=model.get_input_embeddings().embedding_dim
+        ),
         device=torch_device,
         dtype=torch_dtype,
         max_positions=max_positions_of(config),

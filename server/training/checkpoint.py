@@ -1,8 +1,8 @@
 """Per-epoch checkpoints: everything a resumed run needs to continue exactly, in one safetensors file.
 
-``DIR/checkpoint.safetensors`` holds the trainable prefix's parameters (``prefix.*``) and AdamW's state
-(``optimizer.<param index>.<name>``); its metadata holds the run as JSON (options, progress, history,
-digests of the data and the model geometry). No pickle: a checkpoint is data, never code. Written to a
+``DIR/checkpoint.safetensors`` holds the trained parameters (``prefix.*``, a soft prompt's as well) and
+AdamW's state (``optimizer.<param index>.<name>``); its metadata holds the run as JSON (options, the
+method among them, progress, history, digests of the data and the model geometry). No pickle: a checkpoint is data, never code. Written to a
 temporary file, fsynced and renamed, so a crash never leaves a half-written checkpoint.
 """
 
@@ -127,8 +127,12 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
 
 
 def restore(checkpoint: Checkpoint, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load the checkpoint's parameters into ``module`` and its AdamW state into ``optimizer``."""
-    module.load_state_dict(checkpoint.prefix_state)
+    """Load the checkpoint's parameters into ``module`` and its AdamW state into ``optimizer``; raises
+    ``CheckpointError`` if they are not the module's (other names or shapes)."""
+    try:
+        module.load_state_dict(checkpoint.prefix_state)
+    except RuntimeError as exc:  # a model whose fingerprint matches but whose embeddings differ, say
+        raise CheckpointError(f"the checkpoint's parameters do not fit this run: {exc}") from None
     groups = optimizer.state_dict()["param_groups"]  # the run's hyperparameters, rebuilt from its config
     optimizer.load_state_dict({"state": checkpoint.optimizer_state, "param_groups": groups})
 

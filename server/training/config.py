@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 LrSchedule = Literal["constant", "linear"]
+Method = Literal["prefix", "prompt-tuning"]
+METHODS: tuple[Method, ...] = ("prefix", "prompt-tuning")
+
+# Options of the prefix method alone: a soft prompt has no projection MLP and starts from token embeddings.
+PREFIX_ONLY = ("prefix_projection", "projection_hidden", "init_std")
 
 # A run that gives no warm-up warms up over a tenth of its steps, at most this many: long runs keep the
 # old fixed 10 steps, short ones still reach the peak learning rate (4 steps: no warm-up at all).
@@ -18,9 +23,10 @@ RESUMABLE_CHANGES = frozenset({"epochs", "max_steps"})
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of a prefix-training run. Defaults suit small tasks on the demo model."""
+    """Hyperparameters of a training run. Defaults suit small tasks on the demo model."""
 
-    num_virtual_tokens: int = 20  # P: prefix length per layer
+    method: Method = "prefix"  # what is learned: a prefix (keys, values per layer) or a soft prompt
+    num_virtual_tokens: int = 20  # P: prefix length per layer, or the soft prompt's
     epochs: int = 3  # passes over the training data (the total, counting resumed epochs)
     lr: float = 1e-2  # peak learning rate of AdamW
     batch_size: int = 8  # examples per optimiser step
@@ -31,8 +37,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 = no clipping
     prefix_projection: bool = False  # reparameterise through an MLP (folded away at export)
     projection_hidden: int = 512  # hidden width of that MLP (the paper's 512)
-    init_text: str | None = None  # initialise from the frozen model's K/V on this text; None = random
-    init_std: float = 1.0  # std of a random initialisation (PEFT's nn.Embedding default)
+    init_text: str | None = None  # from the frozen model's K/V (soft prompt: embeddings) of this text
+    init_std: float = 1.0  # std of a random prefix (PEFT's nn.Embedding default)
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimiser steps in total
 
     def __post_init__(self) -> None:
@@ -54,6 +60,16 @@ class TrainConfig:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.init_text is not None and not self.init_text.strip():
             raise ValueError("init_text must not be empty")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "prompt-tuning":
+            defaults = {field.name: field.default for field in fields(self)}
+            changed = [name for name in PREFIX_ONLY if getattr(self, name) != defaults[name]]
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)}: options of the prefix method only (a soft prompt has no projection "
+                    "MLP and starts from token embeddings); leave them out with method prompt-tuning"
+                )
 
     def steps_per_epoch(self, num_examples: int) -> int:
         return math.ceil(num_examples / self.batch_size)

@@ -1,7 +1,8 @@
-"""The training loop: AdamW on the prefix parameters only, the base model frozen and checked to stay so.
+"""The training loop: AdamW on the method's parameters only, the base model frozen and checked to stay so.
 
-One step: build the prefix (through the MLP if reparameterised) → teacher-forced completion loss through
-the engine's injection → backward → check that no base parameter received a gradient → clip → set the
+One step: teacher-forced completion loss of the trained parameters (``TrainedParams.completion_loss``: a
+prefix, through the MLP if reparameterised, through the engine's injection; a soft prompt before the
+tokens' embeddings) → backward → check that no base parameter received a gradient → clip → set the
 learning rate for this step (linear warm-up, then constant or linear decay) → AdamW step. After every
 epoch: evaluation loss on ``--eval-data``, a checkpoint, a report. The data order depends on the seed and
 the epoch only, and the learning rate on the step only, so a resumed run continues exactly.
@@ -21,8 +22,7 @@ from server.engine.base_model import BaseModel
 from server.training.checkpoint import EpochRecord, RunIdentity, TrainState, save_checkpoint
 from server.training.config import TrainConfig
 from server.training.data import Dataset, Example, epoch_batches, in_order_batches
-from server.training.forward import completion_loss
-from server.training.prefix_params import TrainablePrefix
+from server.training.trained_params import TrainedParams
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -36,14 +36,14 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.lr
 
 
-def build_optimizer(module: TrainablePrefix, config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(module: TrainedParams, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         [p for p in module.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
 
 
 def assert_base_untouched(base_parameters: Sequence[torch.nn.Parameter]) -> None:
-    """The method's one invariant: only prefix parameters learn. A base parameter that could learn, or
+    """The method's one invariant: only its own parameters learn. A base parameter that could learn, or
     that received a gradient, is a bug, and training stops rather than go on with a moving base."""
     touched = sum(1 for p in base_parameters if p.requires_grad or p.grad is not None)
     if touched:
@@ -57,13 +57,13 @@ class LoopResult:
 
 
 class PrefixTrainer:
-    """Trains one prefix; owns the optimiser and the run's state, writes per-epoch checkpoints."""
+    """Trains one prefix or soft prompt; owns the optimiser and the run's state, writes per-epoch checkpoints."""
 
     def __init__(
         self,
         base: BaseModel,
         config: TrainConfig,
-        module: TrainablePrefix,
+        module: TrainedParams,
         optimizer: torch.optim.Optimizer,
         train: Dataset,
         evaluation: Dataset | None,
@@ -125,7 +125,7 @@ class PrefixTrainer:
     def _train_step(self, batch: list[Example]) -> None:
         started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, num_targets = completion_loss(self.base, self.module(), batch)
+        loss_sum, num_targets = self.module.completion_loss(self.base, batch)
         (loss_sum / num_targets).backward()
         assert_base_untouched(self._base_parameters)
         parameters = [p for p in self.module.parameters() if p.requires_grad]
@@ -162,12 +162,11 @@ class PrefixTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean completion-token cross-entropy on the evaluation data under the current prefix."""
+        """Mean completion-token cross-entropy on the evaluation data under the current parameters."""
         assert self.evaluation is not None
-        prefix = self.module()
         total, tokens = 0.0, 0
         for batch in in_order_batches(self.evaluation.examples, self.config.batch_size):
-            loss_sum, num_targets = completion_loss(self.base, prefix, batch)
+            loss_sum, num_targets = self.module.completion_loss(self.base, batch)
             total += float(loss_sum)
             tokens += num_targets
         return total / max(1, tokens)

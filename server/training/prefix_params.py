@@ -1,4 +1,5 @@
-"""The trainable prefix: per-layer key/value vectors, learned directly or through the paper's MLP.
+"""The trainable prefix (``--method prefix``): per-layer key/value vectors, learned directly or through
+the paper's MLP.
 
 Both kinds produce a ``Prefix`` (keys, values ``[layers, kv_heads, P, head_dim]``) in the space the
 model's cache stores, differentiably, on every forward; ``export`` folds either into plain tensors.
@@ -14,21 +15,28 @@ starts at zero, so training starts exactly from the real-word activations and le
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from prefix_store.geometry import ModelGeometry
 from prefix_store.prefix import Prefix
+from server.engine.base_model import BaseModel
+from server.training.data import Example
+from server.training.forward import completion_loss
+from server.training.trained_params import TrainedParams
 
 
-class TrainablePrefix(nn.Module):
+class TrainablePrefix(TrainedParams):
     """A prefix whose parameters the optimiser updates; ``forward`` returns it, differentiably."""
-
-    geometry: ModelGeometry
-    num_virtual_tokens: int
 
     def forward(self) -> Prefix:
         raise NotImplementedError
+
+    def completion_loss(self, base: BaseModel, examples: Sequence[Example]) -> tuple[torch.Tensor, int]:
+        """Through the engine's prefix injection (``forward.completion_loss``)."""
+        return completion_loss(base, self(), examples)
 
     @torch.no_grad()
     def export(self) -> Prefix:
@@ -38,10 +46,6 @@ class TrainablePrefix(nn.Module):
             keys=prefix.keys.detach().float().cpu().contiguous(),
             values=prefix.values.detach().float().cpu().contiguous(),
         )
-
-    @property
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
 class DirectPrefix(TrainablePrefix):

@@ -3,7 +3,8 @@
 ``prepare_run`` checks whatever can be refused (the output folder, every line of the data, the options,
 the checkpoint's match with the model and the data), cheapest first and before the model's weights are
 loaded; nothing is written until it has passed. ``run_training`` then trains on the loaded model, with
-the thread settings pinned for a bit-identical rerun, and exports the prefix.
+the thread settings pinned for a bit-identical rerun, and exports the prefix or soft prompt. The method is
+chosen in one place, ``_trained_params``; everything after it sees a ``TrainedParams``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from prefix_store.prefix import Prefix
+from prefix_store.soft_prompt import Adapter
 from server.engine.base_model import BaseModel
 from server.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -36,12 +37,14 @@ from server.training.config import (
 from server.training.data import Dataset, RecordFile, read_records, tokenize_records
 from server.training.determinism import pinned_threads
 from server.training.errors import CheckpointError, TrainingError
-from server.training.export import NATIVE_NAME, PEFT_DIR_NAME, export_prefix, write_summary
+from server.training.export import NATIVE_NAME, PEFT_DIR_NAME, export_adapter, write_summary
 from server.training.init_text import init_text_token_ids, prefix_from_text
 from server.training.loop import PrefixTrainer, build_optimizer
 from server.training.model_facts import ModelFacts
-from server.training.prefix_params import TrainablePrefix, build_trainable_prefix
+from server.training.prefix_params import build_trainable_prefix
 from server.training.sizes import prefix_parameter_count
+from server.training.soft_prompt_params import build_trainable_soft_prompt
+from server.training.trained_params import TrainedParams
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class RunResult:
     config: TrainConfig
     state: TrainState
     finished: bool  # all epochs done (False: stopped by max_steps; resume to continue)
-    prefix: Prefix  # the exported prefix, float32 on the CPU
+    adapter: Adapter  # the exported prefix or soft prompt (--method prompt-tuning), float32 on the CPU
     native_path: Path  # out_dir/prefix.safetensors
     peft_dir: Path  # out_dir/peft
     summary: dict[str, Any]  # what out_dir/training.json holds
@@ -119,7 +122,7 @@ def run_training(
     on_epoch: Callable[[EpochRecord, int], None] | None = None,
 ) -> RunResult:
     """Train (or resume) ``run`` on ``base``, the model its checks were made against, and export the prefix
-    into ``run.paths.out_dir``. ``threads``: CPU threads (None: torch's current count)."""
+    or soft prompt into ``run.paths.out_dir``. ``threads``: CPU threads (None: torch's current count)."""
     if base.geometry.fingerprint != run.identity.model_fingerprint:
         raise TrainingError(
             f"the run was checked against base model {run.identity.model_fingerprint}, "
@@ -127,7 +130,7 @@ def run_training(
         )
     config, checkpoint = run.config, run.checkpoint
     with pinned_threads(threads) as thread_count:
-        module = _trainable_prefix(base, config, fresh=checkpoint is None)
+        module = _trained_params(base, config, fresh=checkpoint is None)
         optimizer = build_optimizer(module, config)
         if checkpoint:
             restore(checkpoint, module, optimizer)
@@ -145,13 +148,13 @@ def run_training(
             on_epoch=on_epoch,
         )
         outcome = trainer.run()
-        prefix = module.export()
+        adapter = module.export()
     out_dir = run.paths.out_dir
-    native = export_prefix(prefix, base.geometry, out_dir, base_model_name=run.paths.model)
+    native = export_adapter(adapter, base.geometry, out_dir, base_model_name=run.paths.model)
     summary = _summary(base, run, outcome.state, outcome.finished, module, thread_count)
     write_summary(out_dir, summary)
     return RunResult(
-        config, outcome.state, outcome.finished, prefix, native, out_dir / PEFT_DIR_NAME, summary
+        config, outcome.state, outcome.finished, adapter, native, out_dir / PEFT_DIR_NAME, summary
     )
 
 
@@ -250,14 +253,18 @@ def _check_identity(saved: RunIdentity, current: RunIdentity) -> None:
         )
 
 
-def _trainable_prefix(base: BaseModel, config: TrainConfig, *, fresh: bool) -> TrainablePrefix:
-    """The run's trainable prefix on the model's device; initialised only for a fresh run (a resumed one
-    is overwritten by its checkpoint)."""
-    initial = None
+def _trained_params(base: BaseModel, config: TrainConfig, *, fresh: bool) -> TrainedParams:
+    """The run's trained parameters (the method's prefix or soft prompt) on the model's device; initialised
+    from ``--init-text`` only for a fresh run (a resumed one is overwritten by its checkpoint)."""
+    init_ids = None
     if fresh and config.init_text is not None:
-        initial = prefix_from_text(
-            base, init_text_token_ids(base.tokenizer, config.init_text, config.num_virtual_tokens)
+        init_ids = init_text_token_ids(base.tokenizer, config.init_text, config.num_virtual_tokens)
+    if config.method == "prompt-tuning":
+        soft_prompt = build_trainable_soft_prompt(
+            base, config.num_virtual_tokens, seed=config.seed, init_token_ids=init_ids
         )
+        return soft_prompt.to(device=base.device, dtype=torch.float32)
+    initial = prefix_from_text(base, init_ids) if init_ids is not None else None
     module = build_trainable_prefix(
         base.geometry,
         config.num_virtual_tokens,
@@ -275,10 +282,11 @@ def _summary(
     run: PreparedRun,
     state: TrainState,
     finished: bool,
-    module: TrainablePrefix,
+    module: TrainedParams,
     threads: int,
 ) -> dict[str, Any]:
     config, train, evaluation = run.config, run.train, run.evaluation
+    # the keys and values served: a soft prompt is served as the prefix its virtual tokens leave
     prefix_parameters = prefix_parameter_count(base.geometry, config.num_virtual_tokens)
     base_parameters = sum(p.numel() for p in base.model.parameters())
     return {

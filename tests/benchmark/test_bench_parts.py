@@ -17,10 +17,12 @@ import torch
 from server.benchmark.baselines import mix_lengths
 from server.benchmark.curves import _curve
 from server.benchmark.memory import memory_table
+from server.benchmark.models import build_model, random_soft_prompts, random_tasks
 from server.benchmark.remote import _retry_after_s, requests_per_point
 from server.benchmark.remote_prompts import PROBE_WORDS, CountTokens, calibrate
 from server.benchmark.report import write_report
 from server.benchmark.settings import QUICK, BenchSettings, WorkloadSpec
+from server.benchmark.soft_prompt_mix import with_soft_prompts
 from server.benchmark.suite import device_problem
 from server.benchmark.tables import markdown, report_tables
 from server.benchmark.targets import evaluate
@@ -29,6 +31,7 @@ from server.benchmark.workload import WORDS, sample_shapes, single_token_words
 from server.cli import bench, build_parser
 from server.cli.bench import settings_from
 from server.demo_model import build_demo_tokenizer
+from server.engine.soft_prompts import soft_prompt_prefix
 
 
 def _settings(*argv: str) -> BenchSettings:
@@ -218,6 +221,7 @@ def test_targets_pass_fail_and_not_run() -> None:
             "engine-mixed": _summary(100.0),
             "engine-one-task": _summary(110.0),
             "engine-extras": _summary(95.0),
+            "engine-soft-prompts": _summary(96.0),
             "peft-serial": _summary(10.0),
             "peft-grouped": _summary(80.0),
             "engine-varied": _summary(90.0, p50=2.0),
@@ -234,6 +238,7 @@ def test_targets_pass_fail_and_not_run() -> None:
     assert verdicts == [
         (pytest.approx(100 / 110), "FAIL"),
         (pytest.approx(0.95), "PASS"),
+        (pytest.approx(0.96), "PASS"),
         (10.0, "PASS"),
         (1.25, "FAIL"),
         (1.5, "PASS"),
@@ -242,6 +247,24 @@ def test_targets_pass_fail_and_not_run() -> None:
         (None, "not run"),  # no tasks curve
         *[(None, "not run")] * 5,  # no long-prompts section
     ]
+
+
+def test_every_other_task_becomes_a_soft_prompt_of_the_same_length() -> None:
+    base = build_model("tiny")
+    prefixes = random_tasks(base, [4, 8, 12, 16], seed=0)
+    tasks, load = with_soft_prompts(base, prefixes, seed=11)
+    assert tasks["task0"] is prefixes["task0"] and tasks["task2"] is prefixes["task2"]
+    soft_prompts = random_soft_prompts(base, [8, 16], seed=11)
+    for name, soft_prompt in zip(("task1", "task3"), soft_prompts, strict=True):
+        expected = soft_prompt_prefix(base, soft_prompt)
+        assert tasks[name].num_virtual_tokens == prefixes[name].num_virtual_tokens
+        torch.testing.assert_close(tasks[name].keys, expected.keys)
+        torch.testing.assert_close(tasks[name].values, expected.values)
+    # the scale of the model's token embeddings, not of standard-normal noise
+    embeddings = base.model.get_input_embeddings().weight
+    assert soft_prompts[1].embeddings.std() == pytest.approx(float(embeddings.std()), rel=0.3)
+    assert load["soft_prompt_tasks"] == 2
+    assert load["soft_prompt_encode_ms"] > 0 and load["prefix_decode_cast_ms"] > 0
 
 
 def test_long_prompt_targets_are_upper_bounds_and_the_latency_bound_is_tighter_on_a_gpu() -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from server.benchmark.models import build_model
 from server.benchmark.settings import QUICK
+from server.benchmark.timeline import paired_ratio
 from server.cli import main
 from testing.redis_server import running_redis
 
@@ -22,6 +23,7 @@ BASELINES = {
     "engine-mixed",
     "engine-one-task",
     "engine-extras",
+    "engine-soft-prompts",
     "peft-serial",
     "peft-grouped",
     "engine-varied",
@@ -50,12 +52,15 @@ def test_quick_run_measures_every_section(quick_run: tuple[int, Path]) -> None:
     assert report["mode"] == "in-process" and report["machine"]["cpus"] >= 1
     assert set(report["baselines"]) == BASELINES
     requests, new_tokens = QUICK["workload"].requests, QUICK["workload"].new_tokens[0]
-    for name in ("engine-mixed", "engine-one-task", "peft-serial", "peft-grouped"):
+    for name in ("engine-mixed", "engine-one-task", "engine-soft-prompts", "peft-serial", "peft-grouped"):
         summary = report["baselines"][name]
         assert summary["requests"] == requests and summary["tokens"] == requests * new_tokens, name
         assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["wall_s"])
         assert 0 < summary["p50_latency_s"] <= summary["p99_latency_s"] <= summary["wall_s"]
     assert report["baselines"]["engine-varied-open"]["arrival_rate"] > 0
+    soft = report["baselines"]["engine-soft-prompts"]
+    assert soft["soft_prompt_tasks"] == QUICK["tasks"] // 2  # every other task
+    assert soft["soft_prompt_encode_ms"] > 0 and soft["prefix_decode_cast_ms"] > 0
     curves = report["curves"]
     for name, key in (
         ("concurrency", "concurrency_curve"),
@@ -86,12 +91,16 @@ def test_targets_are_the_ratios_of_the_same_run(quick_run: tuple[int, Path]) -> 
     _, out = quick_run
     report = json.loads((out / "report.json").read_text())
     targets = {t["name"]: t for t in report["targets"]}
-    assert len(targets) == 13
+    assert len(targets) == 14
     tps = {name: s["tokens_per_s"] for name, s in report["baselines"].items()}
     mixed_vs_one = next(t for name, t in targets.items() if name.startswith("mixed tasks / one task"))
     assert mixed_vs_one["value"] == pytest.approx(tps["engine-mixed"] / tps["engine-one-task"])
     extras = next(t for name, t in targets.items() if name.startswith("a quarter of rows with logprobs"))
     assert extras["value"] == pytest.approx(tps["engine-extras"] / tps["engine-mixed"])
+    soft = targets["the 8-task mix with half the tasks soft prompts / all deep prefixes, throughput"]
+    runs = {name: s["runs_tokens_per_s"] for name, s in report["baselines"].items()}
+    assert soft["threshold"] == 0.95 and not soft["at_most"]
+    assert soft["value"] == pytest.approx(paired_ratio(runs["engine-soft-prompts"], runs["engine-mixed"]))
     serial = next(t for name, t in targets.items() if "PEFT one at a time" in name)
     assert serial["value"] == pytest.approx(tps["engine-mixed"] / tps["peft-serial"])
     prefix = {p["x"]: p["runs_tokens_per_s"] for p in report["curves"]["prefix-length"]}
@@ -130,7 +139,8 @@ def test_tables_are_written_as_csv_and_curves_as_plots(quick_run: tuple[int, Pat
     text = (out / "report.md").read_text()
     for title in ("**systems (same run)**", "**curve: cache-budget**", "**prefix memory", "**targets**"):
         assert title in text
-    assert text.count("| PASS |") + text.count("| FAIL |") == 13
+    assert text.count("| PASS |") + text.count("| FAIL |") == 14
+    assert "| engine-soft-prompts |" in text and "**soft prompts: keys and values computed once" in text
     with (out / "long-prompts.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 10
 

@@ -48,16 +48,23 @@ def test_push_ls_generate_pull_rm(
     code, out, _ = _run(capsys, "ls", *admin)
     assert code == 0
     header, *rows = [line.split() for line in out.strip().splitlines()]
-    assert header == ["task", "version", "virtual", "tokens", "size", "resident", "created"]
+    assert header == ["task", "version", "kind", "virtual", "tokens", "size", "resident", "created"]
     table = {row[0]: row for row in rows}
     assert set(table) == {"summarize", "native-task"}
-    assert table["native-task"][1:5] == [pushed["version"], "4", *human_bytes(pushed["bytes"]).split()]
-    assert table["native-task"][5] in ("yes", "no")
+    assert table["native-task"][1:6] == [
+        pushed["version"],
+        "prefix",
+        "4",
+        *human_bytes(pushed["bytes"]).split(),
+    ]
+    assert table["native-task"][6] in ("yes", "no")
 
     code, out, _ = _run(capsys, "ls", *admin, "--json")
     listed = json.loads(out)["prefixes"]
     assert code == 0 and {p["task_id"] for p in listed} == {"summarize", "native-task"}
-    assert all(set(p) >= {"version", "num_virtual_tokens", "bytes", "created_at", "resident"} for p in listed)
+    assert all(
+        set(p) >= {"version", "kind", "num_virtual_tokens", "bytes", "created_at", "resident"} for p in listed
+    )
 
     with Client(server, keys.cli_user) as client:
         expected = client.generate(PROMPT, task_id="summarize", max_new_tokens=10)

@@ -54,7 +54,12 @@ def test_upload_refuses_what_cannot_be_a_prefix(
     shutil.copytree(peft_adapter, lora)
     config = json.loads((lora / "adapter_config.json").read_text())
     (lora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
-    _refused(client, recorder, lora, "peft_type is 'LORA'; PrefixServe serves PREFIX_TUNING adapters only")
+    _refused(
+        client,
+        recorder,
+        lora,
+        "peft_type is 'LORA'; PrefixServe serves PREFIX_TUNING, PROMPT_TUNING, P_TUNING adapters only",
+    )
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -266,15 +266,16 @@ def test_a_real_lora_adapter_is_refused_naming_its_type(tmp_path: Path) -> None:
 
     refused(
         *read_adapter(tmp_path),
-        r"adapter_config\.json is a 'LORA' adapter; only PEFT PREFIX_TUNING adapters are accepted",
+        r"adapter_config\.json is a 'LORA' adapter; only PEFT prompt-learning adapters are accepted "
+        r"\(PREFIX_TUNING, PROMPT_TUNING, P_TUNING\)",
     )
 
 
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"peft_type": None}, r"adapter_config\.json has no 'peft_type'; only PEFT PREFIX_TUNING"),
-        ({"peft_type": "PROMPT_TUNING"}, r"is a 'PROMPT_TUNING' adapter"),
+        ({"peft_type": None}, r"adapter_config\.json has no 'peft_type'; only PEFT prompt-learning"),
+        ({"peft_type": "ADALORA"}, r"is a 'ADALORA' adapter"),
         ({"task_type": "SEQ_2_SEQ_LM"}, r"task_type is 'SEQ_2_SEQ_LM'; only CAUSAL_LM adapters are accepted"),
         ({"num_transformer_submodules": 2}, r"num_transformer_submodules is 2; a causal LM adapter has 1"),
         (

@@ -7,6 +7,7 @@ import asyncio
 import random
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ import torch
 from prefix_store.cache.registry import PrefixHandle, PrefixRegistry
 from prefix_store.errors import InvalidName, PrefixCacheFull, PrefixNotFound, PrefixValidationError
 from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.native import encode_native
 from prefix_store.geometry import ModelGeometry
+from prefix_store.prefix import Prefix
+from prefix_store.soft_prompt import SoftPrompt
 from prefix_store.storage.filesystem import FileStore
 from prefix_store.storage.store import PrefixRecord
 from tests.prefix_store.conftest import GEOMETRY, PREFIX_BYTES, make_blob, put, wait_for
@@ -370,3 +374,51 @@ def test_acquire_async_releases_the_pin_of_a_cancelled_caller(
     asyncio.run(scenario())
     wait_for(lambda: registry.stats().pinned_count == 0, timeout=2)
     assert registry.stats().resident_count == 1
+
+
+def test_a_soft_prompt_is_encoded_once_per_load_into_the_prefix_its_rows_attend_to(store: GatedStore) -> None:
+    geometry = replace(GEOMETRY, embedding_dim=8)
+    soft = SoftPrompt(torch.randn(3, 8))
+    store.put(
+        "acme",
+        "soft",
+        encode_native(soft, geometry),
+        num_virtual_tokens=3,
+        source_format="native",
+        kind="soft_prompt",
+    )
+    encoded: list[torch.Tensor] = []
+
+    def encode(
+        given: SoftPrompt,
+    ) -> Prefix:  # stands in for the model: a prefix that depends on the embeddings
+        encoded.append(given.embeddings)
+        keys = given.embeddings.sum() * torch.ones(geometry.prefix_shape(given.num_virtual_tokens))
+        return Prefix(keys, -keys)
+
+    with PrefixRegistry(
+        store,
+        geometry,
+        device="cpu",
+        dtype=torch.float32,
+        limits=PrefixLimits(),
+        encode_soft_prompt=encode,
+        host_budget_bytes=1 << 20,
+    ) as registry:
+        with registry.pinned("acme", "soft") as handle:
+            assert handle.record.kind == "soft_prompt"
+            torch.testing.assert_close(
+                handle.prefix.keys, soft.embeddings.sum() * torch.ones(geometry.prefix_shape(3))
+            )
+        with registry.pinned("acme", "soft"):
+            pass
+        assert len(encoded) == 1 and torch.equal(encoded[0], soft.embeddings)
+        assert registry.stats().resident_bytes == 3 * geometry.bytes_per_virtual_token(
+            4
+        )  # charged as its prefix
+
+    with (
+        PrefixRegistry(store, geometry, device="cpu", dtype=torch.float32, limits=PrefixLimits()) as plain,
+        pytest.raises(PrefixValidationError, match="is a soft prompt, and this cache cannot encode one"),
+    ):
+        plain.acquire("acme", "soft")

@@ -13,7 +13,7 @@ import pytest
 from prefix_store.errors import InvalidName, PrefixNotFound, VersionMismatch
 from prefix_store.storage.changes import ChangeEvent
 from prefix_store.storage.filesystem import FileStore
-from prefix_store.storage.store import MAX_PAGE_SIZE, PrefixStore, version_sequence
+from prefix_store.storage.store import MAX_PAGE_SIZE, PrefixRecord, PrefixStore, version_sequence
 from tests.prefix_store.conftest import make_blob, put, wait_for
 
 BAD_NAMES = ["../escape", "/abs", ".hidden", "a/b", "", "x" * 129, "sp ace", "nul\x00", "a:b"]
@@ -44,6 +44,20 @@ def test_put_head_get_replace(store: PrefixStore) -> None:
     with pytest.raises(PrefixNotFound, match="not its current version"):
         store.get("acme", "summarize", first.version)
     assert store.get_blob(first) == blob_one  # within the grace period an old version stays readable
+
+
+def test_a_records_kind_is_kept_and_records_from_before_kinds_are_prefixes(store: PrefixStore) -> None:
+    soft, _ = store.put(
+        "acme", "soft", make_blob(3), num_virtual_tokens=4, source_format="peft", kind="soft_prompt"
+    )
+    plain, _ = put(store, "acme", "plain", make_blob(4))
+    assert (soft.kind, plain.kind) == ("soft_prompt", "prefix")
+    assert store.head("acme", "soft") == soft and {r.kind for r in store.list("acme")} == {
+        "soft_prompt",
+        "prefix",
+    }
+    old = {key: value for key, value in plain.to_json().items() if key != "kind"}  # as stored before kinds
+    assert PrefixRecord.from_json(old) == plain
 
 
 def test_same_content_twice_is_a_new_version_of_the_same_blob(store: PrefixStore) -> None:

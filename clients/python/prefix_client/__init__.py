@@ -3,7 +3,7 @@
     from prefix_client import Client
 
     with Client("http://127.0.0.1:8000", api_key="ps-…") as client:
-        client.upload_prefix("summarize", "adapter/")  # a PEFT PREFIX_TUNING folder or a .safetensors
+        client.upload_prefix("summarize", "adapter/")  # a PEFT prompt-learning folder or a .safetensors
         print(client.generate("The weather today is", task_id="summarize").text)
         with client.stream("Once upon a time", task_id="summarize", max_new_tokens=32) as tokens:
             for token in tokens:

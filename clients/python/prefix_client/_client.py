@@ -69,7 +69,7 @@ class Client(BaseClient):
     def upload_prefix(
         self, task_id: str, path: str | os.PathLike[str], *, if_match: str | None = None
     ) -> UploadResult:
-        """Upload a native ``.safetensors`` prefix or a PEFT ``PREFIX_TUNING`` adapter folder as
+        """Upload a native ``.safetensors`` prefix or soft prompt, or a PEFT prompt-learning adapter folder as
         ``task_id``, replacing any current version (only if it is ``if_match``, when given). The file is
         checked locally first (``InvalidInputError``) and fully by the server."""
         return self._call(_base.upload_prefix(task_id, prepare_upload(path), if_match))

@@ -1,7 +1,8 @@
 """What an upload sends, checked locally first as far as that is possible without torch.
 
-A native prefix is one ``.safetensors`` file; a PEFT adapter is a folder with ``adapter_config.json``
-(``peft_type`` ``PREFIX_TUNING``) and ``adapter_model.safetensors``. Here we check the structure (the
+A native prefix or soft prompt is one ``.safetensors`` file; a PEFT adapter is a folder with
+``adapter_config.json`` (``peft_type`` ``PREFIX_TUNING``, ``PROMPT_TUNING`` or ``P_TUNING``) and
+``adapter_model.safetensors``. Here we check the structure (the
 safetensors header, the config's type, the tensor names) so that common mistakes fail at once with a
 clear message; shapes, dtypes and values are checked against the base model by the server.
 """
@@ -18,6 +19,7 @@ from ._exceptions import InvalidInputError
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_MODEL_NAME = "adapter_model.safetensors"
+PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")  # the prompt-learning methods served
 NATIVE_FORMAT = "prefix-serve/1"
 
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own bound
@@ -83,9 +85,9 @@ def _prepare_peft_folder(folder: Path) -> PreparedUpload:
         )
     config_bytes = _read(config_path)
     peft_type = _peft_type(config_bytes, config_path)
-    if peft_type != "PREFIX_TUNING":
+    if peft_type not in PEFT_TYPES:
         raise InvalidInputError(
-            f"{config_path}: peft_type is {peft_type!r}; PrefixServe serves PREFIX_TUNING adapters only"
+            f"{config_path}: peft_type is {peft_type!r}; PrefixServe serves {', '.join(PEFT_TYPES)} adapters only"
         )
     if not model_path.is_file():
         pickled = [p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES]
@@ -96,7 +98,7 @@ def _prepare_peft_folder(folder: Path) -> PreparedUpload:
     if "prompt_embeddings" not in tensors:
         found = ", ".join(sorted(tensors)[:5]) or "none"
         raise InvalidInputError(
-            f"{model_path}: a PREFIX_TUNING adapter holds the tensor 'prompt_embeddings'; found: {found}"
+            f"{model_path}: a {peft_type} adapter holds the tensor 'prompt_embeddings'; found: {found}"
         )
     files: Multipart = [
         ("adapter_config", (PEFT_CONFIG_NAME, config_bytes, "application/json")),

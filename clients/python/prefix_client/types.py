@@ -58,6 +58,7 @@ class PrefixInfo(_Result):
     task_id: str
     version: str
     num_virtual_tokens: int
+    kind: str = "prefix"  # "prefix" or "soft_prompt" (servers before soft prompts send none)
     bytes: int
     created_at: datetime  # timezone-aware (UTC); sent as ISO 8601 text
     resident: bool  # held in the device cache of the replica that answered
@@ -75,6 +76,7 @@ class UploadResult(_Result):
     task_id: str
     version: str
     num_virtual_tokens: int
+    kind: str = "prefix"  # "prefix" or "soft_prompt"
     bytes: int
     sha256: str
     source_format: str  # "native" or "peft": the format it was uploaded in

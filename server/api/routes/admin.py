@@ -11,7 +11,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from prefix_store.formats.native import decode_native, encode_native
 from prefix_store.formats.peft import decode_peft
-from prefix_store.prefix import Prefix
+from prefix_store.soft_prompt import Adapter, kind_of
 from prefix_store.storage.names import validate_task_id
 from prefix_store.storage.store import PrefixRecord
 from server.api.errors import ApiError, error_responses
@@ -40,7 +40,7 @@ _UPLOAD_BODY = {  # the multipart body upload_prefix reads itself (so that nothi
             "schema": {
                 "type": "object",
                 "properties": {
-                    "file": {**_BINARY, "description": "a native prefix (.safetensors)"},
+                    "file": {**_BINARY, "description": "a native prefix or soft prompt (.safetensors)"},
                     "adapter_config": {**_BINARY, "description": "a PEFT adapter_config.json"},
                     "adapter_model": {**_BINARY, "description": "a PEFT adapter_model.safetensors"},
                 },
@@ -55,6 +55,7 @@ def _info(state: AppState, record: PrefixRecord) -> PrefixInfo:
     return PrefixInfo(
         task_id=record.task_id,
         version=record.version,
+        kind=record.kind,
         num_virtual_tokens=record.num_virtual_tokens,
         bytes=record.bytes,
         created_at=datetime.fromtimestamp(record.created_at, UTC),
@@ -91,21 +92,23 @@ async def upload_prefix(
     validate_task_id(task_id)
     request.state.task_id = task_id
     form = await request.form(max_files=2, max_fields=4)
-    prefix, blob, source_format = await _decode_upload(state, form)
+    adapter, blob, source_format = await _decode_upload(state, form)
     await asyncio.to_thread(_check_quota, state, who.tenant, task_id, len(blob))
     record, replaced = await asyncio.to_thread(
         state.store.put,
         who.tenant,
         task_id,
         blob,
-        num_virtual_tokens=prefix.num_virtual_tokens,
+        num_virtual_tokens=adapter.num_virtual_tokens,
         source_format=source_format,
+        kind=kind_of(adapter),
         if_match=_version_of(if_match),
     )
     response.status_code = 200 if replaced else 201
     return UploadResult(
         task_id=task_id,
         version=record.version,
+        kind=record.kind,
         num_virtual_tokens=record.num_virtual_tokens,
         bytes=record.bytes,
         sha256=record.sha256,
@@ -113,28 +116,29 @@ async def upload_prefix(
     )
 
 
-async def _decode_upload(state: AppState, form: FormData) -> tuple[Prefix, bytes, str]:
-    """The uploaded prefix, its native bytes and the format it came in; raises on anything invalid."""
+async def _decode_upload(state: AppState, form: FormData) -> tuple[Adapter, bytes, str]:
+    """The uploaded prefix or soft prompt, its native bytes and the format it came in; raises on anything
+    invalid."""
     file, config, model = form.get("file"), form.get("adapter_config"), form.get("adapter_model")
     geometry, limits = state.base.geometry, state.limits
     if isinstance(file, UploadFile) and config is None and model is None:
         blob = await _read_capped(file, limits.max_file_bytes, "file")
-        prefix = await asyncio.to_thread(decode_native, blob, geometry, limits)
+        adapter = await asyncio.to_thread(decode_native, blob, geometry, limits)
         source_format = "native"
     elif isinstance(config, UploadFile) and isinstance(model, UploadFile) and file is None:
         config_bytes = await _read_capped(config, limits.max_config_bytes, "adapter_config")
         model_bytes = await _read_capped(model, limits.max_file_bytes, "adapter_model")
-        prefix = await asyncio.to_thread(decode_peft, config_bytes, model_bytes, geometry, limits)
-        blob, source_format = encode_native(prefix, geometry), "peft"
+        adapter = await asyncio.to_thread(decode_peft, config_bytes, model_bytes, geometry, limits)
+        blob, source_format = encode_native(adapter, geometry), "peft"
     else:
         raise ApiError(
             400,
             "invalid_request",
-            "send multipart field 'file' (a native prefix) or both "
-            "'adapter_config' and 'adapter_model' (a PEFT PREFIX_TUNING adapter)",
+            "send multipart field 'file' (a native prefix or soft prompt) or both "
+            "'adapter_config' and 'adapter_model' (a PEFT PREFIX_TUNING, PROMPT_TUNING or P_TUNING adapter)",
         )
-    prefix.to("cpu", state.base.dtype)  # refuse values the server's dtype cannot hold, before storing
-    return prefix, blob, source_format
+    adapter.to("cpu", state.base.dtype)  # refuse values the server's dtype cannot hold, before storing
+    return adapter, blob, source_format
 
 
 def _version_of(if_match: str | None) -> str | None:

@@ -1,6 +1,7 @@
 """Decoder families beyond the suite's Llama, GPT-2 and Qwen2, each a tiny random model built here: every
-case of a family in one mixed batch (rows with PEFT prefixes of different lengths and a base row, prompts
-of different lengths), each row's greedy tokens equal to PEFT's forward loop. The sliding-window families
+case of a family in one mixed batch (rows with PEFT prefixes of different lengths, with a PEFT soft prompt
+(PROMPT_TUNING) and base rows, prompts of different lengths), each row's greedy tokens equal to PEFT's
+forward loop. The sliding-window families
 have windows shorter than prefix + prompt + output, so a local layer's window leaves the prefix (PEFT's
 semantics: the model's own mask over the prefix slots at cache positions 0…P-1)."""
 
@@ -42,14 +43,17 @@ from transformers.models.qwen3_next import Qwen3NextConfig
 
 from prefix_store.formats.limits import PrefixLimits
 from prefix_store.formats.source import load_prefix_source
+from prefix_store.soft_prompt import SoftPrompt
 from server.demo_model import build_demo_tokenizer
 from server.engine.base_model import BaseModel, load_base_model
 from server.engine.generation import generate
 from server.engine.model_support import UnsupportedModel, check_attention_layout
-from testing.peft_reference import make_peft_adapter, peft_greedy_tokens
+from server.engine.soft_prompts import soft_prompt_prefix
+from testing.peft_reference import make_peft_adapter, make_peft_soft_prompt, peft_greedy_tokens
 from tests.server.engine.helpers import request
 
 PREFIX_LENGTHS = (3, 9)  # one inside the smallest window, one longer than it
+SOFT_PROMPT_LENGTH = 5
 PROMPTS = ["hi there", "Once upon a time there was a little model that wanted to learn many tasks at once."]
 NEW_TOKENS = 10
 WINDOW = 8  # shorter than prefix + prompt + output of every row
@@ -158,14 +162,24 @@ def family(
 
 def test_a_mixed_batch_equals_pefts_forward_loop(family: tuple[BaseModel, Path], tmp_path: Path) -> None:
     base, folder = family
+
+    def fresh() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+
     cases = []
-    for i, length in enumerate(PREFIX_LENGTHS):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
-        adapter = make_peft_adapter(model, tmp_path / f"p{length}", num_virtual_tokens=length, seed=30 + i)
-        prefix, _ = load_prefix_source(adapter, base.geometry, PrefixLimits())
+    made = [
+        make_peft_adapter(fresh(), tmp_path / f"p{length}", num_virtual_tokens=length, seed=30 + i)
+        for i, length in enumerate(PREFIX_LENGTHS)
+    ]
+    made.append(
+        make_peft_soft_prompt(fresh(), tmp_path / "soft", num_virtual_tokens=SOFT_PROMPT_LENGTH, seed=40)
+    )
+    for adapter in made:
+        loaded, _ = load_prefix_source(adapter, base.geometry, PrefixLimits())
+        prefix = soft_prompt_prefix(base, loaded) if isinstance(loaded, SoftPrompt) else loaded
         for j, prompt in enumerate(PROMPTS):
             cases.append(
-                (adapter, request(base, f"p{length}-{j}", prompt, prefix, max_new_tokens=NEW_TOKENS))
+                (adapter, request(base, f"{adapter.name}-{j}", prompt, prefix, max_new_tokens=NEW_TOKENS))
             )
     cases += [
         (None, request(base, f"base-{j}", prompt, max_new_tokens=NEW_TOKENS))

@@ -26,7 +26,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _same_prefix(a: RunResult, b: RunResult) -> bool:
-    return torch.equal(a.prefix.keys, b.prefix.keys) and torch.equal(a.prefix.values, b.prefix.values)
+    return torch.equal(a.adapter.keys, b.adapter.keys) and torch.equal(a.adapter.values, b.adapter.values)
 
 
 def test_only_the_prefix_learns_and_the_loss_falls(llama_base: BaseModel, data: Path, tmp_path: Path) -> None:
@@ -83,8 +83,8 @@ def test_exports_have_the_models_geometry(
     assert (native_format, peft_format) == ("native", "peft")
     assert native.keys.shape == base.geometry.prefix_shape(4) and native.fits(base.geometry)
     for loaded in (native, peft):
-        assert torch.equal(loaded.keys, result.prefix.keys) and torch.equal(
-            loaded.values, result.prefix.values
+        assert torch.equal(loaded.keys, result.adapter.keys) and torch.equal(
+            loaded.values, result.adapter.values
         )
     if projection:  # trained through the MLP: more trainable numbers than are served
         assert result.summary["trainable_parameters"] > result.summary["prefix_parameters"]
@@ -123,8 +123,8 @@ def test_init_text_starts_from_the_texts_activations_with_and_without_projection
             prefix_projection=projection, projection_hidden=16, max_steps=1, lr=1e-9, warmup_steps=0,
         )  # fmt: skip
         assert result.config.num_virtual_tokens == expected.num_virtual_tokens  # one per token of the text
-        torch.testing.assert_close(result.prefix.keys, expected.keys, rtol=0, atol=1e-6)
-        torch.testing.assert_close(result.prefix.values, expected.values, rtol=0, atol=1e-6)
+        torch.testing.assert_close(result.adapter.keys, expected.keys, rtol=0, atol=1e-6)
+        torch.testing.assert_close(result.adapter.values, expected.values, rtol=0, atol=1e-6)
 
 
 def test_resume_after_an_interruption_continues_exactly(
