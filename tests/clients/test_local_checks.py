@@ -104,6 +104,26 @@ def test_upload_refuses_what_cannot_be_a_prefix(
             ),
             "metadata format 'prefix-serve/1', this file has 'other'",
         ),
+        (
+            _safetensors(
+                {
+                    "__metadata__": {"kind": "soft_prompt"},
+                    "keys": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                },
+                b"\0" * 4,
+            ),
+            "a native soft prompt holds tensors 'embeddings'; missing: embeddings",
+        ),
+        (
+            _safetensors(
+                {
+                    "__metadata__": {"kind": "lora"},
+                    "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                },
+                b"\0" * 4,
+            ),
+            "metadata kind 'lora' is neither 'prefix' nor 'soft_prompt'",
+        ),
     ],
 )
 def test_upload_checks_the_safetensors_structure(

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 from prefix_client import AsyncClient, Client, Generation, NotFoundError, PrefixInfo, RateLimitError
+from transformers import AutoModelForCausalLM
 
+from testing.peft_reference import make_peft_soft_prompt
 from tests.clients.conftest import Keys
 from tests.clients.recorder import Recorder
 
@@ -228,3 +230,26 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, ser
     monkeypatch.delenv("PREFIX_SERVE_API_KEY")
     with Client() as client:
         assert client.base_url == "http://127.0.0.1:8000" and client.api_key is None
+
+
+def test_soft_prompts_upload_from_a_peft_folder_or_a_native_file_and_say_their_kind(
+    server: str, keys: Keys, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype="float32")
+    folder = make_peft_soft_prompt(model, tmp_path / "soft", num_virtual_tokens=5, method="P_TUNING", seed=2)
+    with Client(server, keys.admin) as client:
+        from_peft = client.upload_prefix("sdk-soft", folder)
+        assert (from_peft.kind, from_peft.source_format, from_peft.num_virtual_tokens) == (
+            "soft_prompt",
+            "peft",
+            5,
+        )
+        native = client.download_prefix("sdk-soft", tmp_path / "soft.safetensors")
+        from_file = client.upload_prefix("sdk-soft-copy", native)
+        assert (from_file.kind, from_file.source_format) == ("soft_prompt", "native")
+        assert {p.task_id: p.kind for p in client.list_prefixes()}["sdk-soft-copy"] == "soft_prompt"
+        answers = [
+            client.generate(PROMPT, task_id=task, max_new_tokens=6).token_ids
+            for task in ("sdk-soft", "sdk-soft-copy")
+        ]
+        assert answers[0] == answers[1] != client.generate(PROMPT, max_new_tokens=6).token_ids

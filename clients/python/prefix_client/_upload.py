@@ -19,6 +19,7 @@ from ._exceptions import InvalidInputError
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_MODEL_NAME = "adapter_model.safetensors"
+_NATIVE_TENSORS = {"prefix": ("keys", "values"), "soft_prompt": ("embeddings",)}  # by metadata kind
 PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")  # the prompt-learning methods served
 NATIVE_FORMAT = "prefix-serve/1"
 
@@ -58,15 +59,20 @@ def _prepare_native_file(path: Path) -> PreparedUpload:
         raise InvalidInputError(f"{path}: {_NO_PICKLES}")
     data = _read(path)
     tensors, metadata = check_safetensors(data, str(path))
-    if "prompt_embeddings" in tensors and "keys" not in tensors:
+    if "prompt_embeddings" in tensors:
         raise InvalidInputError(
             f"{path}: this is a PEFT adapter_model.safetensors, not a native prefix; upload the folder "
             f"that holds it and its {PEFT_CONFIG_NAME}"
         )
-    missing = [name for name in ("keys", "values") if name not in tensors]
+    kind = metadata.get("kind", "prefix")
+    expected = _NATIVE_TENSORS.get(kind)
+    if expected is None:
+        raise InvalidInputError(f"{path}: metadata kind {kind!r} is neither 'prefix' nor 'soft_prompt'")
+    missing = [name for name in expected if name not in tensors]
     if missing:
         raise InvalidInputError(
-            f"{path}: a native prefix holds tensors 'keys' and 'values'; missing: {', '.join(missing)}"
+            f"{path}: a native {kind.replace('_', ' ')} holds tensors {' and '.join(map(repr, expected))}; "
+            f"missing: {', '.join(missing)}"
         )
     if metadata.get("format") != NATIVE_FORMAT:
         raise InvalidInputError(

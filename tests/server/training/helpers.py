@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from server.engine.base_model import BaseModel
 from server.training.model_facts import ModelFacts
 from server.training.run import RunPaths, RunResult, prepare_run, run_training
@@ -43,3 +45,23 @@ def train(
     paths = RunPaths(model=str(base.model.name_or_path), data=data, eval_data=eval_data, out_dir=out_dir)
     run = prepare_run(paths, given, lambda: ModelFacts.of(base), resume=resume)
     return run_training(base, run, progress=False)
+
+
+def frozen_weights(base: BaseModel) -> dict[str, torch.Tensor]:
+    """A copy of the base model's weights, to compare with after training (``assert_only_the_adapter_learned``)."""
+    return {name: p.detach().clone() for name, p in base.model.named_parameters()}
+
+
+def assert_only_the_adapter_learned(
+    before: dict[str, torch.Tensor], base: BaseModel, result: RunResult, *, epochs: int, below: float
+) -> None:
+    """The base model is bit-identical and has no gradients; the train loss fell every epoch, to under
+    ``below`` × the first; the eval loss fell."""
+    after = dict(base.model.named_parameters())
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(not p.requires_grad and p.grad is None for p in after.values())
+    losses = [record.train_loss for record in result.state.history]
+    assert (
+        len(losses) == epochs and losses == sorted(losses, reverse=True) and losses[-1] < below * losses[0]
+    ), losses
+    assert result.state.history[-1].eval_loss < result.state.history[0].eval_loss

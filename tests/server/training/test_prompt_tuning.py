@@ -26,7 +26,13 @@ from server.training.init_text import init_text_token_ids
 from server.training.run import RunResult
 from testing.peft_reference import peft_greedy_tokens
 from tests.server.engine.helpers import request
-from tests.server.training.helpers import PROMPTS, fixed_answer_data, train
+from tests.server.training.helpers import (
+    PROMPTS,
+    assert_only_the_adapter_learned,
+    fixed_answer_data,
+    frozen_weights,
+    train,
+)
 
 PROMPT_TUNING = {"method": "prompt-tuning", "lr": 0.05}  # over helpers.FAST; a soft prompt wants a lower lr
 NEW_TOKENS = 12
@@ -52,17 +58,10 @@ def _engine_tokens(base: BaseModel, soft_prompt: SoftPrompt, prompt: str) -> lis
 def test_only_the_soft_prompt_learns_and_the_loss_falls(
     llama_base: BaseModel, data: Path, tmp_path: Path
 ) -> None:
-    before = {name: p.detach().clone() for name, p in llama_base.model.named_parameters()}
+    before = frozen_weights(llama_base)
     options = {**PROMPT_TUNING, "lr_schedule": "constant", "num_virtual_tokens": 8}
     result = train(llama_base, data, tmp_path / "out", eval_data=data, epochs=4, **options)
-    after = dict(llama_base.model.named_parameters())
-    assert all(torch.equal(before[name], after[name]) for name in before)  # bit-identical base
-    assert all(not p.requires_grad and p.grad is None for p in after.values())
-    losses = [record.train_loss for record in result.state.history]
-    assert len(losses) == 4 and losses == sorted(losses, reverse=True) and losses[-1] < 0.85 * losses[0], (
-        losses
-    )
-    assert result.state.history[-1].eval_loss < result.state.history[0].eval_loss
+    assert_only_the_adapter_learned(before, llama_base, result, epochs=4, below=0.85)
     embedding_dim = llama_base.geometry.embedding_dim
     assert _soft_prompt(result).embeddings.shape == (8, embedding_dim)
     assert result.summary["trainable_parameters"] == 8 * embedding_dim  # the prompt's numbers alone
