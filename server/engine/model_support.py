@@ -7,7 +7,7 @@ with a sliding window), each keeping keys and values of one head width, and (2) 
 transformers' attention interface. What falls outside: state-space, linear-attention and hybrid layers
 (Mamba, Jamba, Zamba, Falcon-H1…: a recurrent state, not a key/value cache), chunked or sparse attention,
 multi-head latent attention (DeepSeek V2/V3: keys and values of different widths), and models that compute
-attention themselves (ALiBi in BLOOM and MPT).
+attention themselves (ALiBi in MPT) unless ``family_attention`` reroutes them (BLOOM, Falcon).
 """
 
 from __future__ import annotations

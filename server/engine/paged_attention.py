@@ -42,6 +42,7 @@ class AttentionGroup:
     key_positions: torch.Tensor  # [b, 1, 1, S] each slot's cache position
     dtype: torch.dtype  # the masks'
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _alibi: torch.Tensor | None = None
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """``[b, 1, Q, S]`` additive: 0 where a query may look, dtype-min elsewhere. With a sliding window
@@ -55,6 +56,15 @@ class AttentionGroup:
             mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
             self._masks[sliding_window] = mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return self._masks[sliding_window]
+
+    def alibi_mask(self, slopes: torch.Tensor) -> torch.Tensor:
+        """``[b, heads, Q, S]``: ``mask()`` plus ALiBi's ``slopes[h] × key position`` (BLOOM's bias up to a
+        constant per query; masked slots stay far below any real score). ``slopes``: the model's, one
+        tensor for every layer, so it is built once per pass."""
+        if self._alibi is None:
+            bias = slopes.view(1, -1, 1, 1) * self.key_positions
+            self._alibi = self.mask() + bias.to(self.dtype)
+        return self._alibi
 
 
 @dataclass(frozen=True)
@@ -70,10 +80,11 @@ class PagedAttention:
         module: torch.nn.Module,
         query: torch.Tensor,
         sliding_window: int | None = None,
+        alibi_slopes: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor:
         """``query`` ``[B, heads, Q, D]`` → the attention output ``[B, Q, heads, D]``; ``sliding_window``: the
-        layer's, if it is a local one."""
+        layer's, if it is a local one; ``alibi_slopes`` ``[heads]``: the model's, if it biases by ALiBi."""
         layer = module.layer_idx
         keys, values = self.pool_keys[layer], self.pool_values[layer]
         heads, dim = keys.shape[2], keys.shape[3]
@@ -83,7 +94,8 @@ class PagedAttention:
             k = keys.index_select(0, group.read_blocks).view(shape).transpose(1, 2)  # [b, H, S, D]
             v = values.index_select(0, group.read_blocks).view(shape).transpose(1, 2)
             q = query if group.rows is None else query.index_select(0, group.rows)
-            attended = _attend(module, q, k, v, group.mask(sliding_window), **kwargs)
+            mask = group.mask(sliding_window) if alibi_slopes is None else group.alibi_mask(alibi_slopes)
+            attended = _attend(module, q, k, v, mask, **kwargs)
             if group.rows is None:
                 return attended
             if output is None:
@@ -130,6 +142,11 @@ def _eager(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, torch.T
 _CURRENT: ContextVar[PagedAttention | None] = ContextVar("paged_attention", default=None)
 
 
+def in_engine_pass() -> bool:
+    """Whether attention now reads the KV pool (a forward pass run inside ``reading_pool``)."""
+    return _CURRENT.get() is not None
+
+
 @contextlib.contextmanager
 def reading_pool(paged: PagedAttention | None) -> Iterator[None]:
     """Within it, attention layers read ``paged``'s pool (None: plain SDPA)."""
@@ -165,10 +182,13 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # outside the engine, mas
 
 def use_paged_attention(model: PreTrainedModel) -> None:
     """Switch ``model`` to ``ATTENTION``; raises ``UnsupportedModel`` if its attention layers cannot be
-    switched (a model that computes attention itself, not through transformers' attention interface)."""
+    switched (a model that computes attention itself, not through transformers' attention interface, unless
+    it is one whose attention code ``family_attention`` reroutes: BLOOM, Falcon)."""
+    from server.engine.family_attention import route_own_attention  # it imports this module
+
     with contextlib.suppress(ValueError):  # said below, in the engine's words
         model.set_attn_implementation(ATTENTION)
-    if model.config._attn_implementation != ATTENTION:
+    if model.config._attn_implementation != ATTENTION and not route_own_attention(model):
         raise UnsupportedModel(
             f"{type(model).__name__} does not route its attention through transformers' attention interface, "
             "so the engine cannot read its keys and values from the KV pool"

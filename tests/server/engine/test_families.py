@@ -24,6 +24,7 @@ from transformers import (
     GPTNeoXConfig,
     GraniteConfig,
     MixtralConfig,
+    MptConfig,
     Olmo2Config,
     OPTConfig,
     Phi3Config,
@@ -48,6 +49,7 @@ from server.demo_model import build_demo_tokenizer
 from server.engine.base_model import BaseModel, load_base_model
 from server.engine.generation import generate
 from server.engine.model_support import UnsupportedModel, check_attention_layout
+from server.engine.paged_attention import use_paged_attention
 from server.engine.soft_prompts import soft_prompt_prefix
 from testing.peft_reference import make_peft_adapter, make_peft_soft_prompt, peft_greedy_tokens
 from tests.server.engine.helpers import request
@@ -107,6 +109,33 @@ FAMILIES: dict[str, Callable[[int, int], PretrainedConfig]] = {
         eos_token_id=e,
         pad_token_id=e,
         init_std=0.1,
+    ),
+    # ALiBi, in BLOOM's own attention code (rerouted by family_attention)
+    "bloom": lambda v, e: BloomConfig(
+        vocab_size=v,
+        hidden_size=64,
+        n_layer=2,
+        n_head=4,
+        initializer_range=0.1,
+        tie_word_embeddings=False,  # tied, the tiny model repeats its last input whatever it attends to
+        bos_token_id=e,
+        eos_token_id=e,
+        pad_token_id=e,
+    ),
+    # its own attention code too: grouped kv heads, broadcast to every query head in its cache, rotary
+    "falcon": lambda v, e: FalconConfig(
+        vocab_size=v,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+        bos_token_id=e,
+        eos_token_id=e,
+        pad_token_id=e,
     ),
     "gptj": lambda v, e: GPTJConfig(
         vocab_size=v,
@@ -232,19 +261,8 @@ def test_served_layouts_pass_the_check() -> None:
 
 
 REFUSED_AT_LOAD: dict[str, Callable[[int, int], PretrainedConfig]] = {
-    # ALiBi, added inside BLOOM's own attention code
-    "bloom": lambda v, e: BloomConfig(vocab_size=v, hidden_size=32, n_layer=2, n_head=4),
-    # in transformers 5 its attention is its own code, outside the attention interface
-    "falcon": lambda v, e: FalconConfig(
-        vocab_size=v,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        new_decoder_architecture=True,
-        bos_token_id=e,
-        eos_token_id=e,
-    ),
+    # ALiBi in its own attention code, which the engine does not reroute (BLOOM's and Falcon's it does)
+    "mpt": lambda v, e: MptConfig(vocab_size=v, d_model=64, n_heads=4, n_layers=2),
 }
 
 
@@ -256,6 +274,22 @@ def test_a_model_computing_attention_itself_is_refused_at_load(name: str, tmp_pa
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModel, match="attention interface"):
         load_base_model(tmp_path, device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"alibi": True}, "alibi=True"),
+        ({"new_decoder_architecture": False, "multi_query": True}, "multi-query"),
+    ],
+    ids=["alibi", "multi-query"],
+)
+def test_falcon_variants_the_engine_does_not_reroute_are_refused_at_load(
+    extra: dict[str, object], reason: str
+) -> None:
+    config = FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **extra)
+    with pytest.raises(UnsupportedModel, match=reason):
+        use_paged_attention(AutoModelForCausalLM.from_config(config))
 
 
 def test_the_readme_support_table_is_the_matrix() -> None:
