@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from transformers import BloomConfig, BloomForCausalLM
+from transformers import MptConfig, MptForCausalLM
 
 from server.cli import build_parser
 from server.cli.serve import CLI_OPTIONS, LIMIT_OPTIONS, describe_setting
@@ -162,13 +162,13 @@ def test_a_model_that_fails_to_load_is_one_line_without_traceback(tmp_path: Path
 
 
 def test_a_model_whose_attention_cannot_be_paged_is_refused_in_one_line(tmp_path: Path) -> None:
-    """BLOOM computes ALiBi attention itself: refused when the server starts, naming the reason."""
-    model = tmp_path / "tiny-bloom"
+    """MPT computes ALiBi attention itself: refused when the server starts, naming the reason."""
+    model = tmp_path / "tiny-mpt"
     tokenizer = build_demo_tokenizer()
-    config = BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4)
-    BloomForCausalLM(config).save_pretrained(model)
+    config = MptConfig(vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=4)
+    MptForCausalLM(config).save_pretrained(model)
     tokenizer.save_pretrained(model)
-    reason = f"cannot start: --model {model}: cannot serve it: BloomForCausalLM does not route its attention"
+    reason = f"cannot start: --model {model}: cannot serve it: MptForCausalLM does not route its attention"
     assert reason in _start_refusal(model, tmp_path / "store")
 
 
