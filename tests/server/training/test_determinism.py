@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,9 @@ def test_two_seeded_runs_side_by_side_are_bit_identical(demo_model_dir: Path, tm
     """Two processes train at once with the same seed, each loading the CPU the other runs on; the first
     lets OpenMP size its thread teams by the load average (OMP_DYNAMIC), as a machine set up so would."""
     data = fixed_answer_data(tmp_path / "data.jsonl")
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "MKL_DYNAMIC": "TRUE"}
+    # PASSIVE: idle OpenMP threads sleep instead of spinning, so 2 x 8 threads on a small, busy machine
+    # (CI's) do not starve each other for minutes; it changes no thread count, hence no bits
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "MKL_DYNAMIC": "TRUE", "OMP_WAIT_POLICY": "PASSIVE"}
     runs = []
     for name, extra in (("a", {"OMP_DYNAMIC": "TRUE"}), ("b", {})):
         command = [sys.executable, "-m", "server.cli", "train", "--model", str(demo_model_dir)]
@@ -53,7 +56,7 @@ def test_two_seeded_runs_side_by_side_are_bit_identical(demo_model_dir: Path, tm
                 text=True,
             )
         )
-    outputs = [run.communicate(timeout=240)[0] for run in runs]
+    outputs = _outputs_within(runs, seconds=180)  # under pytest's own timeout: a clear failure, not a signal
     assert [run.returncode for run in runs] == [0, 0], outputs
     native = [(tmp_path / name / "prefix.safetensors").read_bytes() for name in ("a", "b")]
     assert native[0] == native[1]
@@ -61,3 +64,17 @@ def test_two_seeded_runs_side_by_side_are_bit_identical(demo_model_dir: Path, tm
     losses = [[(r["train_loss"], r["eval_loss"]) for r in s["history"]] for s in summaries]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
     assert summaries[0]["threads"] == summaries[1]["threads"] == 8
+
+
+def _outputs_within(runs: list[subprocess.Popen], seconds: float) -> list[str]:
+    """Each run's output once all have exited; fails (both killed, outputs shown) past ``seconds`` in all."""
+    deadline = time.monotonic() + seconds
+    outputs = []
+    try:
+        for run in runs:
+            outputs.append(run.communicate(timeout=max(deadline - time.monotonic(), 0.1))[0])
+    except subprocess.TimeoutExpired:
+        for run in runs:
+            run.kill()
+        pytest.fail(f"the runs took over {seconds} s: {[run.communicate()[0][-2000:] for run in runs]}")
+    return outputs
