@@ -8,9 +8,10 @@ join             rows decoding while a long prompt joins: the worst gap between 
 memory           one long request in a fresh process: its peak memory growth against its keys and values
                  plus one prefill chunk's activations
 shared-prefix    rows of one task: the bytes their prefix takes in the KV pool, against one copy per row
-decode           the engine's decode step at a batch of 16 against the same rows in the dense layout: one
-                 transformers ``DynamicCache`` for the batch, every row padded to the longest prefix + prompt;
-                 the two step in lockstep
+decode           a decode pass at a batch of 16 in the paged layout (its block tables, groups and masks built
+                 from the rows included) against the same rows in the dense layout: one transformers
+                 ``DynamicCache`` for the batch, every row padded to the longest prefix + prompt; the two
+                 run in lockstep (and the whole engine step, with scheduling, sampling and detokenizing)
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from server.benchmark.settings import BenchSettings, LongPromptSpec
 from server.benchmark.timeline import Timeline, percentile
 from server.engine.base_model import BaseModel
 from server.engine.core import EngineCore
+from server.engine.engine_request import EngineRequest
 from server.engine.kv_pool import BLOCK_SIZE, KVPool
 from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.request import GenerationRequest
-from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
 
@@ -176,31 +177,46 @@ def measure_shared_prefix(base: BaseModel, spec: LongPromptSpec) -> dict[str, An
 
 
 def measure_decode(base: BaseModel, spec: LongPromptSpec, repeats: int) -> dict[str, Any]:
-    """The decode steps of ``decode_rows`` rows (prompts 16-64, prefixes of 4-32 tokens, 32 new tokens) in
-    the engine, and of the same rows in the dense layout (``PrefillBatch``: one transformers
-    ``DynamicCache`` for the batch, every row padded to the longest prefix and prompt, greedy), in
-    lockstep: an engine step, then a dense one, so the machine's drift hits both alike. The medians of the
-    steps and of the step-by-step ratios, over ``repeats`` rounds after a warm-up. The engine is one core
-    throughout, as in a server: its pool is allocated once."""
+    """Decode passes of ``decode_rows`` rows (prompts 16-64, prefixes of 4-32 tokens, 32 new tokens) in the
+    paged layout and in the dense one (``PrefillBatch``: one transformers ``DynamicCache`` for the batch,
+    every row padded to the longest prefix and prompt), each pass as the engine runs it and nothing else:
+    the paged side builds its pass (block tables, groups, masks) from the rows, then both run the model,
+    pick greedily and advance. The scheduling, sampling and detokenizing around a pass are the same for
+    either layout, so they are left out of the ratio; the whole engine step (``core.step``, with them) is
+    reported beside it. The two run in lockstep, so the machine's drift hits both alike: the medians of the
+    passes and of their pass-by-pass ratios, over ``repeats`` rounds after a warm-up."""
     rng, vocab = random.Random(8), base.model.config.vocab_size
     prefixes = random_prefixes(base, [4, 8, 12, 16, 20, 24, 28, 32], seed=12)
     prompts = [[rng.randrange(5, vocab) for _ in range(rng.randint(16, 64))] for _ in range(spec.decode_rows)]
     core = EngineCore(base, SchedulerConfig(max_batch_size=spec.decode_rows, max_batch_tokens=1 << 16))
-    runner = ModelRunner(base)
+    runner = core.runner
 
-    def engine_steps() -> Iterator[float]:
+    def prefilled_rows(name: str) -> list[EngineRequest]:
         for i, prompt in enumerate(prompts):
             core.add_request(
-                GenerationRequest(f"r{i}", prompt, prefixes[i % 8], SamplingParams(), 33, ignore_eos=True)
+                GenerationRequest(
+                    f"{name}{i}", prompt, prefixes[i % 8], SamplingParams(), 33, ignore_eos=True
+                )
             )
         while any(r.prompt_left for r in core.rows) or core.scheduler.num_waiting:
             core.step()
-        while core.has_work:
-            started = time.perf_counter()
-            core.step()
-            yield time.perf_counter() - started
+        return core.rows
 
-    def dense_steps() -> Iterator[float]:
+    def paged_passes() -> Iterator[float]:
+        rows = prefilled_rows("p")
+        tokens = [r.next_token for r in rows]
+        for _ in range(32):
+            started = time.perf_counter()
+            batch = core.kv.batch([r.kv for r in rows], [[token] for token in tokens])
+            picked = runner.forward(batch).argmax(-1)
+            batch.advance()
+            tokens = picked.tolist()
+            yield time.perf_counter() - started
+        for record in rows:
+            core.abort(record.request_id)
+        core.step()  # the aborted rows leave, their blocks go back
+
+    def dense_passes() -> Iterator[float]:
         rows = [BatchRow(f"r{i}", prompt, prefixes[i % 8]) for i, prompt in enumerate(prompts)]
         batch = PrefillBatch.from_rows(rows, base.geometry, base.device, base.dtype)
         batch.advance(runner.forward(batch).argmax(-1))
@@ -211,15 +227,26 @@ def measure_decode(base: BaseModel, spec: LongPromptSpec, repeats: int) -> dict[
             tokens.tolist()
             yield time.perf_counter() - started
 
+    def engine_steps() -> Iterator[float]:
+        prefilled_rows("s")
+        while core.has_work:
+            started = time.perf_counter()
+            core.step()
+            yield time.perf_counter() - started
+
     pairs: list[tuple[float, float]] = []
+    steps: list[float] = []
     for round_ in range(repeats + 1):  # the first is a warm-up
-        steps = list(zip(engine_steps(), dense_steps(), strict=True))
-        pairs += steps[:-1] if round_ else []  # the engine's last step also retires the rows
+        passes = list(zip(paged_passes(), dense_passes(), strict=True))
+        engine = list(engine_steps())[:-1]  # the last step also retires the rows
+        pairs += passes if round_ else []
+        steps += engine if round_ else []
     return {
         "rows": spec.decode_rows,
-        "engine_step_ms": statistics.median(e for e, _ in pairs) * 1e3,
-        "dense_step_ms": statistics.median(d for _, d in pairs) * 1e3,
-        "dense_over_engine": statistics.median(d / e for e, d in pairs),
+        "paged_pass_ms": statistics.median(p for p, _ in pairs) * 1e3,
+        "dense_pass_ms": statistics.median(d for _, d in pairs) * 1e3,
+        "dense_over_paged": statistics.median(d / p for p, d in pairs),
+        "engine_step_ms": statistics.median(steps) * 1e3,
     }
 
 

@@ -139,8 +139,8 @@ def _long_prompt_targets(report: Mapping[str, Any]) -> list[Target]:
             True,
         ),
         Target(
-            "decode step at batch 16: dense layout / engine",
-            value("decode", "dense_over_engine"),
+            "decode pass at batch 16: dense layout / paged",
+            value("decode", "dense_over_paged"),
             0.95,
         ),
     ]

@@ -1,9 +1,10 @@
-"""The engine core: one step = schedule → decode → prefill, over a continuously changing batch.
+"""The engine core: one step = schedule → one packed pass (decode + prefill), over a continuously changing
+batch.
 
 Requests of any tenant and task join between steps and leave the moment they finish. Each request is one
 ``EngineRequest`` record, held by the scheduler from ``add_request`` until it ends; admitted, it becomes a
-row with blocks in the paged KV cache (its prefix's shared, read-only blocks, then its own). A step first
-decodes one token for every row past its prompt, then prefills the next chunk of some prompts
+row with blocks in the paged KV cache (its prefix's shared, read-only blocks, then its own). A step feeds,
+in one packed forward pass, one token for every row past its prompt and the next chunk of some prompts
 (``prefill_plan``: at most ``prefill_step_tokens`` per step, so a long prompt never stalls the decoding
 rows for its whole prefill); a prompt's last chunk gives the row its first token, and it decodes from the
 next step on. Ending a request gives its prefix pin and its blocks back. The core is synchronous; its
@@ -31,7 +32,6 @@ from server.engine.lifecycle import FinishReason, RequestStatus
 from server.engine.logits_processing import RowHistory, process_logits
 from server.engine.logprobs import token_logprobs
 from server.engine.paged_batch import PagedBatch
-from server.engine.prefill_groups import length_groups
 from server.engine.prefill_plan import plan_chunks
 from server.engine.request import GenerationRequest, RequestOutput, check_fits, token_cost
 from server.engine.runner import ModelRunner
@@ -184,21 +184,18 @@ class EngineCore:
             record.kv = self.kv.open(record.prefix)
             self._prefilling.append(record)
         self._drop_finished()  # aborted and expired rows leave before the forward pass
-        if self._decoding:
-            rows = self._decoding
-            batch = self.kv.batch([r.kv for r in rows], [[r.next_token] for r in rows])
-            self._run(batch, rows, outputs, sampled=range(len(rows)))
-        self._prefill(outputs)
+        self._forward(outputs)
         self._drop_finished()
         self._stats = EngineStats(
             self._stats.steps + 1, self._stats.prefill_tokens + self.prefill_tokens_last_step, self.kv.stats()
         )
         return outputs
 
-    def _prefill(self, outputs: list[RequestOutput]) -> None:
-        """Feed this step's prompt chunks (``plan_chunks``), in length groups (a row that asked for its
-        prompt's logprobs alone: its pass keeps the logits of every position); rows whose prompt is done
-        move on to decoding, or end there if they asked for no new tokens."""
+    def _forward(self, outputs: list[RequestOutput]) -> None:
+        """One packed pass: every decoding row's next token and this step's prompt chunks (``plan_chunks``),
+        so the model's weights are read once for both (a row that asked for its prompt's logprobs is
+        prefilled in a pass of its own, which keeps the logits of every position). Rows whose prompt is
+        done move on to decoding, or end there if they asked for no new tokens."""
         config = self.scheduler.config
         chunks = plan_chunks(
             self._prefilling,
@@ -207,25 +204,25 @@ class EngineCore:
             step_tokens=config.prefill_step_tokens,
         )
         plain = [chunk for chunk in chunks if chunk.row.request.prompt_logprobs is None]
-        passes = [(group, False) for group in length_groups(plain, lambda chunk: chunk.tokens)]
-        passes += [([chunk], True) for chunk in chunks if chunk.row.request.prompt_logprobs is not None]
-        for group, every_position in passes:
-            records = [chunk.row for chunk in group]
-            inputs = [
-                r.request.prompt_ids[r.prompt_fed : r.prompt_fed + chunk.tokens]
-                for r, chunk in zip(records, group, strict=True)
+        passes = [(self._decoding, plain, False)] if self._decoding or plain else []
+        passes += [([], [chunk], True) for chunk in chunks if chunk.row.request.prompt_logprobs is not None]
+        for decoding, group, every_position in passes:
+            records = [*decoding, *(chunk.row for chunk in group)]
+            inputs = [[r.next_token] for r in decoding] + [
+                chunk.row.request.prompt_ids[chunk.row.prompt_fed : chunk.row.prompt_fed + chunk.tokens]
+                for chunk in group
             ]
             batch = self.kv.batch([r.kv for r in records], inputs)
-            for record, chunk in zip(records, group, strict=True):
-                record.prompt_fed += chunk.tokens
-            done = [i for i, chunk in enumerate(group) if chunk.last]
-            sampled = [i for i in done if records[i].request.max_new_tokens > 0]
+            for chunk in group:
+                chunk.row.prompt_fed += chunk.tokens
+            done = [len(decoding) + i for i, chunk in enumerate(group) if chunk.last]
+            sampled = [*range(len(decoding)), *(i for i in done if records[i].request.max_new_tokens > 0)]
             self._run(batch, records, outputs, sampled=sampled, every_position=every_position)
             for i in done:
                 if records[i].request.max_new_tokens == 0 and records[i].tracker.finish_reason is None:
                     outputs.append(self._output(records[i], records[i].tracker.end(FinishReason.LENGTH)))
         self.prefill_tokens_last_step = sum(chunk.tokens for chunk in chunks)
-        self._decoding += [r for r in self._prefilling if r.prompt_left == 0]
+        self._decoding = self._decoding + [r for r in self._prefilling if r.prompt_left == 0]
         self._prefilling = [r for r in self._prefilling if r.prompt_left > 0]
 
     def _schedule(self, outputs: list[RequestOutput]) -> list[EngineRequest]:

@@ -7,7 +7,8 @@ cache (``update``: the pool's slots), and in an engine pass attends with ``paged
 call (a soft prompt's pass, training on ``PrefillBatch``) is the model's own forward (BLOOM's alibi
 tensor then read off a 4-D mask where it gets one). BLOOM's ALiBi goes to the paged path as per-head
 slopes: the mask gets ``slope[h] × key position`` (the prefix at 0…P-1, the prompt after it, as PEFT's
-mask makes BLOOM count), which is BLOOM's bias up to a constant per query.
+mask makes BLOOM count), which is BLOOM's bias up to a constant per query. Newer transformers route
+Falcon's attention through the interface itself (5.25), then only its variants are checked here.
 """
 
 from __future__ import annotations
@@ -25,24 +26,40 @@ from server.engine.model_support import UnsupportedModel
 from server.engine.paged_attention import in_engine_pass, paged_attention
 
 
+def check_family_variant(config: Any) -> None:
+    """``UnsupportedModel`` for a BLOOM or Falcon variant the engine cannot serve, whichever way its
+    attention reaches ``paged_attention``."""
+    if config.model_type == "bloom" and config.pretraining_tp > 1 and config.slow_but_exact:
+        raise UnsupportedModel(
+            "bloom with slow_but_exact splits its output projection, which is not rerouted"
+        )
+    if config.model_type != "falcon":
+        return
+    if config.alibi:
+        raise UnsupportedModel(
+            "falcon with alibi=True computes its ALiBi attention itself, outside the engine's paged attention"
+        )
+    if not config.new_decoder_architecture and config.multi_query:
+        raise UnsupportedModel(
+            "multi-query falcon caches one key/value head while a PEFT prefix (and the KV pool) holds one per "
+            "query head"
+        )
+
+
 def route_own_attention(model: PreTrainedModel) -> bool:
     """Switch ``model``'s attention modules to ``paged_attention`` if it is a family whose attention code
-    this module knows (True); False for any other. ``UnsupportedModel`` for a variant it cannot serve."""
+    this module knows (True); False for any other."""
     config = model.config.get_text_config()
     if config.model_type == "bloom":
-        _route_bloom(model, config)
+        _route_bloom(model)
     elif config.model_type == "falcon":
-        _route_falcon(model, config)
+        _route_falcon(model)
     else:
         return False
     return True
 
 
-def _route_bloom(model: PreTrainedModel, config: Any) -> None:
-    if config.pretraining_tp > 1 and config.slow_but_exact:
-        raise UnsupportedModel(
-            "bloom with slow_but_exact splits its output projection, which is not rerouted"
-        )
+def _route_bloom(model: PreTrainedModel) -> None:
     slopes = None
     for module in model.modules():
         if isinstance(module, BloomModel):
@@ -89,16 +106,7 @@ def _bloom_forward(
     return residual + output, None  # dropout_add at inference
 
 
-def _route_falcon(model: PreTrainedModel, config: Any) -> None:
-    if config.alibi:
-        raise UnsupportedModel(
-            "falcon with alibi=True builds its ALiBi from a 2-D mask the engine does not pass"
-        )
-    if not config.new_decoder_architecture and config.multi_query:
-        raise UnsupportedModel(
-            "multi-query falcon caches one key/value head while a PEFT prefix (and the KV pool) holds one per "
-            "query head"
-        )
+def _route_falcon(model: PreTrainedModel) -> None:
     for module in model.modules():
         if isinstance(module, FalconAttention):
             module.forward = types.MethodType(_falcon_forward, module)

@@ -31,10 +31,16 @@ ATTENTION = "prefix_serve_paged"
 
 @dataclass
 class AttentionGroup:
-    """Rows of one forward pass that attend together, over ``columns`` gathered slots each."""
+    """Rows of one packed forward pass that attend together, ``queries`` each (left-padded), over
+    ``columns`` gathered slots each."""
 
-    rows: torch.Tensor | None  # [b] the rows' indices in the batch; None: every row, in order
     size: int  # b
+    queries: int  # Q: the group's longest row's inputs
+    # [b * Q] the packed index each of the group's queries reads (a padding one: its row's first input);
+    # None: the pass's inputs in order (one group, no padding)
+    query_tokens: torch.Tensor | None
+    output_tokens: torch.Tensor | None  # [n] the packed index each real query writes (None: as read)
+    real_queries: torch.Tensor | None  # [n] which of the b * Q queries are real (None: all)
     read_blocks: torch.Tensor  # [b * T] the rows' block tables, T blocks each (padded with the scratch block)
     columns: int  # S = T * block_size
     allowed: torch.Tensor  # [b, 1, Q, S] bool: where a query may look
@@ -83,25 +89,31 @@ class PagedAttention:
         alibi_slopes: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor:
-        """``query`` ``[B, heads, Q, D]`` → the attention output ``[B, Q, heads, D]``; ``sliding_window``: the
-        layer's, if it is a local one; ``alibi_slopes`` ``[heads]``: the model's, if it biases by ALiBi."""
+        """``query`` ``[1, heads, N, D]`` (the packed pass's) → the attention output ``[1, N, heads, D]``;
+        ``sliding_window``: the layer's, if it is a local one; ``alibi_slopes`` ``[heads]``: the model's,
+        if it biases by ALiBi."""
         layer = module.layer_idx
         keys, values = self.pool_keys[layer], self.pool_values[layer]
-        heads, dim = keys.shape[2], keys.shape[3]
+        kv_heads, dim = keys.shape[2], keys.shape[3]
+        packed = query[0]  # [H, N, D]
+        heads, tokens = packed.shape[0], packed.shape[1]
         output = None
         for group in self.groups:
-            shape = (group.size, group.columns, heads, dim)
-            k = keys.index_select(0, group.read_blocks).view(shape).transpose(1, 2)  # [b, H, S, D]
+            shape = (group.size, group.columns, kv_heads, dim)
+            k = keys.index_select(0, group.read_blocks).view(shape).transpose(1, 2)  # [b, H_kv, S, D]
             v = values.index_select(0, group.read_blocks).view(shape).transpose(1, 2)
-            q = query if group.rows is None else query.index_select(0, group.rows)
+            read = packed if group.query_tokens is None else packed.index_select(1, group.query_tokens)
+            q = read.reshape(heads, group.size, group.queries, dim).transpose(0, 1)  # [b, H, Q, D]
             mask = group.mask(sliding_window) if alibi_slopes is None else group.alibi_mask(alibi_slopes)
-            attended = _attend(module, q, k, v, mask, **kwargs)
-            if group.rows is None:
-                return attended
+            attended = _attend(module, q, k, v, mask, **kwargs).reshape(-1, heads, dim)  # [b * Q, H, D]
+            if group.query_tokens is None:
+                return attended.view(1, tokens, heads, dim)
+            if group.real_queries is not None:
+                attended = attended.index_select(0, group.real_queries)
             if output is None:
-                output = attended.new_empty(query.shape[0], *attended.shape[1:])
-            output.index_copy_(0, group.rows, attended)
-        return output
+                output = attended.new_empty(tokens, heads, dim)
+            output.index_copy_(0, group.output_tokens, attended)
+        return output.view(1, tokens, heads, dim)
 
 
 def _attend(
@@ -184,8 +196,9 @@ def use_paged_attention(model: PreTrainedModel) -> None:
     """Switch ``model`` to ``ATTENTION``; raises ``UnsupportedModel`` if its attention layers cannot be
     switched (a model that computes attention itself, not through transformers' attention interface, unless
     it is one whose attention code ``family_attention`` reroutes: BLOOM, Falcon)."""
-    from server.engine.family_attention import route_own_attention  # it imports this module
+    from server.engine.family_attention import check_family_variant, route_own_attention  # it imports this
 
+    check_family_variant(model.config.get_text_config())
     with contextlib.suppress(ValueError):  # said below, in the engine's words
         model.set_attn_implementation(ATTENTION)
     if model.config._attn_implementation != ATTENTION and not route_own_attention(model):

@@ -2,14 +2,17 @@
 
 A row's block table is its prefix's shared blocks followed by blocks of its own; its own tokens (prompt,
 then generated ones) fill its own blocks in order. A forward pass feeds every row its next tokens: a
-chunk of its prompt when prefilling, one token when decoding. Inputs are left-padded to the longest
-row's, so each row's last input sits in the last column. Each attention layer writes the new keys and
-values into their slots (padding into the scratch block); ``paged_attention`` then reads them back, row
-group by row group (rows of similar table length together), with a mask per group:
+chunk of its prompt when prefilling, one token when decoding; decoding rows and prompt chunks share one
+pass. The inputs are **packed**: one sequence ``[1, N]`` of every row's tokens in turn, with explicit
+position ids, so the model's projections and MLPs compute the N real tokens and no padding, whatever the
+rows' lengths. Each attention layer writes the new keys and values into their slots; ``paged_attention``
+then reads them back group by group (decoding rows of similar table length together, prompt chunks of
+similar length together), the group's queries laid out ``[b, H, Q, D]`` (each row's left-padded to the
+group's longest), with a mask per group:
 
 - a prefix slot is seen by every query of its row, a masked one (past the prefix, in its last block) by none;
 - own slot ``k`` is seen by the row's query with own index ``t`` when ``k ≤ t``;
-- a padding query sees what the row's first real query sees (never nothing: no NaN rows);
+- a padding query sees what the row's first real query sees (never nothing: no NaN rows), and is dropped;
 - in a local (sliding-window) layer, only slots less than the window behind the query in cache positions
   (the prefix at 0…P-1, own slot ``k`` at P + ``k``), as the model's own mask does under PEFT.
 
@@ -103,76 +106,42 @@ class PagedBatch:
         ):
             raise ValueError("a row's blocks must hold its new tokens before its forward pass")
         self.rows, self.fed = list(rows), [len(tokens) for tokens in inputs]
-        batch, queries, device = len(rows), max(self.fed), pool.device
-        self.input_ids = torch.tensor(
-            [[0] * (queries - len(tokens)) + list(tokens) for tokens in inputs], device=device
-        )  # [B, Q]
-        # own index of each input: real ones count on from the row's length, padding repeats the first
-        starts = [row.length for row in rows]
-        own_index = torch.tensor(
-            [
-                [start + max(0, q - (queries - fed)) for q in range(queries)]
-                for start, fed in zip(starts, self.fed, strict=True)
-            ]
-        )  # [B, Q]
-        real = torch.tensor([[q >= queries - fed for q in range(queries)] for fed in self.fed])  # [B, Q]
+        device, batch = pool.device, len(rows)
+        packed = [token for tokens in inputs for token in tokens]
+        self.input_ids = torch.tensor([packed], device=device)  # [1, N]
+        fed = torch.tensor(self.fed)  # [B]
+        first = fed.cumsum(0) - fed  # [B] each row's first packed index
+        starts = torch.tensor([row.length for row in rows])  # [B] own tokens already cached
+        prefix_lengths = torch.tensor([row.prefix_length for row in rows])  # [B]
+        row_of = torch.repeat_interleave(torch.arange(batch), fed)  # [N]
+        own_index = torch.arange(len(packed)) - first[row_of] + starts[row_of]  # [N] index among own tokens
         own_width = max(len(row.blocks) for row in rows)
         own_blocks = torch.tensor(
             [row.blocks + [SCRATCH_BLOCK] * (own_width - len(row.blocks)) for row in rows]
-        )
-        write_slots = (own_blocks.gather(1, own_index // bs) * bs + own_index % bs).masked_fill(~real, 0)
-        prefix_lengths = torch.tensor([row.prefix_length for row in rows])[:, None]  # [B, 1]
-        self.input_positions = (prefix_lengths + own_index).masked_fill(~real, 0).to(device)  # [B, Q]
+        )  # [B, W]
+        write_slots = own_blocks[row_of, own_index // bs] * bs + own_index % bs  # [N]
+        self.input_positions = (prefix_lengths[row_of] + own_index)[None].to(device)  # [1, N]
+        self.last_inputs = (first + fed - 1).to(device)  # [B] the packed index each row's logits are read at
 
         tables = [row.table for row in rows]
-        groups = [sorted(group) for group in length_groups(range(batch), lambda i: len(tables[i]) * bs)]
-        dtype = pool.keys[0].dtype
+        decoding = [i for i in range(batch) if self.fed[i] == 1]
+        prefilling = [i for i in range(batch) if self.fed[i] > 1]
+        groups = [
+            *length_groups(decoding, lambda i: len(tables[i]) * bs),
+            *length_groups(prefilling, lambda i: self.fed[i]),
+        ]
+        layout = _Layout(fed, first, starts, prefix_lengths, bs, pool.keys[0].dtype, device)
         self.paged = PagedAttention(
             pool.keys,
             pool.values,
-            [self._group(group, groups, tables, rows, own_index, bs, dtype, device) for group in groups],
+            [layout.group(sorted(group), tables, rows, whole=len(groups) == 1) for group in groups],
         )
-        slots, columns = write_slots.view(-1).to(device), max(len(t) for t in tables) * bs
+        slots, columns = write_slots.to(device), max(len(t) for t in tables) * bs
         self.cache = Cache(
             layers=[
                 PagedLayer(keys, values, slots, columns)
                 for keys, values in zip(pool.keys, pool.values, strict=True)
             ]
-        )
-
-    @staticmethod
-    def _group(
-        members: list[int],
-        groups: list[list[int]],
-        tables: list[list[int]],
-        rows: Sequence[RowKV],
-        own_index: torch.Tensor,
-        bs: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> AttentionGroup:
-        """The attention group of batch rows ``members``: their gathered tables and mask."""
-        width = max(len(tables[i]) for i in members)
-        read_blocks = torch.tensor([tables[i] + [SCRATCH_BLOCK] * (width - len(tables[i])) for i in members])
-        columns = torch.arange(width * bs)[None]  # [1, S]
-        prefix_columns = torch.tensor([len(rows[i].prefix_blocks) * bs for i in members])[:, None]  # [b, 1]
-        prefix_lengths = torch.tensor([rows[i].prefix_length for i in members])[:, None]
-        own_column = (columns - prefix_columns)[:, None, :]  # [b, 1, S]
-        index = own_index[members][:, :, None]  # [b, Q, 1]
-        allowed = (columns < prefix_lengths)[:, None, :] | (
-            (own_column >= 0) & (own_column <= index)
-        )  # [b, Q, S]
-        key_positions = torch.where(own_column >= 0, prefix_lengths[:, None] + own_column, columns[:, None])
-        whole = len(groups) == 1
-        return AttentionGroup(
-            rows=None if whole else torch.tensor(members, device=device),
-            size=len(members),
-            read_blocks=read_blocks.view(-1).to(device),
-            columns=width * bs,
-            allowed=allowed[:, None].to(device),
-            query_positions=(prefix_lengths[:, None] + index)[:, None].to(device),
-            key_positions=key_positions[:, None].to(device),
-            dtype=dtype,
         )
 
     def __len__(self) -> int:
@@ -181,11 +150,62 @@ class PagedBatch:
     def model_kwargs(self, dtype: torch.dtype) -> dict[str, object]:
         """What the model's forward takes besides the inputs: a placeholder 4-D mask (a 4-D mask is passed
         through as it is: transformers builds none; ``paged_attention`` masks with ``paged``'s groups)."""
-        batch, queries = self.input_ids.shape
-        mask = torch.zeros(batch, 1, queries, 0, device=self.input_ids.device)
+        mask = torch.zeros(1, 1, self.input_ids.shape[1], 0, device=self.input_ids.device)
         return {"attention_mask": mask}
 
     def advance(self) -> None:
         """The forward pass wrote every row's inputs: count them as cached."""
         for row, fed in zip(self.rows, self.fed, strict=True):
             row.length += fed
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each row's inputs sit in the packed pass, for building the attention groups of its rows."""
+
+    fed: torch.Tensor  # [B] inputs per row
+    first: torch.Tensor  # [B] each row's first packed index
+    starts: torch.Tensor  # [B] own tokens already cached
+    prefix_lengths: torch.Tensor  # [B]
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def group(
+        self, members: list[int], tables: list[list[int]], rows: Sequence[RowKV], *, whole: bool
+    ) -> AttentionGroup:
+        """The attention group of batch rows ``members`` (``whole``: every row of the pass): their queries,
+        gathered tables and mask."""
+        bs, m = self.block_size, torch.tensor(members)
+        fed = self.fed[m][:, None]  # [b, 1]
+        queries = int(fed.max())
+        pad = queries - fed  # [b, 1] left padding of each row's queries
+        shift = (torch.arange(queries)[None] - pad).clamp(min=0)  # [b, Q]; a padding query is the first one
+        token = (self.first[m][:, None] + shift).view(-1)  # [b * Q] the packed index each query reads
+        index = (self.starts[m][:, None] + shift)[:, :, None]  # [b, Q, 1] its own index
+        width = max(len(tables[i]) for i in members)
+        read_blocks = torch.tensor([tables[i] + [SCRATCH_BLOCK] * (width - len(tables[i])) for i in members])
+        columns = torch.arange(width * bs)[None]  # [1, S]
+        prefix_columns = torch.tensor([len(rows[i].prefix_blocks) * bs for i in members])[:, None]  # [b, 1]
+        prefix_lengths = self.prefix_lengths[m][:, None]  # [b, 1]
+        own_column = (columns - prefix_columns)[:, None, :]  # [b, 1, S]
+        allowed = (columns < prefix_lengths)[:, None, :] | (
+            (own_column >= 0) & (own_column <= index)
+        )  # [b, Q, S]
+        key_positions = torch.where(own_column >= 0, prefix_lengths[:, None] + own_column, columns[:, None])
+        real = (torch.arange(queries)[None] >= pad).view(-1)  # [b * Q]
+        padded = not bool(real.all())
+        in_order = whole and not padded  # the group's queries are the pass's inputs as they are
+        return AttentionGroup(
+            size=len(members),
+            queries=queries,
+            query_tokens=None if in_order else token.to(self.device),
+            output_tokens=None if in_order else (token[real] if padded else token).to(self.device),
+            real_queries=real.nonzero().view(-1).to(self.device) if padded else None,
+            read_blocks=read_blocks.view(-1).to(self.device),
+            columns=width * bs,
+            allowed=allowed[:, None].to(self.device),
+            query_positions=(prefix_lengths[:, None] + index)[:, None].to(self.device),
+            key_positions=key_positions[:, None].to(self.device),
+            dtype=self.dtype,
+        )

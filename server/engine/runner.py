@@ -23,6 +23,10 @@ class ModelInputs(Protocol):
     @property
     def input_positions(self) -> torch.Tensor: ...  # [B, Q]
 
+    # the inputs whose logits are the rows' next-token logits (``logits_to_keep``): 1 (each row's last
+    # column, dense) or ``[B]`` indices into one packed sequence
+    last_inputs: int | torch.Tensor
+
     def model_kwargs(self, dtype: torch.dtype) -> dict[str, object]: ...  # the mask
 
 
@@ -38,15 +42,16 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ModelInputs, *, every_position: bool = False) -> torch.Tensor:
         """Run the batch's inputs through the model, growing its cache; returns next-token logits ``[B, V]``
-        in float32, taken at each row's last input (always a real token: inputs are left-padded), or with
-        ``every_position`` the logits at every input, ``[B, Q, V]``."""
+        in float32, taken at each row's last input (``batch.last_inputs``), or with ``every_position`` the
+        logits at every input, ``[B, Q, V]`` (a packed batch: ``[1, N, V]``)."""
         with reading_pool(batch.paged):
             output = self.base.model(
                 input_ids=batch.input_ids,
                 position_ids=batch.input_positions,
                 cache=batch.cache,
                 use_cache=True,
-                logits_to_keep=0 if every_position else 1,
+                logits_to_keep=0 if every_position else batch.last_inputs,
                 **batch.model_kwargs(self.base.dtype),
             )
-        return output.logits.float() if every_position else output.logits[:, -1, :].float()
+        logits = output.logits  # [B, 1, V] dense, [1, B, V] packed, or every position's
+        return logits.float() if every_position else logits.reshape(-1, logits.shape[-1]).float()

@@ -272,7 +272,7 @@ def test_long_prompt_targets_are_upper_bounds_and_the_latency_bound_is_tighter_o
         "mix": {"together_over_apart": 1.31, "short_p50_together_over_alone": 3.0},
         "memory": {"growth_over_kv_plus_activations": 0.6},
         "shared_prefix": {"prefix_bytes_held": 1024, "one_copy_bytes": 1024},
-        "decode": {"dense_over_engine": 0.97},
+        "decode": {"dense_over_paged": 0.97},
     }
     on_cpu = {t.name: t for t in evaluate({"long_prompts": section, "settings": {"device": "cpu"}}, 16)}
     on_gpu = {t.name: t for t in evaluate({"long_prompts": section, "settings": {"device": "cuda:0"}}, 16)}
@@ -281,7 +281,7 @@ def test_long_prompt_targets_are_upper_bounds_and_the_latency_bound_is_tighter_o
     assert (on_gpu[latency].threshold, on_gpu[latency].verdict) == (2.0, "FAIL")
     assert on_cpu["short prompts + a long one: together / apart, wall time"].verdict == "FAIL"  # 1.31 > 1.3
     assert on_cpu["rows of one task: prefix bytes in the KV pool / one copy"].verdict == "PASS"  # 1 ≤ 1
-    assert on_cpu["decode step at batch 16: dense layout / engine"].verdict == "PASS"
+    assert on_cpu["decode pass at batch 16: dense layout / paged"].verdict == "PASS"
 
 
 def test_memory_table_matches_the_published_shapes() -> None:
