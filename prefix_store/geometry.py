@@ -15,12 +15,26 @@ class ModelGeometry:
     num_kv_heads: int  # key/value heads (fewer than query heads under grouped-query attention)
     head_dim: int  # features per head
     embedding_dim: int | None = None  # width of the input embeddings (a soft prompt's); not fingerprinted
+    # T5, BART: the layers, heads and widths above are the decoder's (a prefix goes into its self-attention)
+    encoder_decoder: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> ModelGeometry:
         """Derive the geometry from a Hugging Face model config (Llama/Mistral/Qwen2-style or GPT-2); the
         embedding width is the hidden size (``load_base_model`` takes the model's own where they differ)."""
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text_config, "is_encoder_decoder", False):  # BART's names, else T5's
+            heads = getattr(text_config, "decoder_attention_heads", None) or text_config.num_heads
+            return cls(
+                model_type=str(text_config.model_type),
+                num_layers=int(
+                    getattr(text_config, "decoder_layers", None) or text_config.num_decoder_layers
+                ),
+                num_kv_heads=int(heads),
+                head_dim=int(getattr(text_config, "d_kv", None) or text_config.d_model // heads),
+                embedding_dim=int(text_config.d_model),
+                encoder_decoder=True,
+            )
         num_heads = text_config.num_attention_heads
         num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads

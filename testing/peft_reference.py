@@ -23,7 +23,8 @@ def make_peft_adapter(
     prefix_projection: bool = False,
     seed: int = 0,
 ) -> Path:
-    """Save a randomly initialised PEFT ``PREFIX_TUNING`` adapter for ``base_model`` into ``out_dir``.
+    """Save a randomly initialised PEFT ``PREFIX_TUNING`` adapter for ``base_model`` into ``out_dir``
+    (``SEQ_2_SEQ_LM`` for an encoder-decoder model, else ``CAUSAL_LM``).
 
     The initialisation depends on ``seed`` only (the global RNG is left as it was). With
     ``prefix_projection`` the saved prefix is the reparameterisation MLP's output (PEFT initialises
@@ -31,7 +32,9 @@ def make_peft_adapter(
     but changes none of its weights, so the same model can serve as the base of the adapter afterwards.
     """
     config = PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, prefix_projection=prefix_projection
+        task_type=_task_type(base_model),
+        num_virtual_tokens=num_virtual_tokens,
+        prefix_projection=prefix_projection,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -50,13 +53,14 @@ def make_peft_soft_prompt(
 ) -> Path:
     """Save a randomly initialised PEFT soft-prompt adapter (``PROMPT_TUNING``, or ``P_TUNING`` with its MLP
     prompt encoder, which PEFT saves as the encoder's output) for ``base_model`` into ``out_dir``; seeded
-    like ``make_peft_adapter``."""
+    and typed like ``make_peft_adapter``."""
+    task_type = _task_type(base_model)
     configs = {
         "PROMPT_TUNING": lambda: PromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens
+            task_type=task_type, num_virtual_tokens=num_virtual_tokens
         ),
         "P_TUNING": lambda: PromptEncoderConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=32
+            task_type=task_type, num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=32
         ),
     }
     with torch.random.fork_rng(devices=[]):
@@ -64,6 +68,10 @@ def make_peft_soft_prompt(
         peft_model = get_peft_model(base_model, configs[method]())
     peft_model.save_pretrained(str(out_dir))
     return out_dir
+
+
+def _task_type(model: PreTrainedModel) -> str:
+    return "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
 
 
 def peft_greedy_tokens(
@@ -89,6 +97,31 @@ def peft_greedy_tokens(
                 break
             ids = torch.cat([ids, ids.new_tensor([[next_id]])], dim=1)
     return new_tokens
+
+
+def peft_seq2seq_greedy_tokens(
+    peft_model: PeftModel, source_ids: list[int], max_new_tokens: int, *, eos_token_id: int | None = None
+) -> list[int]:
+    """The greedy decoding of ``source_ids`` under an encoder-decoder ``peft_model`` (or a plain model):
+    every step recomputes encoder and decoder through ``forward`` from the decoder start token (PEFT puts
+    its prefix in the decoder's cache itself). Stops early after ``eos_token_id`` (included) when given.
+    The model must be in eval mode."""
+    if peft_model.training:
+        raise ValueError("peft_seq2seq_greedy_tokens needs a model in eval mode")
+    device = next(peft_model.parameters()).device
+    source = torch.tensor([source_ids], device=device)  # [1, S]
+    decoded = [peft_model.config.decoder_start_token_id]
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = peft_model(
+                input_ids=source,
+                attention_mask=torch.ones_like(source),
+                decoder_input_ids=torch.tensor([decoded], device=device),
+            ).logits  # [1, T, vocab]
+            decoded.append(int(logits[0, -1].argmax()))
+            if decoded[-1] == eos_token_id:
+                break
+    return decoded[1:]
 
 
 def peft_logprobs(peft_model: PeftModel, token_ids: list[int]) -> torch.Tensor:

@@ -130,6 +130,11 @@ def _tensors_of_kind(metadata: Mapping[str, str]) -> tuple[str, ...]:
 
 def check_soft_prompt_shape(shape: tuple[int, ...], geometry: ModelGeometry, source: str) -> int:
     """Check a soft prompt's ``[num_virtual_tokens, embedding_dim]`` against the model; return P."""
+    if geometry.encoder_decoder:
+        raise PrefixValidationError(
+            f"{source}: soft prompts are served on decoder-only models; this base model is an "
+            f"encoder-decoder ({geometry.model_type}), which takes prefixes"
+        )
     if geometry.embedding_dim is None:
         raise PrefixValidationError(
             f"{source}: the base model's embedding width is unknown; soft prompts need it"

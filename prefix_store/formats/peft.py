@@ -6,6 +6,11 @@ PEFT saves one tensor, ``prompt_embeddings``, for every prompt-learning method:
   was trained with ``prefix_projection`` (the MLP is not saved), so both kinds read the same. Each row is
   laid out ``[num_layers, 2 (key, value), kv_heads, head_dim]``. In the config ``num_attention_heads`` is
   the model's key/value head count and ``token_dim`` = kv_heads × head_dim. Read as a ``Prefix``.
+  An encoder-decoder's (``task_type`` ``SEQ_2_SEQ_LM``, ``num_transformer_submodules`` 2) has the same
+  tensor, and PEFT feeds it to the decoder's self-attention only, decoder layer ``j`` getting the tensor's
+  layer ``2j mod num_layers`` (``get_prompt`` doubles the layer axis and splits it in fours, whose second
+  pairs go to a cross-attention cache that it then drops): so with an even layer count decoder layers ``j``
+  and ``j + num_layers/2`` share one entry, and the odd entries are never read.
 - ``PROMPT_TUNING`` and ``P_TUNING``: ``[P, token_dim]`` input embeddings, ``token_dim`` the model's
   embedding width (P-Tuning saves its prompt encoder's output, so both read the same). Read as a
   ``SoftPrompt``; a soft prompt is written as ``PROMPT_TUNING``.
@@ -84,10 +89,17 @@ def decode_peft(
     rows = embeddings.view(
         num_virtual_tokens, geometry.num_layers, 2, geometry.num_kv_heads, geometry.head_dim
     )  # [P, layers, key|value, kv_heads, head_dim]
+    if geometry.encoder_decoder:
+        rows = rows[:, seq2seq_layer_sources(geometry.num_layers)]  # each decoder layer's entry
     return Prefix(
         keys=rows[:, :, 0].permute(1, 2, 0, 3).contiguous(),  # [layers, kv_heads, P, head_dim]
         values=rows[:, :, 1].permute(1, 2, 0, 3).contiguous(),
     )
+
+
+def seq2seq_layer_sources(num_layers: int) -> list[int]:
+    """The entry of a ``SEQ_2_SEQ_LM`` prefix tensor's layer axis that PEFT feeds each decoder layer."""
+    return [2 * layer % num_layers for layer in range(num_layers)]
 
 
 def encode_peft(
@@ -126,6 +138,9 @@ def encode_peft(
         keys_values = torch.stack(
             [adapter.keys, adapter.values], dim=1
         )  # [layers, key|value, kv_heads, P, head_dim]
+        if geometry.encoder_decoder:
+            keys_values = _seq2seq_entries(keys_values)
+            config |= {"num_transformer_submodules": 2, "task_type": "SEQ_2_SEQ_LM"}
         embeddings = (
             keys_values.detach()
             .cpu()
@@ -148,6 +163,23 @@ def encode_peft(
             {PROMPT_EMBEDDINGS: embeddings}, metadata={"format": "pt"}
         ),
     }
+
+
+def _seq2seq_entries(keys_values: torch.Tensor) -> torch.Tensor:
+    """A decoder prefix's per-layer ``[layers, 2, kv_heads, P, head_dim]`` as the entries of a ``SEQ_2_SEQ_LM``
+    tensor (``seq2seq_layer_sources``; entries no layer reads are zeros). Raises ``PrefixValidationError``
+    if two decoder layers that PEFT feeds one entry hold different keys or values."""
+    entries = torch.zeros_like(keys_values)
+    written: dict[int, int] = {}
+    for layer, entry in enumerate(seq2seq_layer_sources(keys_values.shape[0])):
+        if entry in written and not torch.equal(keys_values[written[entry]], keys_values[layer]):
+            raise PrefixValidationError(
+                f"decoder layers {written[entry]} and {layer} hold different keys or values, but a PEFT "
+                "SEQ_2_SEQ_LM adapter feeds both the same: this prefix has no PEFT form"
+            )
+        written[entry] = layer
+        entries[entry] = keys_values[layer]
+    return entries
 
 
 def write_peft_folder(
@@ -178,15 +210,16 @@ def _check_config(adapter_config: bytes, geometry: ModelGeometry, limits: Prefix
             f"{ADAPTER_CONFIG_NAME} {got}; only PEFT prompt-learning adapters are accepted "
             f"({', '.join(ACCEPTED_TYPES)})"
         )
-    task_type = config.get("task_type")
-    if task_type not in (None, "CAUSAL_LM"):
+    task_type, submodules = ("SEQ_2_SEQ_LM", 2) if geometry.encoder_decoder else ("CAUSAL_LM", 1)
+    if config.get("task_type") not in (None, task_type):
         raise PrefixValidationError(
-            f"{ADAPTER_CONFIG_NAME}: task_type is {_shown(task_type)}; only CAUSAL_LM adapters are accepted"
+            f"{ADAPTER_CONFIG_NAME}: task_type is {_shown(config['task_type'])}; this base model takes "
+            f"{task_type} adapters"
         )
-    if config.get("num_transformer_submodules") not in (None, 1):
+    if config.get("num_transformer_submodules") not in (None, submodules):
         raise PrefixValidationError(
             f"{ADAPTER_CONFIG_NAME}: num_transformer_submodules is "
-            f"{_shown(config['num_transformer_submodules'])}; a causal LM adapter has 1"
+            f"{_shown(config['num_transformer_submodules'])}; a {task_type} adapter has {submodules}"
         )
     if config.get("modules_to_save"):
         raise PrefixValidationError(

@@ -9,7 +9,9 @@ from typing import Literal
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
@@ -17,6 +19,8 @@ from transformers import (
 )
 
 from prefix_store.geometry import ModelGeometry
+from server.engine.encoder_decoder import EncoderDecoder, check_encoder_decoder
+from server.engine.model_kind import DecoderOnly, ModelKind
 from server.engine.model_support import check_attention_layout
 from server.engine.paged_attention import use_paged_attention
 
@@ -38,6 +42,12 @@ class BaseModel:
     dtype: torch.dtype
     max_positions: int | None  # prefix + prompt + new tokens must fit (a hard limit for GPT-2's table)
     eos_token_ids: frozenset[int]
+    encoder_decoder: EncoderDecoder | None = None  # T5, BART: how the engine runs their encoder
+
+    @property
+    def kind(self) -> ModelKind:
+        """How the engine feeds this model (decoder-only, or encoder-decoder)."""
+        return self.encoder_decoder or DecoderOnly(self.model)
 
 
 def resolve_device(option: DeviceOption) -> torch.device:
@@ -86,7 +96,12 @@ def load_base_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+    model_config = AutoConfig.from_pretrained(model_path)
+    encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
+    if encoder_decoder:  # never its decoder alone as a causal LM
+        check_encoder_decoder(model_config)
+    model_class = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
+    model = model_class.from_pretrained(model_path, dtype=torch_dtype)
     model.to(torch_device).eval().requires_grad_(False)
     check_attention_layout(model.config)  # UnsupportedModel: what the engine cannot serve, before any use
     use_paged_attention(model)
@@ -102,6 +117,7 @@ def load_base_model(
         dtype=torch_dtype,
         max_positions=max_positions_of(config),
         eos_token_ids=_eos_token_ids(model, tokenizer),
+        encoder_decoder=EncoderDecoder.prepare(model) if encoder_decoder else None,
     )
     log.info(
         "loaded base model %s (%s) on %s in %s",

@@ -69,11 +69,12 @@ class EngineCore:
         scheduler's token budget to what it holds. Raises ``ValueError`` if it cannot hold a block per row."""
         config = config or SchedulerConfig()
         rows = config.max_batch_size
+        extra_blocks = rows * base.kind.extra_blocks_per_row
         if kv_cache_bytes is None:
-            num_blocks = blocks_for_reservations(config.max_batch_tokens, rows)
+            num_blocks = blocks_for_reservations(config.max_batch_tokens, rows) + extra_blocks
         else:
             num_blocks = kv_cache_bytes // KVPool.block_bytes(base.geometry, base.dtype)
-            held = reservations_held(num_blocks, rows)
+            held = reservations_held(num_blocks - extra_blocks, rows)
             if held <= 0:
                 raise ValueError(
                     f"a KV pool of {kv_cache_bytes} bytes holds {num_blocks} blocks; {rows} rows need more "
@@ -108,9 +109,11 @@ class EngineCore:
             stop_token_ids=frozenset(request.stop_token_ids),
             min_tokens=request.min_tokens,
         )
+        decoder_prompt = self.base.kind.decoder_prompt(request.prompt_ids)
         record = EngineRequest(
             request,
-            CompletionTracker(self.base.tokenizer, criteria, request.prompt_ids),
+            decoder_prompt,
+            CompletionTracker(self.base.tokenizer, criteria, decoder_prompt),
             cost_tokens=token_cost(request, prefix_length),
             status=RequestStatus.WAITING if prefix_ready else RequestStatus.WAITING_FOR_PREFIX,
         )
@@ -181,7 +184,7 @@ class EngineCore:
         """Run one iteration; returns the outputs it produced (possibly none)."""
         outputs: list[RequestOutput] = []
         for record in self._schedule(outputs):
-            record.kv = self.kv.open(record.prefix)
+            record.kv = self.kv.open(record.prefix, self.base.kind.source(record.request.prompt_ids))
             self._prefilling.append(record)
         self._drop_finished()  # aborted and expired rows leave before the forward pass
         self._forward(outputs)
@@ -209,7 +212,7 @@ class EngineCore:
         for decoding, group, every_position in passes:
             records = [*decoding, *(chunk.row for chunk in group)]
             inputs = [[r.next_token] for r in decoding] + [
-                chunk.row.request.prompt_ids[chunk.row.prompt_fed : chunk.row.prompt_fed + chunk.tokens]
+                chunk.row.decoder_prompt[chunk.row.prompt_fed : chunk.row.prompt_fed + chunk.tokens]
                 for chunk in group
             ]
             batch = self.kv.batch([r.kv for r in records], inputs)
@@ -301,7 +304,7 @@ class EngineCore:
             record.matcher = record.matcher or request.grammar.matcher()
             allowed = record.matcher.allowed(vocab_size, self.base.device)
         return RowHistory(
-            request.prompt_ids, generated, record.tracker.criteria.banned_ids(len(generated)), allowed
+            record.decoder_prompt, generated, record.tracker.criteria.banned_ids(len(generated)), allowed
         )
 
     @staticmethod
@@ -319,7 +322,7 @@ class EngineCore:
     def _add_prompt_logprobs(record: EngineRequest, logits: torch.Tensor) -> None:
         """The logprobs of the prompt tokens that ``logits`` ``[c, V]`` (at the c tokens just fed) predict:
         position j of the chunk gives the next prompt token's."""
-        prompt, fed = record.request.prompt_ids, logits.shape[0]
+        prompt, fed = record.decoder_prompt, logits.shape[0]
         start = record.prompt_fed - fed  # the chunk's first prompt index
         if record.prompt_logprobs is None:
             record.prompt_logprobs = [None]  # the first token has no context to be predicted from

@@ -6,6 +6,7 @@ the first."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,9 @@ from server.engine.stopping import CompletionTracker
 @dataclass(eq=False)
 class EngineRequest:
     request: GenerationRequest
+    # what the row's decoder is fed before it generates: the prompt, or an encoder-decoder's decoder start
+    # (its prompt is then the encoder's source)
+    decoder_prompt: Sequence[int]
     tracker: CompletionTracker  # tokens, text, stop criteria, finish reason
     cost_tokens: int  # prefix + prompt + max_new_tokens (``token_cost``): what the row may occupy
     status: RequestStatus
@@ -40,7 +44,7 @@ class EngineRequest:
     @property
     def prompt_left(self) -> int:
         """Prompt tokens still to prefill."""
-        return len(self.request.prompt_ids) - self.prompt_fed
+        return len(self.decoder_prompt) - self.prompt_fed
 
     @property
     def request_id(self) -> str:

@@ -55,15 +55,23 @@ class PagedKVCache:
         self.pool = KVPool(geometry, num_blocks, device, dtype, block_size)
         self.prefixes = SharedPrefixBlocks(self.pool)
 
-    def open(self, prefix: Prefix | None) -> RowKV:
-        """A new row with ``prefix`` (None: the base model alone) and no tokens yet."""
+    def open(self, prefix: Prefix | None, source: tuple[torch.Tensor, torch.Tensor] | None = None) -> RowKV:
+        """A new row with ``prefix`` (None: the base model alone) and no tokens yet; ``source``: an
+        encoder-decoder row's cross-attention keys and values ``[layers, heads, S, head_dim]``, written into
+        blocks of its own."""
+        source_blocks: list[int] = []
+        if source is not None:
+            source_blocks = self.pool.allocate(self.pool.blocks_for(source[0].shape[2]))
+            self.pool.write(source_blocks, *source)
         blocks = self.prefixes.acquire(prefix) if prefix is not None else []
-        return RowKV(prefix, blocks)
+        row = RowKV(prefix, blocks, source_blocks=source_blocks)
+        row.source_length = source[0].shape[2] if source is not None else 0
+        return row
 
     def close(self, row: RowKV) -> None:
         """The row has left: its blocks go back, and its prefix's once no row uses it."""
-        self.pool.free(row.blocks)
-        row.blocks = []
+        self.pool.free(row.blocks + row.source_blocks)
+        row.blocks, row.source_blocks = [], []
         if row.prefix is not None:
             self.prefixes.release(row.prefix)
             row.prefix_blocks = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -27,6 +28,23 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from server.engine.model_support import UnsupportedModel
 
 ATTENTION = "prefix_serve_paged"
+
+
+@dataclass(frozen=True)
+class AttentionRole:
+    """What an encoder-decoder's decoder attention layer reads in an engine pass (``set_role``)."""
+
+    cross: bool  # the row's source blocks (else its own cache: prefix, then decoder tokens)
+    # T5: cache positions key - query ``[b, 1, Q, S]`` → its additive bias ``[b, heads, Q, S]``
+    relative_bias: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+_ROLES: weakref.WeakKeyDictionary[torch.nn.Module, AttentionRole] = weakref.WeakKeyDictionary()
+
+
+def set_role(module: torch.nn.Module, role: AttentionRole) -> None:
+    """Mark an attention layer of an encoder-decoder's decoder (a layer with no role reads its own cache)."""
+    _ROLES[module] = role
 
 
 @dataclass
@@ -48,7 +66,7 @@ class AttentionGroup:
     key_positions: torch.Tensor  # [b, 1, 1, S] each slot's cache position
     dtype: torch.dtype  # the masks'
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-    _alibi: torch.Tensor | None = None
+    _alibi: torch.Tensor | None = None  # the ALiBi or relative-bias mask, once built
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """``[b, 1, Q, S]`` additive: 0 where a query may look, dtype-min elsewhere. With a sliding window
@@ -62,6 +80,15 @@ class AttentionGroup:
             mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
             self._masks[sliding_window] = mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return self._masks[sliding_window]
+
+    def bias_mask(self, relative_bias: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``[b, heads, Q, S]``: ``mask()`` plus a relative position bias of key - query cache positions
+        (T5's, the prefix at 0…P-1); one bias for every layer, so it is built once per pass."""
+        if self._alibi is None:
+            self._alibi = self.mask() + relative_bias(self.key_positions - self.query_positions).to(
+                self.dtype
+            )
+        return self._alibi
 
     def alibi_mask(self, slopes: torch.Tensor) -> torch.Tensor:
         """``[b, heads, Q, S]``: ``mask()`` plus ALiBi's ``slopes[h] × key position`` (BLOOM's bias up to a
@@ -80,6 +107,8 @@ class PagedAttention:
     pool_keys: Sequence[torch.Tensor]  # per layer [N, block_size, kv_heads, head_dim]
     pool_values: Sequence[torch.Tensor]
     groups: Sequence[AttentionGroup]
+    cross_groups: Sequence[AttentionGroup] = ()  # an encoder-decoder's: over the rows' source blocks
+    positions: torch.Tensor | None = None  # [1, N] the inputs' position ids (for position embeddings)
 
     def attend(
         self,
@@ -97,14 +126,21 @@ class PagedAttention:
         kv_heads, dim = keys.shape[2], keys.shape[3]
         packed = query[0]  # [H, N, D]
         heads, tokens = packed.shape[0], packed.shape[1]
+        role = _ROLES.get(module)
+        kwargs.pop("position_bias", None)  # a dense batch's: the groups know each row's positions
         output = None
-        for group in self.groups:
+        for group in self.cross_groups if role is not None and role.cross else self.groups:
             shape = (group.size, group.columns, kv_heads, dim)
             k = keys.index_select(0, group.read_blocks).view(shape).transpose(1, 2)  # [b, H_kv, S, D]
             v = values.index_select(0, group.read_blocks).view(shape).transpose(1, 2)
             read = packed if group.query_tokens is None else packed.index_select(1, group.query_tokens)
             q = read.reshape(heads, group.size, group.queries, dim).transpose(0, 1)  # [b, H, Q, D]
-            mask = group.mask(sliding_window) if alibi_slopes is None else group.alibi_mask(alibi_slopes)
+            if alibi_slopes is not None:
+                mask = group.alibi_mask(alibi_slopes)
+            elif role is not None and role.relative_bias is not None:
+                mask = group.bias_mask(role.relative_bias)
+            else:
+                mask = group.mask(sliding_window)
             attended = _attend(module, q, k, v, mask, **kwargs).reshape(-1, heads, dim)  # [b * Q, H, D]
             if group.query_tokens is None:
                 return attended.view(1, tokens, heads, dim)
@@ -131,7 +167,7 @@ def _attend(
     because CUDA's kernels refuse a mask with grouped heads), elsewhere through transformers' function."""
     if kwargs.get("softcap") is not None:
         return _eager(module)(module, query, key, value, mask, **kwargs)[0]
-    if query.device.type != "cpu" or kwargs.get("position_bias") is not None:
+    if query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)[0]
     grouped = query.shape[1] != key.shape[1]
     scale = kwargs.get("scaling")
@@ -157,6 +193,11 @@ _CURRENT: ContextVar[PagedAttention | None] = ContextVar("paged_attention", defa
 def in_engine_pass() -> bool:
     """Whether attention now reads the KV pool (a forward pass run inside ``reading_pool``)."""
     return _CURRENT.get() is not None
+
+
+def current_pass() -> PagedAttention | None:
+    """The engine forward pass being run over the pool, if any."""
+    return _CURRENT.get()
 
 
 @contextlib.contextmanager

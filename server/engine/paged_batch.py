@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -42,6 +43,9 @@ class RowKV:
     prefix_blocks: list[int]
     blocks: list[int] = field(default_factory=list)
     length: int = 0  # own tokens written so far (prompt, then generated)
+    # an encoder-decoder's row: its source's cross-attention keys and values, written at admission
+    source_blocks: list[int] = field(default_factory=list)
+    source_length: int = 0
 
     @property
     def prefix_length(self) -> int:
@@ -131,10 +135,14 @@ class PagedBatch:
             *length_groups(prefilling, lambda i: self.fed[i]),
         ]
         layout = _Layout(fed, first, starts, prefix_lengths, bs, pool.keys[0].dtype, device)
+        sources = [row.source_blocks for row in rows]
+        cross_groups = length_groups(range(batch), lambda i: len(sources[i])) if any(sources) else []
         self.paged = PagedAttention(
             pool.keys,
             pool.values,
             [layout.group(sorted(group), tables, rows, whole=len(groups) == 1) for group in groups],
+            [layout.cross_group(sorted(group), rows, whole=len(cross_groups) == 1) for group in cross_groups],
+            positions=self.input_positions,
         )
         slots, columns = write_slots.to(device), max(len(t) for t in tables) * bs
         self.cache = Cache(
@@ -174,38 +182,95 @@ class _Layout:
     def group(
         self, members: list[int], tables: list[list[int]], rows: Sequence[RowKV], *, whole: bool
     ) -> AttentionGroup:
-        """The attention group of batch rows ``members`` (``whole``: every row of the pass): their queries,
-        gathered tables and mask."""
-        bs, m = self.block_size, torch.tensor(members)
-        fed = self.fed[m][:, None]  # [b, 1]
-        queries = int(fed.max())
-        pad = queries - fed  # [b, 1] left padding of each row's queries
-        shift = (torch.arange(queries)[None] - pad).clamp(min=0)  # [b, Q]; a padding query is the first one
-        token = (self.first[m][:, None] + shift).view(-1)  # [b * Q] the packed index each query reads
-        index = (self.starts[m][:, None] + shift)[:, :, None]  # [b, Q, 1] its own index
+        """The attention group of batch rows ``members`` (``whole``: every row of the pass) over their own
+        caches: their queries, gathered tables and mask."""
+        bs = self.block_size
+        queries = self._queries(members, whole)
+        index = queries.own_index[:, :, None]  # [b, Q, 1]
         width = max(len(tables[i]) for i in members)
-        read_blocks = torch.tensor([tables[i] + [SCRATCH_BLOCK] * (width - len(tables[i])) for i in members])
         columns = torch.arange(width * bs)[None]  # [1, S]
         prefix_columns = torch.tensor([len(rows[i].prefix_blocks) * bs for i in members])[:, None]  # [b, 1]
-        prefix_lengths = self.prefix_lengths[m][:, None]  # [b, 1]
+        prefix_lengths = self.prefix_lengths[queries.members][:, None]  # [b, 1]
         own_column = (columns - prefix_columns)[:, None, :]  # [b, 1, S]
         allowed = (columns < prefix_lengths)[:, None, :] | (
             (own_column >= 0) & (own_column <= index)
         )  # [b, Q, S]
         key_positions = torch.where(own_column >= 0, prefix_lengths[:, None] + own_column, columns[:, None])
-        real = (torch.arange(queries)[None] >= pad).view(-1)  # [b * Q]
-        padded = not bool(real.all())
-        in_order = whole and not padded  # the group's queries are the pass's inputs as they are
-        return AttentionGroup(
-            size=len(members),
-            queries=queries,
-            query_tokens=None if in_order else token.to(self.device),
-            output_tokens=None if in_order else (token[real] if padded else token).to(self.device),
-            real_queries=real.nonzero().view(-1).to(self.device) if padded else None,
-            read_blocks=read_blocks.view(-1).to(self.device),
-            columns=width * bs,
+        return queries.attention_group(
+            self._read_blocks([tables[i] for i in members]),
+            width * bs,
             allowed=allowed[:, None].to(self.device),
             query_positions=(prefix_lengths[:, None] + index)[:, None].to(self.device),
             key_positions=key_positions[:, None].to(self.device),
             dtype=self.dtype,
+        )
+
+    def cross_group(self, members: list[int], rows: Sequence[RowKV], *, whole: bool) -> AttentionGroup:
+        """The cross-attention group of batch rows ``members``: every query of a row sees its source."""
+        queries = self._queries(members, whole)
+        width = max(len(rows[i].source_blocks) for i in members)
+        columns = torch.arange(width * self.block_size)[None]  # [1, S]
+        source_lengths = torch.tensor([rows[i].source_length for i in members])[:, None]  # [b, 1]
+        allowed = (columns < source_lengths)[:, None, None, :].expand(
+            -1, 1, queries.queries, -1
+        )  # [b, 1, Q, S]
+        no_positions = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=self.device)  # no window, no bias
+        return queries.attention_group(
+            self._read_blocks([rows[i].source_blocks for i in members]),
+            width * self.block_size,
+            allowed=allowed.to(self.device),
+            query_positions=no_positions,
+            key_positions=no_positions,
+            dtype=self.dtype,
+        )
+
+    def _read_blocks(self, tables: list[list[int]]) -> torch.Tensor:
+        """``[b * T]``: the tables, each padded with the scratch block to the longest."""
+        width = max(len(table) for table in tables)
+        padded = [table + [SCRATCH_BLOCK] * (width - len(table)) for table in tables]
+        return torch.tensor(padded).view(-1).to(self.device)
+
+    def _queries(self, members: list[int], whole: bool) -> _GroupQueries:
+        """Where the queries of batch rows ``members`` sit: each row's left-padded to the longest."""
+        m = torch.tensor(members)
+        fed = self.fed[m][:, None]  # [b, 1]
+        queries = int(fed.max())
+        pad = queries - fed  # [b, 1] left padding of each row's queries
+        shift = (torch.arange(queries)[None] - pad).clamp(min=0)  # [b, Q]; a padding query is the first one
+        token = (self.first[m][:, None] + shift).view(-1)  # [b * Q] the packed index each query reads
+        real = (torch.arange(queries)[None] >= pad).view(-1)  # [b * Q]
+        padded = not bool(real.all())
+        in_order = whole and not padded  # the group's queries are the pass's inputs as they are
+        return _GroupQueries(
+            members=m,
+            queries=queries,
+            own_index=self.starts[m][:, None] + shift,
+            query_tokens=None if in_order else token.to(self.device),
+            output_tokens=None if in_order else (token[real] if padded else token).to(self.device),
+            real_queries=real.nonzero().view(-1).to(self.device) if padded else None,
+        )
+
+
+@dataclass(frozen=True)
+class _GroupQueries:
+    """The queries of one attention group in the packed pass (``AttentionGroup`` says what each field is)."""
+
+    members: torch.Tensor  # [b] the rows' indices in the batch
+    queries: int  # Q
+    own_index: torch.Tensor  # [b, Q] each query's index among its row's own tokens
+    query_tokens: torch.Tensor | None
+    output_tokens: torch.Tensor | None
+    real_queries: torch.Tensor | None
+
+    def attention_group(self, read_blocks: torch.Tensor, columns: int, **masks: Any) -> AttentionGroup:
+        """The group of these queries over ``read_blocks`` (``columns`` slots per row), with ``masks``."""
+        return AttentionGroup(
+            size=len(self.members),
+            queries=self.queries,
+            query_tokens=self.query_tokens,
+            output_tokens=self.output_tokens,
+            real_queries=self.real_queries,
+            read_blocks=read_blocks,
+            columns=columns,
+            **masks,
         )

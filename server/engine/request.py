@@ -82,14 +82,33 @@ def check_fits(base: BaseModel, request: GenerationRequest, prefix_length: int) 
     for name in ("logprobs", "prompt_logprobs"):
         if not 0 <= (getattr(request, name) or 0) <= MAX_TOP_LOGPROBS:
             raise ValueError(f"{name} asks for at most {MAX_TOP_LOGPROBS} alternatives")
+    if base.encoder_decoder is not None and request.prompt_logprobs is not None:
+        raise ValueError(
+            "prompt logprobs: an encoder-decoder model's prompt is its source, which it does not predict"
+        )
     if not 0 <= request.min_tokens <= request.max_new_tokens:
         raise ValueError("min_tokens must be between 0 and max_new_tokens")
     vocab = base.model.config.vocab_size
     token_ids = [*request.stop_token_ids, *(token for token, _ in request.sampling.logit_bias)]
     if any(not 0 <= token < vocab for token in token_ids):
         raise ValueError(f"token ids (stop_token_ids, logit_bias) must be in [0, {vocab})")
+    if base.max_positions is None:
+        return
+    if base.encoder_decoder is not None:  # the source fills the encoder's positions, the rest the decoder's
+        source, start = len(request.prompt_ids), len(base.encoder_decoder.decoder_start_ids)
+        decoder = prefix_length + start + request.max_new_tokens
+        if source > base.max_positions:
+            raise RequestTooLong(
+                f"the prompt has {source} tokens, but the model's encoder supports {base.max_positions}"
+            )
+        if decoder > base.max_positions:
+            raise RequestTooLong(
+                f"prefix ({prefix_length}) + decoder start ({start}) + max_new_tokens ({request.max_new_tokens}) "
+                f"= {decoder} decoder positions, but the model supports {base.max_positions}"
+            )
+        return
     needed = token_cost(request, prefix_length)
-    if base.max_positions is not None and needed > base.max_positions:
+    if needed > base.max_positions:
         raise RequestTooLong(
             f"prefix ({prefix_length}) + prompt ({len(request.prompt_ids)}) + max_new_tokens "
             f"({request.max_new_tokens}) = {needed} positions, but the model supports {base.max_positions}"

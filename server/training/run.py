@@ -128,6 +128,11 @@ def run_training(
             f"the run was checked against base model {run.identity.model_fingerprint}, "
             f"not {base.geometry.fingerprint}"
         )
+    if base.encoder_decoder is not None:
+        raise TrainingError(
+            f"{base.geometry.model_type} is an encoder-decoder model: the engine serves its PEFT SEQ_2_SEQ_LM "
+            "prefixes, but prefix-serve train trains decoder-only models only (train it with PEFT, then upload)"
+        )
     config, checkpoint = run.config, run.checkpoint
     with pinned_threads(threads) as thread_count:
         module = _trained_params(base, config, fresh=checkpoint is None)

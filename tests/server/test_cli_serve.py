@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from transformers import MptConfig, MptForCausalLM
+from transformers import MptConfig, MptForCausalLM, PegasusConfig, PegasusForConditionalGeneration
 
 from server.cli import build_parser
 from server.cli.serve import CLI_OPTIONS, LIMIT_OPTIONS, describe_setting
@@ -169,6 +169,29 @@ def test_a_model_whose_attention_cannot_be_paged_is_refused_in_one_line(tmp_path
     MptForCausalLM(config).save_pretrained(model)
     tokenizer.save_pretrained(model)
     reason = f"cannot start: --model {model}: cannot serve it: MptForCausalLM does not route its attention"
+    assert reason in _start_refusal(model, tmp_path / "store")
+
+
+def test_an_encoder_decoder_family_the_engine_does_not_serve_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Pegasus is an encoder-decoder outside the served families: refused at start, never loaded as a
+    causal LM."""
+    model = tmp_path / "tiny-pegasus"
+    tokenizer = build_demo_tokenizer()
+    config = PegasusConfig(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+    )
+    PegasusForConditionalGeneration(config).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    reason = (
+        f"cannot start: --model {model}: cannot serve it: pegasus is an encoder-decoder model of a family"
+    )
     assert reason in _start_refusal(model, tmp_path / "store")
 
 
