@@ -276,8 +276,11 @@ def test_a_real_lora_adapter_is_refused_naming_its_type(tmp_path: Path) -> None:
     [
         ({"peft_type": None}, r"adapter_config\.json has no 'peft_type'; only PEFT prompt-learning"),
         ({"peft_type": "ADALORA"}, r"is a 'ADALORA' adapter"),
-        ({"task_type": "SEQ_2_SEQ_LM"}, r"task_type is 'SEQ_2_SEQ_LM'; only CAUSAL_LM adapters are accepted"),
-        ({"num_transformer_submodules": 2}, r"num_transformer_submodules is 2; a causal LM adapter has 1"),
+        (
+            {"task_type": "SEQ_2_SEQ_LM"},
+            r"task_type is 'SEQ_2_SEQ_LM'; this base model takes CAUSAL_LM adapters",
+        ),
+        ({"num_transformer_submodules": 2}, r"num_transformer_submodules is 2; a CAUSAL_LM adapter has 1"),
         (
             {"modules_to_save": ["lm_head"]},
             r"modules_to_save is set; an adapter may not change the frozen base",

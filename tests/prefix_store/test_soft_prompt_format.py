@@ -146,8 +146,8 @@ def test_too_many_virtual_tokens_are_refused_with_413(soft_adapter: Path) -> Non
             {"num_virtual_tokens": 6},
             r"'prompt_embeddings' has 5 rows; adapter_config\.json says num_virtual_tokens is 6",
         ),
-        ({"task_type": "SEQ_2_SEQ_LM"}, r"only CAUSAL_LM adapters"),
-        ({"num_transformer_submodules": 2}, r"a causal LM adapter has 1"),
+        ({"task_type": "SEQ_2_SEQ_LM"}, r"this base model takes CAUSAL_LM adapters"),
+        ({"num_transformer_submodules": 2}, r"a CAUSAL_LM adapter has 1"),
     ],
 )
 def test_a_bad_peft_soft_prompt_is_refused(
