@@ -236,3 +236,12 @@ def test_the_source_and_the_decoder_each_fit_their_own_positions(tmp_path: Path)
         RequestTooLong, match=r"prefix \(4\) \+ decoder start \(1\) \+ max_new_tokens \(124\)"
     ):
         check_fits(bart, replace(long_source, max_new_tokens=124), 4)
+
+
+def test_prompt_logprobs_are_refused_since_the_source_is_not_predicted(
+    family: tuple[BaseModel, Path],
+) -> None:
+    base, _ = family
+    asking = replace(request(base, "asks", PROMPTS[1]), prompt_logprobs=1)
+    with pytest.raises(ValueError, match="an encoder-decoder model's prompt is its source"):
+        check_fits(base, asking, 0)
