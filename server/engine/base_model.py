@@ -90,9 +90,9 @@ def load_base_model(
     dtype: DtypeOption = "auto",
     model_id: str | None = None,
 ) -> BaseModel:
-    """Load a Hugging Face causal LM folder (or hub id) once, frozen, in eval mode, its attention switched to
-    the engine's (``UnsupportedModel`` for one the engine cannot serve). ``model_id`` names it in the API
-    (default: the folder's name)."""
+    """Load a Hugging Face causal LM or encoder-decoder (T5, BART families) folder (or hub id) once, frozen,
+    in eval mode, its attention switched to the engine's (``UnsupportedModel`` for one the engine cannot
+    serve). ``model_id`` names it in the API (default: the folder's name)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from transformers import MptConfig, MptForCausalLM, PegasusConfig, PegasusForConditionalGeneration
+from transformers import AutoModelForSeq2SeqLM, MptConfig, MptForCausalLM
 
 from server.cli import build_parser
 from server.cli.serve import CLI_OPTIONS, LIMIT_OPTIONS, describe_setting
 from server.config import ServeSettings
 from server.demo_model import build_demo_tokenizer
 from testing.server_process import ServerProcess
+from tests.server.engine.test_encoder_decoder import unserved_family
 
 pytestmark = pytest.mark.e2e  # starts servers or other processes
 
@@ -177,17 +178,7 @@ def test_an_encoder_decoder_family_the_engine_does_not_serve_is_refused_in_one_l
     causal LM."""
     model = tmp_path / "tiny-pegasus"
     tokenizer = build_demo_tokenizer()
-    config = PegasusConfig(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-    )
-    PegasusForConditionalGeneration(config).save_pretrained(model)
+    AutoModelForSeq2SeqLM.from_config(unserved_family(len(tokenizer))).save_pretrained(model)
     tokenizer.save_pretrained(model)
     reason = (
         f"cannot start: --model {model}: cannot serve it: pegasus is an encoder-decoder model of a family"

@@ -88,6 +88,20 @@ FAMILIES: dict[str, Callable[[int, int], PretrainedConfig]] = {
 }
 
 
+def unserved_family(vocab_size: int) -> PretrainedConfig:
+    """A tiny encoder-decoder of a family the engine does not serve (Pegasus: sinusoidal positions)."""
+    return PegasusConfig(
+        vocab_size=vocab_size,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+    )
+
+
 def _build(config: PretrainedConfig, out: Path) -> Path:
     torch.manual_seed(5)
     AutoModelForSeq2SeqLM.from_config(config).save_pretrained(out)
@@ -190,17 +204,7 @@ def test_soft_prompts_are_refused_on_an_encoder_decoder(
 
 
 def test_an_encoder_decoder_family_the_engine_does_not_serve_is_refused_at_load(tmp_path: Path) -> None:
-    config = PegasusConfig(
-        vocab_size=100,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-    )
-    folder = _build(config, tmp_path / "pegasus")
+    folder = _build(unserved_family(len(build_demo_tokenizer())), tmp_path / "pegasus")
     with pytest.raises(
         UnsupportedModel, match=r"^pegasus is an encoder-decoder model of a family the engine"
     ) as err:
