@@ -6,8 +6,8 @@ admission the row's source goes through the encoder once (``encode``), and each 
 cross-attention keys and values of it are written into blocks of the row's own in the KV pool, kept for
 the row's life. The decoder then runs as a decoder-only model does: its self-attention over the paged
 cache (a task's prefix first, PEFT's ``SEQ_2_SEQ_LM`` semantics: the prefix goes into the decoder's
-self-attention only), its cross-attention over the row's source blocks (``role_of``: which attention
-layers are cross), so rows of any prefix and any source length share one packed pass.
+self-attention only), its cross-attention over the row's source blocks (``prepare`` marks each layer's
+role with ``set_role``), so rows of any prefix and any source length share one packed pass.
 
 Two things the model would compute from a dense batch are computed per row instead: the decoder's
 positions (a prefix of P tokens puts the first decoder token at position P, as PEFT's cache does; BART's
