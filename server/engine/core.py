@@ -184,8 +184,7 @@ class EngineCore:
         """Run one iteration; returns the outputs it produced (possibly none)."""
         outputs: list[RequestOutput] = []
         for record in self._schedule(outputs):
-            record.kv = self.kv.open(record.prefix, self.base.kind.source(record.request.prompt_ids))
-            self._prefilling.append(record)
+            self._open_row(record, outputs)
         self._drop_finished()  # aborted and expired rows leave before the forward pass
         self._forward(outputs)
         self._drop_finished()
@@ -193,6 +192,19 @@ class EngineCore:
             self._stats.steps + 1, self._stats.prefill_tokens + self.prefill_tokens_last_step, self.kv.stats()
         )
         return outputs
+
+    def _open_row(self, record: EngineRequest, outputs: list[RequestOutput]) -> None:
+        """Give an admitted request its row in the KV pool (an encoder-decoder's: its source encoded first);
+        if that fails, the request alone ends with an error."""
+        try:
+            record.kv = self.kv.open(record.prefix, self.base.kind.source(record.request.prompt_ids))
+        except Exception:
+            log.exception("request %s: its row could not be opened; it ends with an error", record.request_id)
+            outputs.append(self._output(record, record.tracker.end(FinishReason.ERROR)))
+            with self._lock:
+                self._finish(record)
+            return
+        self._prefilling.append(record)
 
     def _forward(self, outputs: list[RequestOutput]) -> None:
         """One packed pass: every decoding row's next token and this step's prompt chunks (``plan_chunks``),

@@ -31,7 +31,8 @@ from prefix_store.formats.source import load_prefix_source
 from server.demo_model import build_demo_tokenizer
 from server.engine.base_model import BaseModel, load_base_model
 from server.engine.core import EngineCore
-from server.engine.generation import generate, merge_outputs
+from server.engine.encoder_decoder import EncoderDecoder
+from server.engine.generation import collect_results, generate, merge_outputs
 from server.engine.lifecycle import FinishReason
 from server.engine.model_support import UnsupportedModel
 from server.engine.request import GenerationRequest, RequestOutput, RequestTooLong, check_fits
@@ -249,3 +250,28 @@ def test_prompt_logprobs_are_refused_since_the_source_is_not_predicted(
     asking = replace(request(base, "asks", PROMPTS[1]), prompt_logprobs=1)
     with pytest.raises(ValueError, match="an encoder-decoder model's prompt is its source"):
         check_fits(base, asking, 0)
+
+
+def test_a_source_the_encoder_fails_on_ends_its_request_alone(
+    family: tuple[BaseModel, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, _ = family
+    failing, fine = request(base, "failing", PROMPTS[2]), request(base, "fine", PROMPTS[1])
+    want = generate(base, [fine])[0].token_ids
+    encode = EncoderDecoder.encode
+
+    def encode_unless_failing(
+        self: EncoderDecoder, source_ids: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if list(source_ids) == list(failing.prompt_ids):
+            raise RuntimeError("out of memory")
+        return encode(self, source_ids)
+
+    monkeypatch.setattr(EncoderDecoder, "encode", encode_unless_failing)
+    core = EngineCore(base, SchedulerConfig(max_batch_size=2, max_batch_tokens=1024, max_waiting=4))
+    for engine_request in (failing, fine):
+        core.add_request(engine_request)
+    results = collect_results(core, [failing, fine])
+    assert results[0].finish_reason is FinishReason.ERROR and results[0].token_ids == []
+    assert results[1].token_ids == want
+    assert core.stats().kv.blocks_used == 0 and not core.has_work
