@@ -83,7 +83,7 @@ class EncoderDecoder:
 
     model: PreTrainedModel
     decoder_start_ids: tuple[int, ...]  # what every row's decoder is fed first
-    num_layers: int  # decoder layers
+    cross_attentions: tuple[torch.nn.Module, ...]  # each decoder layer's, in order
     extra_blocks_per_row: int = 2  # the source's last, partly filled block and the decoder start's
 
     @classmethod
@@ -102,7 +102,7 @@ class EncoderDecoder:
         start = model.config.decoder_start_token_id
         if start is None:
             raise UnsupportedModel(f"{model.config.model_type} has no decoder_start_token_id")
-        return cls(model, (int(start),), len(pairs))
+        return cls(model, (int(start),), tuple(cross for _, cross in pairs))
 
     @torch.inference_mode()
     def encode(self, source_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,11 +112,10 @@ class EncoderDecoder:
         with reading_pool(None):
             hidden = self.model.get_encoder()(input_ids=torch.tensor([list(source_ids)], device=device))[0]
         keys, values = [], []
-        for _, cross in decoder_attentions(self.model):
+        for cross in self.cross_attentions:  # BART's names, else T5's
             project_keys = getattr(cross, "k_proj", None) or cross.k
             project_values = getattr(cross, "v_proj", None) or cross.v
-            heads = getattr(cross, "num_heads", None) or cross.n_heads
-            shape = (hidden.shape[1], heads, -1)
+            shape = (hidden.shape[1], getattr(cross, "num_heads", None) or cross.n_heads, -1)
             keys.append(project_keys(hidden[0]).view(shape).transpose(0, 1))  # [heads, S, head_dim]
             values.append(project_values(hidden[0]).view(shape).transpose(0, 1))
         return torch.stack(keys), torch.stack(values)
@@ -133,9 +132,10 @@ class EncoderDecoder:
         filled, so no layer projects a source again."""
         width = self.model.config.d_model
         placeholder = batch.input_ids.new_zeros((), dtype=self.model.dtype).expand(1, 1, width)  # no memory
-        filled = Cache(layers=[_Filled(batch.input_ids.device) for _ in range(self.num_layers)])
+        layers = len(self.cross_attentions)
+        filled = Cache(layers=[_Filled(batch.input_ids.device) for _ in range(layers)])
         caches = EncoderDecoderCache(batch.cache, filled)
-        caches.is_updated = dict.fromkeys(range(self.num_layers), True)
+        caches.is_updated = dict.fromkeys(range(layers), True)
         output = self.model(
             decoder_input_ids=batch.input_ids,
             encoder_outputs=(placeholder,),

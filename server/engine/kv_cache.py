@@ -59,14 +59,13 @@ class PagedKVCache:
         """A new row with ``prefix`` (None: the base model alone) and no tokens yet; ``source``: an
         encoder-decoder row's cross-attention keys and values ``[layers, heads, S, head_dim]``, written into
         blocks of its own."""
-        source_blocks: list[int] = []
+        source_blocks, source_length = [], 0
         if source is not None:
-            source_blocks = self.pool.allocate(self.pool.blocks_for(source[0].shape[2]))
+            source_length = source[0].shape[2]
+            source_blocks = self.pool.allocate(self.pool.blocks_for(source_length))
             self.pool.write(source_blocks, *source)
         blocks = self.prefixes.acquire(prefix) if prefix is not None else []
-        row = RowKV(prefix, blocks, source_blocks=source_blocks)
-        row.source_length = source[0].shape[2] if source is not None else 0
-        return row
+        return RowKV(prefix, blocks, source_blocks=source_blocks, source_length=source_length)
 
     def close(self, row: RowKV) -> None:
         """The row has left: its blocks go back, and its prefix's once no row uses it."""

@@ -66,7 +66,7 @@ class AttentionGroup:
     key_positions: torch.Tensor  # [b, 1, 1, S] each slot's cache position
     dtype: torch.dtype  # the masks'
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-    _alibi: torch.Tensor | None = None  # the ALiBi or relative-bias mask, once built
+    _biased: torch.Tensor | None = None  # the ALiBi or relative-bias mask, once built (one model has one)
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """``[b, 1, Q, S]`` additive: 0 where a query may look, dtype-min elsewhere. With a sliding window
@@ -84,20 +84,20 @@ class AttentionGroup:
     def bias_mask(self, relative_bias: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``[b, heads, Q, S]``: ``mask()`` plus a relative position bias of key - query cache positions
         (T5's, the prefix at 0…P-1); one bias for every layer, so it is built once per pass."""
-        if self._alibi is None:
-            self._alibi = self.mask() + relative_bias(self.key_positions - self.query_positions).to(
+        if self._biased is None:
+            self._biased = self.mask() + relative_bias(self.key_positions - self.query_positions).to(
                 self.dtype
             )
-        return self._alibi
+        return self._biased
 
     def alibi_mask(self, slopes: torch.Tensor) -> torch.Tensor:
         """``[b, heads, Q, S]``: ``mask()`` plus ALiBi's ``slopes[h] × key position`` (BLOOM's bias up to a
         constant per query; masked slots stay far below any real score). ``slopes``: the model's, one
         tensor for every layer, so it is built once per pass."""
-        if self._alibi is None:
+        if self._biased is None:
             bias = slopes.view(1, -1, 1, 1) * self.key_positions
-            self._alibi = self.mask() + bias.to(self.dtype)
-        return self._alibi
+            self._biased = self.mask() + bias.to(self.dtype)
+        return self._biased
 
 
 @dataclass(frozen=True)

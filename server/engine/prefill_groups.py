@@ -1,9 +1,9 @@
-"""Which admitted rows are prefilled together. A prefill batch pads every row to its longest prompt, so
-one long prompt among short ones would make every short row compute the long one's length (16 rows of 41
-tokens and one of 1,601: 25,616 positions for 2,216 real ones). Rows are therefore grouped by length:
-sorted, and a longer row opens a new group once the group's padded positions would exceed
-``MAX_PADDING_RATIO`` × its real ones (plus ``SLACK_TOKENS``, so that short prompts of mixed lengths
-still share one forward pass). Pure Python, no torch."""
+"""Which rows of a forward pass attend together. A group lays out its rows' queries and gathered keys
+padded to its longest row, so one long row among short ones would make every short row attend over the
+long one's length (16 rows of 41 tokens and one of 1,601: 25,616 positions for 2,216 real ones). Rows
+are therefore grouped by length: sorted, and a longer row opens a new group once the group's padded
+positions would exceed ``MAX_PADDING_RATIO`` × its real ones (plus ``SLACK_TOKENS``, so that short rows
+of mixed lengths still share one group). Pure Python, no torch."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ SLACK_TOKENS = 256  # padding any group may have regardless of the ratio
 
 
 def length_groups(rows: Sequence[Row], length: Callable[[Row], int]) -> list[list[Row]]:
-    """``rows`` in groups to prefill one after the other, shortest first; each row exactly once."""
+    """``rows`` in groups, shortest first; each row exactly once."""
     groups: list[list[Row]] = []
     real = 0
     for row in sorted(rows, key=length):
