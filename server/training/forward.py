@@ -6,6 +6,11 @@ prefix keys/values in a transformers cache ``[B, kv_heads, P, head_dim]`` per la
 position ``P + k`` for token ``k``, the 4-D additive mask — and the frozen model runs on it unmodified.
 Its copies of the prefix into the cache are ordinary tensor writes, so gradients reach the prefix.
 
+Encoder-decoder prefix: PEFT's ``SEQ_2_SEQ_LM`` forward. The prompt is the encoder's source; the decoder
+is fed its start token and the completion but its last token, each row's prefix keys and values already in
+its self-attention cache (the cross-attention cache starts empty, as PEFT leaves it), so the decoder's
+positions start after the prefix, as they do when the engine serves the prefix.
+
 Soft prompt: PEFT's ``PROMPT_TUNING`` forward, ``inputs_embeds = cat(soft prompt, embed(tokens))``, with
 the virtual tokens at positions ``0 … P-1`` and token ``k`` at ``P + k`` — the positions the engine gives
 a soft prompt served as its prefix (``server.engine.soft_prompts``). Gradients reach the embeddings
@@ -18,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache, EncoderDecoderCache
 
 from prefix_store.prefix import Prefix
 from prefix_store.soft_prompt import SoftPrompt
@@ -37,6 +43,8 @@ def completion_logits(
     positions outside a row's completion are ``IGNORE``. Rows are right-aligned (left padding), so every
     completion ends in the last column and only the last ``C + 1`` positions' logits are computed.
     """
+    if base.encoder_decoder is not None:
+        return _seq2seq_completion_logits(base, prefix, examples)
     rows = [
         BatchRow(str(i), example.prompt_ids + example.completion_ids, prefix)
         for i, example in enumerate(examples)
@@ -53,6 +61,47 @@ def completion_logits(
     )
     logits = output.logits[:, :-1].float()  # [B, C, V]: column j predicts input column Q - C + j
     return logits, _completion_targets(examples, longest).to(logits.device)
+
+
+def _seq2seq_completion_logits(
+    base: BaseModel, prefix: Prefix, examples: Sequence[Example]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_logits`` of an encoder-decoder: sources and decoder inputs left-aligned (right padding,
+    masked in the source, after every real input in the causal decoder), so targets are too."""
+    device, batch_size = base.device, len(examples)
+    starts = base.encoder_decoder.decoder_start_ids
+    pad = base.model.config.pad_token_id or 0
+    sources, source_mask = _left_aligned([example.prompt_ids for example in examples], pad)  # [B, S] each
+    decoder_inputs, _ = _left_aligned(
+        [(*starts, *example.completion_ids[:-1]) for example in examples], pad
+    )  # [B, C + len(starts) - 1]
+    self_attention = DynamicCache()
+    for layer, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
+        shape = (batch_size, *keys.shape)  # [B, heads, P, head_dim]
+        self_attention.update(keys.to(base.dtype).expand(shape), values.to(base.dtype).expand(shape), layer)
+    output = base.model(
+        input_ids=sources.to(device),
+        attention_mask=source_mask.to(device),
+        decoder_input_ids=decoder_inputs.to(device),
+        cache=EncoderDecoderCache(self_attention, DynamicCache()),
+        use_cache=True,
+    )
+    skip = len(starts) - 1  # the start tokens but the last predict nothing
+    logits = output.logits[:, skip:].float()  # [B, C, V]: column j predicts completion token j
+    targets = torch.full(logits.shape[:2], IGNORE, dtype=torch.long)
+    for i, example in enumerate(examples):
+        targets[i, : len(example.completion_ids)] = torch.tensor(example.completion_ids)
+    return logits, targets.to(logits.device)
+
+
+def _left_aligned(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, longest]`` each: the rows from column 0 with ``pad`` after them, and ones where a row is."""
+    aligned = torch.full((len(rows), max(len(row) for row in rows)), pad, dtype=torch.long)
+    mask = torch.zeros_like(aligned)
+    for i, row in enumerate(rows):
+        aligned[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return aligned, mask
 
 
 def completion_loss(base: BaseModel, prefix: Prefix, examples: Sequence[Example]) -> tuple[torch.Tensor, int]:

@@ -11,6 +11,11 @@ virtual token, laid out like a PEFT ``prompt_embeddings`` row (layer, key|value,
 fixed ``anchor`` prefix. With a random initialisation the anchor is zero and the MLP starts as PyTorch
 initialises it (as PEFT does); with ``--init-text`` the anchor is the text's K/V and the MLP's last layer
 starts at zero, so training starts exactly from the real-word activations and learns a correction.
+
+An encoder-decoder's decoder layers are tied as PEFT ties them: a ``SEQ_2_SEQ_LM`` prefix tensor feeds
+decoder layer ``j`` its entry ``2j mod layers`` (``seq2seq_layer_sources``), so with an even layer count
+two layers read one entry. Both kinds learn the entries and give each layer its entry's keys and values,
+so what is trained is exactly what a PEFT adapter can hold (and ``encode_peft`` writes it).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from prefix_store.formats.peft import seq2seq_layer_sources
 from prefix_store.geometry import ModelGeometry
 from prefix_store.prefix import Prefix
 from server.engine.base_model import BaseModel
@@ -48,6 +54,14 @@ class TrainablePrefix(TrainedParams):
         )
 
 
+def layer_sources(geometry: ModelGeometry) -> list[int]:
+    """The entry each layer reads: its own, except in an encoder-decoder's decoder, whose layers are tied as
+    PEFT ties them (``seq2seq_layer_sources``)."""
+    if geometry.encoder_decoder:
+        return seq2seq_layer_sources(geometry.num_layers)
+    return list(range(geometry.num_layers))
+
+
 class DirectPrefix(TrainablePrefix):
     """Keys and values as parameters: exactly the numbers that will be served."""
 
@@ -57,11 +71,14 @@ class DirectPrefix(TrainablePrefix):
             raise ValueError(f"the initial prefix does not fit {geometry.fingerprint}")
         self.geometry = geometry
         self.num_virtual_tokens = initial.num_virtual_tokens
-        self.keys = nn.Parameter(initial.keys.detach().float().clone())  # [layers, kv_heads, P, head_dim]
-        self.values = nn.Parameter(initial.values.detach().float().clone())  # [layers, kv_heads, P, head_dim]
+        sources = layer_sources(geometry)
+        entries = sorted(set(sources))  # the entries some layer reads
+        self.layer_entry = [entries.index(source) for source in sources]
+        self.keys = nn.Parameter(initial.keys[entries].detach().float().clone())  # [entries, kv_heads, P, hd]
+        self.values = nn.Parameter(initial.values[entries].detach().float().clone())
 
     def forward(self) -> Prefix:
-        return Prefix(self.keys, self.values)
+        return Prefix(self.keys[self.layer_entry], self.values[self.layer_entry])  # [layers, kv_heads, P, hd]
 
 
 class ProjectedPrefix(TrainablePrefix):
@@ -98,12 +115,13 @@ class ProjectedPrefix(TrainablePrefix):
             nn.init.zeros_(self.mlp[2].bias)
         self.register_buffer("anchor_keys", anchor.keys.detach().float().clone())  # [layers, kv_heads, P, hd]
         self.register_buffer("anchor_values", anchor.values.detach().float().clone())
+        self.layer_source = layer_sources(geometry)
 
     def forward(self) -> Prefix:
         g = self.geometry
         rows = self.mlp(self.embedding).view(
             self.num_virtual_tokens, g.num_layers, 2, g.num_kv_heads, g.head_dim
-        )  # [P, layers, key|value, kv_heads, head_dim]
+        )[:, self.layer_source]  # [P, layers, key|value, kv_heads, head_dim]
         keys = rows[:, :, 0].permute(1, 2, 0, 3)  # [layers, kv_heads, P, head_dim]
         values = rows[:, :, 1].permute(1, 2, 0, 3)
         return Prefix(self.anchor_keys + keys, self.anchor_values + values)

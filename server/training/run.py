@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from prefix_store.geometry import ModelGeometry
 from prefix_store.soft_prompt import Adapter
 from server.engine.base_model import BaseModel
 from server.training.checkpoint import (
@@ -101,6 +102,7 @@ def prepare_run(
     eval_file = read_records(paths.eval_data) if paths.eval_data is not None else None
     model = model_facts()
     config = _resumed_config(checkpoint.config, options) if checkpoint else _new_config(model, options)
+    _check_method(model.geometry, config)
     train = _tokenize(train_file, model, config)
     evaluation = _tokenize(eval_file, model, config) if eval_file is not None else None
     identity = RunIdentity(
@@ -127,11 +129,6 @@ def run_training(
         raise TrainingError(
             f"the run was checked against base model {run.identity.model_fingerprint}, "
             f"not {base.geometry.fingerprint}"
-        )
-    if base.encoder_decoder is not None:
-        raise TrainingError(
-            f"{base.geometry.model_type} is an encoder-decoder model: the engine serves its PEFT SEQ_2_SEQ_LM "
-            "prefixes, but prefix-serve train trains decoder-only models only (train it with PEFT, then upload)"
         )
     config, checkpoint = run.config, run.checkpoint
     with pinned_threads(threads) as thread_count:
@@ -214,6 +211,23 @@ def _new_config(model: ModelFacts, options: dict[str, Any]) -> TrainConfig:
         return TrainConfig(**options)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
+
+
+def _check_method(geometry: ModelGeometry, config: TrainConfig) -> None:
+    """An encoder-decoder trains a prefix (PEFT's SEQ_2_SEQ_LM one), and from random values: the engine
+    serves no soft prompt on one, and ``--init-text`` reads a decoder-only model's activations."""
+    if not geometry.encoder_decoder:
+        return
+    if config.method != "prefix":
+        raise TrainingError(
+            f"{geometry.model_type} is an encoder-decoder model: --method {config.method} is for decoder-only "
+            "models; train a prefix (--method prefix)"
+        )
+    if config.init_text is not None:
+        raise TrainingError(
+            f"{geometry.model_type} is an encoder-decoder model: --init-text initialises a decoder-only model's "
+            "prefix; leave it out (the prefix starts random)"
+        )
 
 
 def _resumed_config(saved: TrainConfig, options: dict[str, Any]) -> TrainConfig:
