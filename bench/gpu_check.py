@@ -29,11 +29,11 @@ from server.benchmark.models import build_model
 from server.engine.base_model import BaseModel
 from server.engine.core import EngineCore
 from server.engine.generation import generate
-from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.request import GenerationRequest
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
+from server.training.prefill_batch import BatchRow, PrefillBatch
 
 PREFIX_LENGTHS = [0, 1, 7, 16, 31]
 PROMPT_LENGTHS = [1, 5, 23, 60, 12]

@@ -2,7 +2,7 @@
 strategies that build malformed safetensors, each refused with a 4xx.
 
 Every payload here is invalid by construction (the strategies filter out the rare mutation that
-would still be a valid prefix), so the property is simply: a 4xx with the error body of API.md,
+would still be a valid prefix), so the property is simply: a 4xx with the error body of docs/API.md,
 nothing stored, the task's previous version still serving.
 """
 

@@ -3,7 +3,7 @@ sent as a replacement of a task that serves (and as a new task), with every inva
 
     python -m hardening.hostile_uploads --examples 300 --out hardening/results/hostile_uploads.json
 
-A run passes when every upload gets a right 4xx with API.md's error body (no path, no stack trace),
+A run passes when every upload gets a right 4xx with docs/API.md's error body (no path, no stack trace),
 the store's directory tree is byte-for-byte unchanged, the task still serves its previous version
 with the same output, no canary file appears, and the server's RSS grows by less than the tolerance.
 """
@@ -73,7 +73,7 @@ def problem(response: httpx.Response, upload: HostileUpload, secrets: Iterable[s
         return f"the body is not JSON: {response.text[:200]!r}"
     error = body.get("error") if isinstance(body, dict) else None
     if set(body) != {"error"} or not isinstance(error, dict) or set(error) != {"type", "message"}:
-        return f"not API.md's error body: {body}"
+        return f"not docs/API.md's error body: {body}"
     if not all(isinstance(error[k], str) and error[k] for k in ("type", "message")):
         return f"empty or non-string error fields: {body}"
     leaked = [s for s in ("Traceback", 'File "', *secrets) if s in response.text]

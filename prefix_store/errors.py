@@ -26,11 +26,19 @@ class PrefixCacheFull(PrefixStoreError):
 
 
 class InvalidName(PrefixStoreError):
-    """A task id or tenant name outside ``[A-Za-z0-9._-]{1,128}`` or starting with ``.``."""
+    """A task id or tenant name outside ``[A-Za-z0-9._-]{1,128}`` or starting with ``.`` (``name``)."""
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class PrefixNotFound(PrefixStoreError):
-    """No prefix of that task id in that tenant (or no such version)."""
+    """No prefix of that task id (``name``, where known) in that tenant (or no such version)."""
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class VersionMismatch(PrefixStoreError):

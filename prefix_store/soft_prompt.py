@@ -50,5 +50,5 @@ AdapterKind = Literal["prefix", "soft_prompt"]
 
 
 def kind_of(adapter: Adapter) -> AdapterKind:
-    """The ``kind`` API.md names: ``prefix`` (keys and values of every layer) or ``soft_prompt``."""
+    """The ``kind`` docs/API.md names: ``prefix`` (keys and values of every layer) or ``soft_prompt``."""
     return "soft_prompt" if isinstance(adapter, SoftPrompt) else "prefix"

@@ -10,6 +10,9 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prefix_store.formats.limits import PrefixLimits
+from server.engine.config import DEFAULT_TENANT, EngineConfig, TaskKey
+from server.engine.scheduler import SchedulerConfig
 from server.model_source import DEFAULT_MODEL
 
 ENV_PREFIX = "PREFIX_SERVE_"
@@ -97,8 +100,8 @@ class ServeSettings(BaseSettings):
     kv_cache_bytes: int | None = Field(
         None,
         ge=1,
-        description="bytes of the KV block pool (default: max_batch_tokens' worth); "
-        "reservations are held to what it can hold",
+        description="bytes of the KV block pool (requests reserve no more than it holds); "
+        "none = max_batch_tokens' worth",
     )
     prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens a row prefills per step")
     prefill_step_tokens: int = Field(
@@ -140,3 +143,32 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @property
+    def prefix_limits(self) -> PrefixLimits:
+        """What an uploaded (or stored) prefix may make big."""
+        return PrefixLimits(max_file_bytes=self.max_upload_bytes, max_virtual_tokens=self.max_virtual_tokens)
+
+    def engine_config(self) -> EngineConfig:
+        """The engine these settings ask for: the one place a setting reaches the engine."""
+        return EngineConfig(
+            scheduler=SchedulerConfig(
+                max_batch_size=self.max_batch_size,
+                max_batch_tokens=self.max_batch_tokens,
+                max_waiting=self.max_queue,
+                prefill_chunk_tokens=self.prefill_chunk_tokens,
+                prefill_step_tokens=self.prefill_step_tokens,
+            ),
+            kv_cache_bytes=self.kv_cache_bytes,
+            prefix_limits=self.prefix_limits,
+            prefix_cache_bytes=self.prefix_cache_bytes,
+            prefix_host_cache_bytes=self.prefix_host_cache_bytes,
+            prefix_reconcile_interval_s=self.prefix_reconcile_interval_s,
+            preload=tuple(_task_key(name) for name in self.preload),
+        )
+
+
+def _task_key(name: str) -> TaskKey:
+    """``tenant/task_id``, or a bare task id of the default tenant."""
+    tenant, _, task_id = name.rpartition("/")
+    return tenant or DEFAULT_TENANT, task_id

@@ -1,4 +1,4 @@
-"""The native prefix file of API.md: safetensors with string metadata and, by its ``kind``:
+"""The native prefix file of docs/API.md: safetensors with string metadata and, by its ``kind``:
 
 - a prefix (``kind`` absent or ``prefix``): ``keys``/``values``
   ``[num_layers, num_kv_heads, num_virtual_tokens, head_dim]``;

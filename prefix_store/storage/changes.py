@@ -80,11 +80,6 @@ class ChangeFeed:
             if subscription in self._subscriptions:
                 self._subscriptions.remove(subscription)
 
-    @property
-    def has_subscribers(self) -> bool:
-        with self._lock:
-            return bool(self._subscriptions)
-
     def publish(self, event: ChangeEvent) -> None:
         for subscription in self._snapshot():
             try:

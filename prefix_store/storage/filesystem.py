@@ -110,7 +110,7 @@ class FileStore(PrefixStore):
     def head(self, tenant: str, task_id: str) -> PrefixRecord:
         record = self._read_record(self._record_path(tenant, task_id))
         if record is None:
-            raise PrefixNotFound(f"no prefix named {task_id!r}")
+            raise PrefixNotFound(f"no prefix named {task_id!r}", name=task_id)
         return record
 
     def get_blob(self, record: PrefixRecord) -> bytes:
@@ -149,7 +149,7 @@ class FileStore(PrefixStore):
         with _os_errors("delete a prefix"), self._task_lock(tenant, task_id):
             record = self._read_record(record_path)
             if record is None:
-                raise PrefixNotFound(f"no prefix named {task_id!r}")
+                raise PrefixNotFound(f"no prefix named {task_id!r}", name=task_id)
             _check_precondition(record, if_match)
             os.replace(record_path, record_path.with_suffix(_TOMBSTONE))  # one atomic step
             _fsync_folder(record_path.parent)

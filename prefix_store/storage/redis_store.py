@@ -160,7 +160,7 @@ class RedisStore(PrefixStore):
         with _redis_errors("read a prefix record"):
             data = self._redis.get(key)
         if data is None:
-            raise PrefixNotFound(f"no prefix named {task_id!r}")
+            raise PrefixNotFound(f"no prefix named {task_id!r}", name=task_id)
         return PrefixRecord.from_json(json.loads(data))
 
     def head_many(self, keys: Iterable[TaskKey]) -> dict[TaskKey, PrefixRecord | None]:
@@ -217,7 +217,7 @@ class RedisStore(PrefixStore):
             result = self._delete_script(keys=keys, args=args)
         status = _text(result[0])
         if status == "NOTFOUND":
-            raise PrefixNotFound(f"no prefix named {task_id!r}")
+            raise PrefixNotFound(f"no prefix named {task_id!r}", name=task_id)
         if status == "MISMATCH":
             raise VersionMismatch(
                 f"If-Match {if_match!r} does not match the current version ({_text(result[1])})"

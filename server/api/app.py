@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -13,11 +12,9 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
-from prefix_store.cache.registry import PrefixRegistry
 from prefix_store.errors import PrefixStoreError
-from prefix_store.formats.limits import PrefixLimits
 from prefix_store.storage.store import open_store
-from server.api.auth import DEFAULT_TENANT, load_auth_config
+from server.api.auth import load_auth_config
 from server.api.errors import install_error_handlers
 from server.api.metrics import install_metrics
 from server.api.middleware import AccessLogMiddleware, BodyLimitMiddleware, PathCheckMiddleware
@@ -27,13 +24,10 @@ from server.api.routes import admin, generate, health, tokenizer
 from server.api.state import AppState
 from server.api.tenancy import TenantGate
 from server.config import ServeSettings, StartupError
-from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import load_base_model
-from server.engine.core import EngineCore
 from server.engine.grammar import GrammarCompiler
 from server.engine.model_support import UnsupportedModel
-from server.engine.scheduler import SchedulerConfig
-from server.engine.soft_prompts import soft_prompt_prefix
+from server.engine.startup import start_engine
 from server.model_source import ModelSourceError, resolve_model
 from server.version import package_version
 
@@ -65,45 +59,12 @@ def build_state(settings: ServeSettings) -> AppState:
         store = open_store(settings.store)
     except (OSError, ValueError, PrefixStoreError) as exc:
         raise StartupError(f"--store {settings.store}: {exc}") from exc
-    limits = PrefixLimits(
-        max_file_bytes=settings.max_upload_bytes, max_virtual_tokens=settings.max_virtual_tokens
-    )
-    registry = PrefixRegistry(
-        store,
-        base.geometry,
-        device=base.device,
-        dtype=base.dtype,
-        limits=limits,
-        budget_bytes=settings.prefix_cache_bytes,
-        host_budget_bytes=settings.prefix_host_cache_bytes,
-        reconcile_interval_s=settings.prefix_reconcile_interval_s,
-        encode_soft_prompt=functools.partial(soft_prompt_prefix, base),
-    )
-    # kept resident (pinned) while the server runs; failures are logged, not fatal
-    registry.preload([_task_key(name) for name in settings.preload], pin=True)
-    scheduler = SchedulerConfig(
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_waiting=settings.max_queue,
-        prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        prefill_step_tokens=settings.prefill_step_tokens,
-    )
     try:
-        core = EngineCore(base, scheduler, pins=registry, kv_cache_bytes=settings.kv_cache_bytes)
+        running = start_engine(base, store, settings.engine_config())
     except ValueError as exc:  # a KV pool too small for the batch
         raise StartupError(f"PREFIX_SERVE_KV_CACHE_BYTES={settings.kv_cache_bytes}: {exc}") from None
-    engine = AsyncEngine(core)
-    engine.start()
     grammars = GrammarCompiler(base.tokenizer, base.eos_token_ids)
-    return AppState(
-        settings, base, store, registry, engine, limits, auth, TenantGate(auth), grammars=grammars
-    )
-
-
-def _task_key(name: str) -> tuple[str, str]:
-    """``tenant/task_id``, or a bare task id of the default tenant."""
-    tenant, _, task_id = name.rpartition("/")
-    return tenant or DEFAULT_TENANT, task_id
+    return AppState(settings, base, store, running, auth, TenantGate(auth), grammars=grammars)
 
 
 def freeze_startup_objects() -> None:
@@ -154,8 +115,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         try:
             yield
         finally:
-            await state.engine.shutdown(settings.shutdown_grace_s)
-            state.registry.close()
+            await state.running.stop(settings.shutdown_grace_s)
             state.store.close()
 
     def body_limit(scope: Scope) -> int:

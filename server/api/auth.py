@@ -1,4 +1,4 @@
-"""API keys: the keys file of API.md (SHA-256 hashes only), key creation, and authentication.
+"""API keys: the keys file of docs/API.md (SHA-256 hashes only), key creation, and authentication.
 
 A presented key is hashed and compared with every stored hash in constant time, so neither the
 comparison nor the position of a match in the file leaks through timing.
@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from prefix_store.errors import InvalidName
 from prefix_store.storage.names import validate_tenant
 from server.config import AUTH_ON_MAX_CONCURRENT, AUTH_ON_REQUESTS_PER_MINUTE
+from server.engine.config import DEFAULT_TENANT
 
-DEFAULT_TENANT = "default"
 KEY_PREFIX = "ps-"
 
 

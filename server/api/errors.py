@@ -1,4 +1,4 @@
-"""Exceptions become HTTP here and only here, with the error body of API.md; never a stack trace.
+"""Exceptions become HTTP here and only here, with the error body of docs/API.md; never a stack trace.
 
 Two route families, two shapes: the native routes answer ``{"error": {"type", "message"}}``; the
 OpenAI-compatible routes (``OPENAI_PATHS``) answer OpenAI's ``{"error": {"message", "type", "param",
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,8 +28,11 @@ from prefix_store.errors import (
     StoreUnavailable,
     VersionMismatch,
 )
+from server.api.refusals import ContextLengthExceeded, NewTokensOverLimit, PromptTooLong
+from server.api.schema_errors import describe_schema_errors
 from server.engine.async_engine import EngineStopped
-from server.engine.request import RequestTooLong
+from server.engine.lifecycle import FinishReason
+from server.engine.request import RequestNotFinished, RequestTooLong
 from server.engine.scheduler import QueueFull, RequestTooLarge
 
 log = logging.getLogger(__name__)
@@ -145,12 +147,12 @@ class OpenAIErrorBody(BaseModel):
     error: OpenAIErrorDetail
 
 
-_WHEN = {  # API.md's table: when each error status is answered
+_WHEN = {  # docs/API.md's table: when each error status is answered
     400: "malformed input: an invalid task id, a prefix that fails validation, a bad multipart body",
     401: "missing or unknown API key",
     403: "the key is valid but its role is insufficient",
     404: "unknown task id (in the caller's tenant) or model",
-    409: "the tenant's prefix count quota is reached, or an If-Match precondition failed",
+    409: "the tenant's prefix count quota is reached",
     412: "the If-Match version precondition failed",
     413: "the body, the upload, the prompt or the tenant's prefix bytes are over their limit",
     422: "the body or a parameter does not match the schema, or is over a server limit",
@@ -171,7 +173,7 @@ _OPENAI_WHEN = {
 
 
 def error_responses(*statuses: int, openai: bool = False) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` declaring ``statuses`` with the error body: API.md's, or with ``openai``
+    """OpenAPI ``responses=`` declaring ``statuses`` with the error body: docs/API.md's, or with ``openai``
     OpenAI's (FastAPI's own 422 schema is replaced: every error, schema errors included, has the body of
     its route family)."""
     return {
@@ -184,7 +186,24 @@ def error_responses(*statuses: int, openai: bool = False) -> dict[int | str, dic
     }
 
 
-def _translate(exc: Exception) -> ApiError | None:
+# how a request that ended without finishing is answered, as (status, type, message); a stream that has
+# started cannot change its status and reports the same type and message in its last event
+_UNFINISHED: dict[FinishReason, tuple[int, str, str]] = {
+    FinishReason.ABORTED: (503, "unavailable", "the request was aborted (the server is shutting down)"),
+    FinishReason.DEADLINE: (504, "deadline_exceeded", "the request did not finish within its time limit"),
+    FinishReason.ERROR: (500, "internal_error", "the engine failed while generating; see the server log"),
+}
+
+
+def unfinished_error(reason: FinishReason) -> ApiError:
+    """The answer to a request that ended without finishing (its last stream event, where it streams)."""
+    return ApiError(*_UNFINISHED[reason])
+
+
+def translate(exc: Exception, *, openai: bool = False) -> ApiError | None:
+    """The answer to ``exc`` on a native route, or with ``openai`` on an OpenAI-compatible one (where a name
+    that is not a task is an unknown ``model``, and a request over the context is OpenAI's 400 in the words
+    its clients look for); None for an exception the API does not answer on purpose."""
     match exc:
         case ApiError():
             return exc
@@ -192,6 +211,8 @@ def _translate(exc: Exception) -> ApiError | None:
             return ApiError(
                 exc.status, "invalid_prefix" if exc.status == 400 else "payload_too_large", exc.message
             )
+        case InvalidName() | PrefixNotFound() if openai:
+            return _unknown_model(exc)
         case InvalidName():
             return ApiError(400, "invalid_request", str(exc))
         case PrefixNotFound():
@@ -207,8 +228,21 @@ def _translate(exc: Exception) -> ApiError | None:
             )
         case StoreUnavailable():
             return ApiError(503, "store_unavailable", "the prefix store is unavailable; try again later")
-        case RequestTooLong():
+        case PromptTooLong() if openai:
+            return _openai_prompt_too_long(exc)
+        case PromptTooLong():
+            return ApiError(413, "payload_too_large", str(exc))
+        case NewTokensOverLimit():
+            return ApiError(
+                422, "validation_error", str(exc), param=exc.field, code="integer_above_max_value"
+            )
+        case ContextLengthExceeded() if openai:
+            return _openai_context_length(exc)
+        case ContextLengthExceeded() | RequestTooLong() if not openai:
             return ApiError(413, "payload_too_large", str(exc), code="context_length_exceeded")
+        case RequestTooLong():  # the task was replaced by a longer prefix after the request was planned
+            message = f"This model's maximum context length is {exc.context} tokens. However, {exc}."
+            return ApiError(400, "invalid_request", message, code="context_length_exceeded")
         case RequestTooLarge():
             return ApiError(413, "payload_too_large", str(exc))
         case QueueFull():
@@ -216,87 +250,74 @@ def _translate(exc: Exception) -> ApiError | None:
             return ApiError(429, "rate_limited", str(exc), headers={"Retry-After": retry_after})
         case EngineStopped():
             return ApiError(503, "unavailable", "the server is shutting down")
+        case RequestNotFinished():
+            return unfinished_error(exc.reason)
     return None
 
 
-_BODY_RULE = "the body must be a JSON object (content-type: application/json)"
-_JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+def _unknown_model(exc: InvalidName | PrefixNotFound) -> ApiError:
+    """OpenAI's 404 for a ``model`` that names neither the base model nor a task of the caller's tenant."""
+    named = f" {exc.name[:256]!r}" if exc.name is not None else ""
+    return ApiError(
+        404,
+        "not_found",
+        f"the model{named} does not exist (see GET /v1/models)",
+        param="model",
+        code="model_not_found",
+    )
 
 
-# OpenAI's codes for the kinds of schema error it names; any other is "invalid_value" ("invalid_type")
-_SCHEMA_CODES = {
-    "missing": "missing_required_parameter",
-    "extra_forbidden": "unknown_parameter",
-    "unsupported_parameter": "unsupported_parameter",
-}
-# the branch names pydantic puts in a location inside a union (``content.list[ContentPart].0``)
-_UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
+def _openai_prompt_too_long(exc: PromptTooLong) -> ApiError:
+    """The 400 for a prompt over the server's ``max_prompt_tokens``, in words LiteLLM also recognises."""
+    where = exc.prompt_field
+    message = [
+        f"This model's maximum context length is {exc.context} tokens." if exc.context else "",
+        f"This server's maximum input length is {exc.limit} tokens.",
+        f"However, your {where} resulted in {exc.tokens} tokens. Please reduce the length of the {where}.",
+    ]
+    return ApiError(
+        400, "invalid_request", " ".join(filter(None, message)), param=where, code="context_length_exceeded"
+    )
 
 
-def _schema_error(errors: Sequence[Any], body: Any, request: Request) -> ApiError:
-    """A ``RequestValidationError``'s errors as one 422: every problem in the message, the first one's
-    field as ``param`` and its kind as ``code`` (for the OpenAI shape)."""
-    problems = "; ".join(_schema_problem(error, body, request) for error in errors)
-    first = errors[0] if errors else {"loc": (), "type": ""}
-    kind = first["type"]
-    code = _SCHEMA_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
-    return ApiError(422, "validation_error", problems[:2000], param=_param(first["loc"]), code=code)
-
-
-def _param(loc: Sequence[Any]) -> str | None:
-    """The field a location names, as OpenAI writes it (``messages.0.content``); None: the whole body."""
-    if not loc or loc[0] != "body" or (len(loc) == 2 and isinstance(loc[1], int)):  # a JSON offset
-        return None
-    parts: list[str] = []
-    for part in loc[1:]:
-        if isinstance(part, str) and (part in _UNION_BRANCHES or not part.isidentifier()):
-            break  # pydantic's name of a union's branch, not a field
-        parts.append(str(part))
-    return ".".join(parts) or None
-
-
-def _schema_problem(error: Any, body: Any, request: Request) -> str:
-    """One of a ``RequestValidationError``'s errors, said for a client: where, and what is wrong."""
-    loc = tuple(error["loc"])
-    if error["type"] == "json_invalid":
-        return _invalid_json(error, body)
-    if loc == ("body",) and error["type"] in ("missing", "model_attributes_type", "dict_type"):
-        return f"{_BODY_RULE}; {_what_came(error.get('input'), request)}"
-    return f"{'.'.join(str(part) for part in loc if part != 'body') or 'body'}: {error['msg']}"
-
-
-def _invalid_json(error: Any, document: Any) -> str:
-    """``invalid JSON: <reason> at line L column C`` (FastAPI gives the reason and the offset only)."""
-    reason = error.get("ctx", {}).get("error", "not JSON")
-    offset = error["loc"][-1]
-    if not isinstance(document, str) or not isinstance(offset, int):
-        return f"invalid JSON: {reason}"
-    line = document.count("\n", 0, offset) + 1
-    column = offset - document.rfind("\n", 0, offset)  # as json.JSONDecodeError counts: from 1
-    return f"invalid JSON: {reason} at line {line} column {column}"
-
-
-def _what_came(body: Any, request: Request) -> str:
-    if isinstance(body, bytes | bytearray):  # not parsed: the content type is not JSON
-        content_type = request.headers.get("content-type")
-        return f"got content-type {content_type[:100]!r}" if content_type else "got no content-type"
-    if body is None:
-        return "got no body"
-    return f"got {_JSON_KINDS.get(type(body), 'another JSON value')}"
+def _openai_context_length(exc: ContextLengthExceeded) -> ApiError:
+    """OpenAI's 400 for a request over the model's context, in OpenAI's words: "This model's maximum context
+    length is" is what LiteLLM (its ``ContextWindowExceededError``) and others look for. ``param`` is the
+    prompt's field if the prompt alone is too long or the new tokens were unset, else their field."""
+    where, taken = exc.prompt_field, exc.context - exc.room
+    parts = f"{exc.prompt} in the {where}" + (f", {exc.prefix} in the task's prefix" if exc.prefix else "")
+    if exc.encoder_decoder:
+        requested = str(exc)
+    elif exc.asked is None:
+        requested = f"your {where} resulted in {taken} tokens" + (f" ({parts})" if exc.prefix else "")
+    else:
+        requested = f"you requested {taken + exc.asked} tokens ({parts}, {exc.asked} in the completion)"
+    prompt_alone = exc.asked is None or exc.room < 1
+    return ApiError(
+        400,
+        "invalid_request",
+        f"This model's maximum context length is {exc.context} tokens. However, {requested}. Please "
+        f"reduce the length of the {where}{'' if prompt_alone else ' or completion'}.",
+        param=where if prompt_alone else exc.field,
+        code="context_length_exceeded",
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def known(_: Request, exc: Exception) -> JSONResponse:
-        error = _translate(exc)
+    async def known(request: Request, exc: Exception) -> JSONResponse:
+        error = translate(exc, openai=is_openai_path(request.url.path))
         assert error is not None
         return ErrorResponse(error)
 
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(exc.status_code, _STATUS_TYPES.get(exc.status_code, "error"), message)
+        return error_response(
+            exc.status_code, _STATUS_TYPES.get(exc.status_code, "error"), message, exc.headers
+        )  # e.g. a 405's Allow
 
     async def schema_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return ErrorResponse(_schema_error(exc.errors(), exc.body, request))
+        message, param, code = describe_schema_errors(exc.errors(), exc.body, request)
+        return ErrorResponse(ApiError(422, "validation_error", message, param=param, code=code))
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
@@ -310,10 +331,14 @@ def install_error_handlers(app: FastAPI) -> None:
         VersionMismatch,
         StoreUnavailable,
         PrefixCacheFull,
+        PromptTooLong,
+        NewTokensOverLimit,
+        ContextLengthExceeded,
         RequestTooLong,
         RequestTooLarge,
         QueueFull,
         EngineStopped,
+        RequestNotFinished,
     ):
         app.add_exception_handler(exc_type, known)
     app.add_exception_handler(StarletteHTTPException, http_error)

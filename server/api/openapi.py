@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.api.errors import is_openai_path
-from server.api.openai.protocol import CHAT_DEFAULT_MAX_TOKENS, COMPLETIONS_DEFAULT_MAX_TOKENS
+from server.api.openai.protocol import COMPLETIONS_DEFAULT_MAX_TOKENS
+from server.api.plan import AS_MANY_AS_FIT_TOKENS
 from server.api.schemas import GenerateBody
 from server.config import ServeSettings
 
@@ -63,10 +64,10 @@ def apply_limits(components: dict[str, Any], settings: ServeSettings) -> None:
                 for branch in _branches(prop, "integer"):
                     branch["maximum"] = limit
             if default is None:
-                unset = f"as many as fit in the model's context, up to {limit or CHAT_DEFAULT_MAX_TOKENS}"
+                unset = f"as many as fit in the model's context, up to {limit or AS_MANY_AS_FIT_TOKENS}"
             else:
                 prop["default"] = default if limit is None else min(default, limit)  # cut to the limit
-                unset = str(prop["default"])
+                unset = f"{prop['default']}, cut to what the model's context leaves"
             bound = f"{limit} (this server's limit)" if limit else "what the model's context leaves"
             prop["description"] = f"at most {bound}; unset: {unset}"
         stop = properties.get("stop", {})

@@ -1,4 +1,4 @@
-"""Wire schemas of API.md (pydantic), separate from the engine's dataclasses. Bounds live in the schema."""
+"""Wire schemas of docs/API.md (pydantic), separate from the engine's dataclasses. Bounds live in the schema."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _integral(value: object) -> object:
 # 5.0 are 5 (``Annotated[int, Field(ge=0), Integral]``: bounds first, or they leave the JSON schema).
 Integral = BeforeValidator(_integral)
 
-# API.md's task id rule, for the OpenAPI document; ``prefix_store.storage.names.validate_task_id`` enforces it
+# docs/API.md's task id rule, for the OpenAPI document; ``prefix_store.storage.names.validate_task_id`` enforces it
 # (a test holds the two together). Not a pydantic constraint: a bad task id is a 400, not a 422.
 TASK_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 _TASK_ID_SCHEMA = {"pattern": TASK_ID_PATTERN, "minLength": 1, "maxLength": 128}
@@ -41,6 +41,9 @@ GENERATION_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
+DEFAULT_MAX_NEW_TOKENS = 64  # an unset max_new_tokens, cut to the server's cap and to what fits
+
+
 class GenerateBody(BaseModel):
     # strict: JSON types as declared (no true-as-1, no "5"-as-5), so the OpenAPI types are the truth;
     # NaN and infinities (which Python's JSON reads) are not numbers here
@@ -50,8 +53,8 @@ class GenerateBody(BaseModel):
         None, description="a task id of the caller; null = the base model alone"
     )
     prompt: str = Field(..., min_length=1, max_length=200_000)
-    # at most the server's --max-new-tokens (checked with the other server limits, written into the OpenAPI)
-    max_new_tokens: Annotated[int, Integral] = Field(64, ge=1)
+    # at most the server's --max-new-tokens (checked by the request plan, written into the OpenAPI)
+    max_new_tokens: Annotated[int, Integral] = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: Annotated[int, Integral] = Field(0, ge=0, le=1_000_000)

@@ -8,7 +8,6 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from prefix_store.cache.registry import PrefixRegistry
-from prefix_store.formats.limits import PrefixLimits
 from prefix_store.storage.store import PrefixStore
 from server.api.auth import AuthConfig, Caller, Role, bearer_token
 from server.api.errors import ApiError
@@ -18,6 +17,7 @@ from server.config import ServeSettings
 from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import BaseModel
 from server.engine.grammar import GrammarCompiler
+from server.engine.startup import RunningEngine
 
 
 @dataclass
@@ -25,13 +25,19 @@ class AppState:
     settings: ServeSettings
     base: BaseModel
     store: PrefixStore
-    registry: PrefixRegistry
-    engine: AsyncEngine
-    limits: PrefixLimits
+    running: RunningEngine  # the engine and the prefix registry it pins in
     auth: AuthConfig
     gate: TenantGate
     metrics: ServerMetrics | None = None  # the app's metrics (install_metrics); None: not recorded
     grammars: GrammarCompiler | None = None  # structured output's schemas → grammars (built on first use)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self.running.engine
+
+    @property
+    def registry(self) -> PrefixRegistry:
+        return self.running.registry
 
 
 def app_state(request: Request) -> AppState:

@@ -39,10 +39,10 @@ from server.engine.base_model import BaseModel
 from server.engine.core import EngineCore
 from server.engine.engine_request import EngineRequest
 from server.engine.kv_pool import BLOCK_SIZE, KVPool
-from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
+from server.training.prefill_batch import BatchRow, PrefillBatch
 
 
 def _request(

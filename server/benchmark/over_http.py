@@ -15,7 +15,6 @@ import httpx
 from server.benchmark.baselines import Log, mix_lengths
 from server.benchmark.models import random_tasks
 from server.benchmark.served import (
-    TENANT,
     InProcessServer,
     closed_loop,
     http_sender,
@@ -26,6 +25,7 @@ from server.benchmark.settings import BenchSettings
 from server.benchmark.timeline import Timeline, paired_ratio, summarize
 from server.benchmark.workload import WORDS, http_bodies, sample_shapes, single_token_words
 from server.engine.base_model import BaseModel
+from server.engine.config import DEFAULT_TENANT
 from testing.server_process import ServerProcess
 
 
@@ -43,7 +43,7 @@ def http_vs_in_process(base: BaseModel, settings: BenchSettings, workdir: Path, 
     store_url = (workdir / "http-store").as_uri()
     upload(store_url, base, prefixes)
     most = max(settings.http_concurrency)
-    preload = json.dumps([f"{TENANT}/{task}" for task in tasks])
+    preload = json.dumps([f"{DEFAULT_TENANT}/{task}" for task in tasks])
     env = {"PREFIX_SERVE_MAX_BATCH_SIZE": str(most), "PREFIX_SERVE_PRELOAD": preload}
     with ServerProcess(save_model(base, workdir / "model"), store_url, env=env, ready_s=300) as server:
         runs = asyncio.run(_compare(base, settings, tasks, store_url, server.url, log))

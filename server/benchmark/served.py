@@ -13,20 +13,16 @@ from types import TracebackType
 
 import httpx
 
-from prefix_store.cache.registry import PrefixRegistry
-from prefix_store.formats.limits import PrefixLimits
 from prefix_store.formats.native import encode_native
 from prefix_store.prefix import Prefix
 from prefix_store.storage.store import open_store
 from server.benchmark.timeline import Timeline
-from server.engine.async_engine import AsyncEngine
 from server.engine.base_model import BaseModel
-from server.engine.core import EngineCore
+from server.engine.config import DEFAULT_TENANT, EngineConfig
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
-
-TENANT = "default"  # server.api.auth.DEFAULT_TENANT (not imported: the GPU image has no pydantic)
+from server.engine.startup import start_engine
 
 Sender = Callable[[dict, Timeline], Awaitable[None]]  # sends one body, records it on the timeline
 
@@ -41,7 +37,11 @@ def upload(store_url: str, base: BaseModel, prefixes: Mapping[str, Prefix]) -> N
         for task_id, prefix in prefixes.items():
             blob = encode_native(prefix, base.geometry)
             store.put(
-                TENANT, task_id, blob, num_virtual_tokens=prefix.num_virtual_tokens, source_format="native"
+                DEFAULT_TENANT,
+                task_id,
+                blob,
+                num_virtual_tokens=prefix.num_virtual_tokens,
+                source_format="native",
             )
 
 
@@ -62,31 +62,26 @@ class InProcessServer:
     ) -> None:
         self.base = base
         self.store = open_store(store_url)
-        self.registry = PrefixRegistry(
-            self.store,
-            base.geometry,
-            device=base.device,
-            dtype=base.dtype,
-            limits=PrefixLimits(),
-            budget_bytes=budget_bytes,
-            reconcile_interval_s=None,
+        self.config = EngineConfig(
+            scheduler=SchedulerConfig(
+                max_batch_size=max_batch_size, max_batch_tokens=1 << 16, max_waiting=1 << 16
+            ),
+            prefix_cache_bytes=budget_bytes,
+            prefix_reconcile_interval_s=None,
+            preload=tuple((DEFAULT_TENANT, task_id) for task_id in preload),
+            pin_preloaded=False,  # resident at the start, then evicted like any other (the cache curve)
         )
-        self.registry.preload([(TENANT, task_id) for task_id in preload])
-        scheduler = SchedulerConfig(
-            max_batch_size=max_batch_size, max_batch_tokens=1 << 16, max_waiting=1 << 16
-        )
-        self.engine = AsyncEngine(EngineCore(base, scheduler, pins=self.registry))
         self._ids = itertools.count()
 
     async def __aenter__(self) -> InProcessServer:
-        self.engine.start()
+        self.running = start_engine(self.base, self.store, self.config)
+        self.engine, self.registry = self.running.engine, self.running.registry
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.engine.shutdown(grace_s=0)
-        self.registry.close()
+        await self.running.stop(grace_s=0)
         self.store.close()
 
     async def send(self, body: dict, timeline: Timeline) -> None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from prefix_store.cache.pins import acquire_async
 from server.engine.core import EngineCore, EngineStats
-from server.engine.generation import merge_outputs
 from server.engine.request import GenerationRequest, GenerationResult, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ class RequestStream:
 
     async def result(self) -> GenerationResult:
         """Wait for the end; all outputs merged."""
-        return merge_outputs([output async for output in self])
+        return GenerationResult.from_outputs([output async for output in self])
 
 
 class AsyncEngine:
@@ -197,6 +196,11 @@ class AsyncEngine:
     def counts(self) -> dict[str, int]:
         """Requests admitted (prefilling or decoding) and waiting, as ``EngineCore.counts``."""
         return self.core.counts()
+
+    @property
+    def token_budget(self) -> int:
+        """The most tokens one request may reserve, as ``EngineCore.token_budget``."""
+        return self.core.token_budget
 
     @property
     def num_pinned(self) -> int:

@@ -96,12 +96,14 @@ class EngineCore:
 
     # -- called from any thread ---------------------------------------------------------------
     def add_request(self, request: GenerationRequest, *, prefix_ready: bool = True) -> None:
-        """Queue ``request``. With ``prefix_ready=False`` it waits until ``set_prefix``.
+        """Queue ``request``. With ``prefix_ready=False`` it waits until ``set_prefix``, which checks it
+        (``check_fits``) once its prefix's length is known; else it is checked here.
 
         Raises ``QueueFull`` (the queue is at its bound), ``RequestTooLong``, ``ValueError``.
         """
         prefix_length = request.prefix.num_virtual_tokens if request.prefix else 0
-        check_fits(self.base, request, prefix_length)
+        if prefix_ready:
+            check_fits(self.base, request, prefix_length)
         criteria = StopCriteria(
             max_new_tokens=request.max_new_tokens,
             stop_sequences=request.stop_sequences,
@@ -163,6 +165,11 @@ class EngineCore:
         """Requests admitted (prefilling or decoding) and requests waiting (for gauges and tests)."""
         with self._lock:
             return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting}
+
+    @property
+    def token_budget(self) -> int:
+        """The most tokens (prefix + prompt + max_new_tokens) one request may reserve: the batch's budget."""
+        return self.scheduler.config.max_batch_tokens
 
     @property
     def num_pinned(self) -> int:

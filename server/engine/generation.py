@@ -31,19 +31,4 @@ def collect_results(core: EngineCore, requests: Sequence[GenerationRequest]) -> 
                 outputs[output.request_id].append(output)
                 if output.finish_reason is not None:
                     pending.discard(output.request_id)
-    return [merge_outputs(outputs[r.request_id]) for r in requests]
-
-
-def merge_outputs(outputs: Sequence[RequestOutput]) -> GenerationResult:
-    """One result from a finished request's outputs."""
-    last = outputs[-1]
-    assert last.finish_reason is not None, "the request has not finished"
-    return GenerationResult(
-        request_id=last.request_id,
-        token_ids=[token for output in outputs for token in output.token_ids],
-        text="".join(output.text for output in outputs),
-        finish_reason=last.finish_reason,
-        prompt_tokens=last.prompt_tokens,
-        logprobs=None if outputs[0].logprobs is None else [lp for o in outputs for lp in o.logprobs or ()],
-        prompt_logprobs=next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None),
-    )
+    return [GenerationResult.from_outputs(outputs[r.request_id]) for r in requests]

@@ -18,3 +18,8 @@ class FinishReason(StrEnum):
     ABORTED = "aborted"  # the client went away, cancelled, or the server shut down
     DEADLINE = "deadline"  # the request's deadline passed before it finished
     ERROR = "error"  # the engine failed while running it (the message is logged)
+
+    @property
+    def completed(self) -> bool:
+        """The request ran to its end (length, stop sequence or EOS) rather than being cut short."""
+        return self in (FinishReason.LENGTH, FinishReason.STOP, FinishReason.EOS)

@@ -28,7 +28,13 @@ class QueueFull(Exception):
 
 
 class RequestTooLarge(ValueError):
-    """A request that could never fit the batch's token budget, even alone."""
+    """A request that could never fit the batch's token budget (``budget``), even alone."""
+
+    def __init__(self, cost_tokens: int, budget: int) -> None:
+        super().__init__(
+            f"the request needs {cost_tokens} tokens (prefix + prompt + max_new_tokens), over the "
+            f"batch budget of {budget}"
+        )
 
 
 @dataclass(frozen=True)
@@ -155,10 +161,7 @@ class Scheduler(Generic[R]):
 
     def _check_cost(self, cost_tokens: int) -> None:
         if cost_tokens > self.config.max_batch_tokens:
-            raise RequestTooLarge(
-                f"the request needs {cost_tokens} tokens (prefix + prompt + max_new_tokens), over the "
-                f"batch budget of {self.config.max_batch_tokens}"
-            )
+            raise RequestTooLarge(cost_tokens, self.config.max_batch_tokens)
 
     @property
     def num_waiting(self) -> int:
@@ -167,10 +170,6 @@ class Scheduler(Generic[R]):
     @property
     def num_running(self) -> int:
         return self._running
-
-    def status(self, request_id: str) -> RequestStatus | None:
-        request = self._requests.get(request_id)
-        return request.status if request else None
 
     def get(self, request_id: str) -> R | None:
         """The request of that id, waiting or running; None once finished (or never added)."""

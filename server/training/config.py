@@ -89,14 +89,6 @@ class TrainConfig:
         known = {field.name for field in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
 
-    def differences(self, other: TrainConfig) -> list[str]:
-        """Names of the options, other than those a resume may change, where ``other`` differs."""
-        return [
-            field.name
-            for field in fields(self)
-            if field.name not in RESUMABLE_CHANGES and getattr(self, field.name) != getattr(other, field.name)
-        ]
-
 
 def default_warmup_steps(total_steps: int) -> int:
     """The warm-up of a run that gives none: a tenth of its steps, at most ``MAX_DEFAULT_WARMUP_STEPS``."""

@@ -28,8 +28,8 @@ from transformers import DynamicCache, EncoderDecoderCache
 from prefix_store.prefix import Prefix
 from prefix_store.soft_prompt import SoftPrompt
 from server.engine.base_model import BaseModel
-from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.training.data import Example
+from server.training.prefill_batch import BatchRow, PrefillBatch
 
 IGNORE = -100  # target of positions that carry no loss (prompt, padding)
 

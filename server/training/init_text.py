@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from prefix_store.prefix import Prefix
 from server.engine.base_model import BaseModel
-from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.runner import ModelRunner
+from server.training.prefill_batch import BatchRow, PrefillBatch
 
 
 def init_text_token_ids(

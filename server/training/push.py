@@ -15,7 +15,7 @@ from server.training.errors import PushError
 
 
 def push_prefix(path: Path, task_id: str, *, server_url: str, api_key: str | None) -> dict[str, Any]:
-    """Upload the native prefix file ``path`` as ``task_id``; returns the server's answer (API.md's upload result)."""
+    """Upload the native prefix file ``path`` as ``task_id``; returns the server's answer (docs/API.md's upload result)."""
     try:
         import prefix_client
     except ImportError:

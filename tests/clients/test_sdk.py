@@ -1,4 +1,4 @@
-"""Every SDK method, sync and async, against a real server: results typed, the wire as API.md says."""
+"""Every SDK method, sync and async, against a real server: results typed, the wire as docs/API.md says."""
 
 from __future__ import annotations
 

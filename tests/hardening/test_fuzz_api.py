@@ -1,6 +1,6 @@
 """Schemathesis against the live server's OpenAPI: every operation, positive and negative data, with an
 admin key, a user key and no key; zero 5xx and zero check failures. The OpenAPI it reads must declare
-every error a route answers (with API.md's error body) and the server's configured limits.
+every error a route answers (with docs/API.md's error body) and the server's configured limits.
 ``python -m hardening.fuzz_api`` runs the same with many more examples."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PUBLIC = {"/healthz", "/health", "/readyz"}
 
 
 def test_the_openapi_declares_every_error_with_the_error_body() -> None:
-    """API.md's error body on the native routes; OpenAI's, and 400 for schema errors, on the OpenAI ones."""
+    """docs/API.md's error body on the native routes; OpenAI's, and 400 for schema errors, on the OpenAI ones."""
     document = create_app(ServeSettings()).openapi()
     for path, operations in document["paths"].items():
         openai = is_openai_path(path)

@@ -1,5 +1,5 @@
 """Hostile uploads over real HTTP, as replacements of a task that serves and as new tasks: each gets a
-4xx with API.md's error body, nothing is stored (the store's tree is byte-for-byte the same), the task
+4xx with docs/API.md's error body, nothing is stored (the store's tree is byte-for-byte the same), the task
 still serves its previous version, no pickle is ever loaded (the canary never appears) and the
 server's memory stays bounded. ``python -m hardening.hostile_uploads`` runs more examples."""
 

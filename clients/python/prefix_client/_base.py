@@ -30,7 +30,7 @@ BASE_URL_ENV = "PREFIX_SERVE_URL"
 API_KEY_ENV = "PREFIX_SERVE_API_KEY"
 TASK_ID_HEADER = "X-Task-Id"  # lets a load balancer route a task's calls to the same replica
 
-_TASK_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # API.md
+_TASK_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # docs/API.md
 
 
 class GenerateParams(TypedDict, total=False):
@@ -71,7 +71,7 @@ class Operation(Generic[T]):
         return 200 <= status_code < 300 or status_code in self.answers
 
     def parse_answer(self, response: httpx.Response) -> T:
-        """``parse``, with a body that is not what API.md says raised as an SDK error."""
+        """``parse``, with a body that is not what docs/API.md says raised as an SDK error."""
         try:
             return self.parse(response)
         except (ValueError, KeyError, TypeError) as exc:  # pydantic's ValidationError is a ValueError

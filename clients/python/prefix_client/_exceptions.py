@@ -67,7 +67,7 @@ class APITimeoutError(APIConnectionError):
 
 
 class APIResponseValidationError(PrefixServeError):
-    """A success answer whose body is not what API.md says (e.g. from a proxy in between)."""
+    """A success answer whose body is not what docs/API.md says (e.g. from a proxy in between)."""
 
 
 class APIStatusError(PrefixServeError):
@@ -154,7 +154,7 @@ def make_status_error(response: httpx.Response) -> APIStatusError:
 
 
 def _error_body(response: httpx.Response) -> tuple[str, str]:
-    """``(type, message)`` from API.md's error body; something sensible for any other body (a proxy's)."""
+    """``(type, message)`` from docs/API.md's error body; something sensible for any other body (a proxy's)."""
     try:
         error = response.json()["error"]
         return str(error["type"]), str(error["message"])

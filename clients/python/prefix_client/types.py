@@ -1,4 +1,4 @@
-"""Typed results of the SDK (pydantic models of API.md's response bodies).
+"""Typed results of the SDK (pydantic models of docs/API.md's response bodies).
 
 Unknown fields the server may add later are kept (``extra="allow"``), so a newer server never breaks
 an older client.

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel
 
-from server.api.errors import ApiError, openai_error
+from server.api.errors import openai_error, unfinished_error
 from server.api.openai.logprobs import chat_logprobs, completion_logprobs
 from server.api.openai.protocol import CompletionRequest, GenerationFields
 from server.api.openai.responses import (
@@ -25,12 +25,11 @@ from server.api.openai.responses import (
     FinishReasonName,
     UsageInfo,
 )
-from server.api.serving import UNFINISHED
 from server.api.sse import DONE, sse_event
 from server.api.state import AppState
 from server.engine.async_engine import RequestStream
 from server.engine.lifecycle import FinishReason
-from server.engine.request import GenerationResult, RequestOutput
+from server.engine.request import GenerationResult, RequestNotFinished, RequestOutput
 
 _FINISH: dict[FinishReason, FinishReasonName] = {
     FinishReason.LENGTH: "length",
@@ -40,10 +39,10 @@ _FINISH: dict[FinishReason, FinishReasonName] = {
 
 
 def finish_reason(reason: FinishReason) -> FinishReasonName:
-    """OpenAI's name for how a request finished; raises for a request that did not finish."""
+    """OpenAI's name for how a request finished; raises ``RequestNotFinished`` for one that did not."""
     if reason in _FINISH:
         return _FINISH[reason]
-    raise ApiError(*UNFINISHED[reason])
+    raise RequestNotFinished(reason)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
@@ -238,7 +237,7 @@ async def stream_events(
                     yield chunks.text(index, output)
                 continue
             if output.finish_reason not in _FINISH:
-                yield sse_event(openai_error(ApiError(*UNFINISHED[output.finish_reason]))[1])
+                yield sse_event(openai_error(unfinished_error(output.finish_reason))[1])
                 break
             completion_tokens += output.completion_tokens
             yield chunks.text(index, output, _FINISH[output.finish_reason])

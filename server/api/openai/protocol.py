@@ -34,9 +34,6 @@ MAX_SAMPLES = 128  # engine requests one request may start: prompts × (best_of 
 _MAX_STOP = 64
 _MAX_MESSAGES = 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-# chat's unset max_tokens ("as many as fit") where the server sets no --max-new-tokens: a row reserves its
-# max_tokens in the batch, so the whole context for each would cut how many requests run at once
-CHAT_DEFAULT_MAX_TOKENS = 1024
 
 
 def _falsy(value: Any) -> bool:
@@ -79,7 +76,7 @@ class GenerationFields(_Strict):
     """Fields completions and chat completions share."""
 
     PROMPT_FIELD: ClassVar[str]  # the field holding the prompt, as errors name it
-    # an unset max_tokens: that many tokens (cut to what fits), None: as many as fit
+    # an unset max_tokens: that many tokens (cut to what fits), None: as many as fit (``plan.NewTokens``)
     UNSET_MAX_TOKENS: ClassVar[int | None]
 
     model: str = Field(

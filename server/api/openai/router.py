@@ -7,11 +7,10 @@ from fastapi.responses import StreamingResponse
 
 from server.api.errors import error_responses
 from server.api.openai import translation
-from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest, GenerationFields
+from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.openai.responses import ChatCompletion, Completion, ModelCard, ModelList
 from server.api.schemas import GENERATION_RESPONSES
-from server.api.serving import tokenize
-from server.api.state import AppState, Caller, CallerDep, StateDep, caller
+from server.api.state import CallerDep, StateDep, caller
 
 router = APIRouter(
     prefix="/v1",
@@ -39,11 +38,8 @@ async def get_model(model: str, state: StateDep, who: CallerDep) -> ModelCard:
 async def create_completion(
     body: CompletionRequest, http_request: Request, state: StateDep, who: CallerDep
 ) -> Completion | ChatCompletion | StreamingResponse:
-    prompts = [
-        tokenize(state, prompt) if isinstance(prompt, str) else translation.checked_ids(state, prompt)
-        for prompt in body.prompts
-    ]
-    return await _generate(state, who, http_request, body, prompts, chat=False)
+    plan = await translation.plan(state, who, body, body.prompts, chat=False)
+    return await translation.respond(state, who, http_request, body, plan, chat=False)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_GENERATION_RESPONSES)
@@ -51,29 +47,5 @@ async def create_chat_completion(
     body: ChatCompletionRequest, http_request: Request, state: StateDep, who: CallerDep
 ) -> Completion | ChatCompletion | StreamingResponse:
     prompt = translation.render_chat(state.base, body.messages, body.chat_template_kwargs)
-    prompt_ids = tokenize(state, prompt, add_special_tokens=False)  # the template holds its own
-    return await _generate(state, who, http_request, body, [prompt_ids], chat=True)
-
-
-async def _generate(
-    state: AppState,
-    who: Caller,
-    http_request: Request,
-    body: GenerationFields,
-    prompts: list[list[int]],
-    *,
-    chat: bool,
-) -> Completion | ChatCompletion | StreamingResponse:
-    task_id = translation.resolve_task(state, body.model)
-    return await translation.respond(
-        state,
-        who,
-        http_request,
-        body,
-        prompts=prompts,
-        task_id=task_id,
-        max_new_tokens=await translation.decide_max_tokens(
-            state, who, body, task_id, [len(prompt_ids) for prompt_ids in prompts]
-        ),
-        chat=chat,
-    )
+    plan = await translation.plan(state, who, body, [prompt], chat=True)
+    return await translation.respond(state, who, http_request, body, plan, chat=True)

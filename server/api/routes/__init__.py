@@ -1,1 +1,1 @@
-"""One router per area of API.md."""
+"""One router per area of docs/API.md."""

@@ -28,7 +28,7 @@ TaskIdPath = Annotated[
     str,
     Path(
         description="1-128 characters of [A-Za-z0-9._-], not starting with '.' (anything else is 400)",
-        # documented here, checked by validate_task_id: API.md answers a bad name with 400, not 422
+        # documented here, checked by validate_task_id: docs/API.md answers a bad name with 400, not 422
         json_schema_extra={"pattern": TASK_ID_PATTERN, "minLength": 1, "maxLength": 128},
     ),
 ]
@@ -120,7 +120,7 @@ async def _decode_upload(state: AppState, form: FormData) -> tuple[Adapter, byte
     """The uploaded prefix or soft prompt, its native bytes and the format it came in; raises on anything
     invalid."""
     file, config, model = form.get("file"), form.get("adapter_config"), form.get("adapter_model")
-    geometry, limits = state.base.geometry, state.limits
+    geometry, limits = state.base.geometry, state.settings.prefix_limits
     if isinstance(file, UploadFile) and config is None and model is None:
         blob = await _read_capped(file, limits.max_file_bytes, "file")
         adapter = await asyncio.to_thread(decode_native, blob, geometry, limits)

@@ -8,8 +8,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.errors import error_responses
-from server.api.schemas import GENERATION_RESPONSES, GenerateBody, GenerateResponse, Usage
-from server.api.serving import max_new_tokens, result_unless_disconnected, submit, tokenize_prompt
+from server.api.plan import NewTokens, plan_request
+from server.api.schemas import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GENERATION_RESPONSES,
+    GenerateBody,
+    GenerateResponse,
+    Usage,
+)
+from server.api.serving import result_unless_disconnected, submit
 from server.api.sse import DONE, event_stream, sse_event
 from server.api.state import CallerDep, StateDep, caller
 from server.engine.async_engine import RequestStream
@@ -25,19 +32,17 @@ async def generate(
     body: GenerateBody, http_request: Request, state: StateDep, who: CallerDep
 ) -> GenerateResponse | StreamingResponse:
     http_request.state.task_id = body.task_id  # for the access log
-    stream = await submit(
+    asked = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else None
+    plan = await plan_request(
         state,
         who,
-        prompt_ids=tokenize_prompt(state, body.prompt),
         task_id=body.task_id,
-        sampling=SamplingParams(body.temperature, body.top_k, body.top_p, body.seed),
-        max_new_tokens=max_new_tokens(
-            state,
-            body.max_new_tokens,
-            explicit="max_new_tokens" in body.model_fields_set,
-            field="max_new_tokens",
-        ),
+        prompts=[body.prompt],
+        new_tokens=NewTokens(asked, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
         stop=body.stop,
+    )
+    stream = await submit(
+        state, who, plan, sampling=SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
     )
     if body.stream:
         return event_stream(_events(stream, body.task_id))

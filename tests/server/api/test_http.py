@@ -148,7 +148,7 @@ def test_list_get_and_delete(server: httpx.Client, llama_base: BaseModel) -> Non
     assert listed["short-lived"]["version"] == version.json()["version"]
     one = server.get("/v1/admin/prefixes/short-lived").json()
     assert one == listed["short-lived"]
-    # created_at is ISO 8601 text in UTC (API.md), e.g. "2026-12-01T08:53:07.123456Z"
+    # created_at is ISO 8601 text in UTC (docs/API.md), e.g. "2026-12-01T08:53:07.123456Z"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)", one["created_at"])
     created = datetime.fromisoformat(one["created_at"])
     assert created.utcoffset() == timedelta(0) and abs(datetime.now(UTC) - created) < timedelta(minutes=5)

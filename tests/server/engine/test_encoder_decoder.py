@@ -33,10 +33,16 @@ from server.demo_model import build_demo_tokenizer
 from server.engine.base_model import BaseModel, load_base_model
 from server.engine.core import EngineCore
 from server.engine.encoder_decoder import EncoderDecoder
-from server.engine.generation import collect_results, generate, merge_outputs
+from server.engine.generation import collect_results, generate
 from server.engine.lifecycle import FinishReason
 from server.engine.model_support import UnsupportedModel
-from server.engine.request import GenerationRequest, RequestOutput, RequestTooLong, check_fits
+from server.engine.request import (
+    GenerationRequest,
+    GenerationResult,
+    RequestOutput,
+    RequestTooLong,
+    check_fits,
+)
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.training.data import read_records, tokenize_records
@@ -175,7 +181,7 @@ def test_rows_joining_at_different_steps_equal_their_solo_runs(family: tuple[Bas
             core.add_request(requests[step // 2])
         for output in core.step():
             outputs[output.request_id].append(output)
-    assert [merge_outputs(outputs[r.request_id]).token_ids for r in requests] == solo
+    assert [GenerationResult.from_outputs(outputs[r.request_id]).token_ids for r in requests] == solo
     assert core.stats().kv.blocks_used == 0  # every row's source and own blocks went back
 
 

@@ -11,9 +11,9 @@ from server.engine.core import EngineCore
 from server.engine.kv_cache import PagedKVCache, blocks_for_reservations, reservations_held
 from server.engine.kv_pool import KVPool, PoolExhausted
 from server.engine.paged_batch import PagedBatch
-from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import SchedulerConfig
+from server.training.prefill_batch import BatchRow, PrefillBatch
 from tests.server.engine.helpers import random_prefix
 
 

@@ -99,11 +99,11 @@ def test_requests_wait_for_their_prefix() -> None:
     scheduler.add(ScheduledRequest("cold", "A", "t", 10, None))  # WAITING_FOR_PREFIX by default
     scheduler.add(_request("warm", "A", task_id="u"))
     assert scheduler.schedule(now=0).admitted == ["warm"]
-    assert scheduler.status("cold") is RequestStatus.WAITING_FOR_PREFIX
+    assert scheduler.get("cold").status is RequestStatus.WAITING_FOR_PREFIX
     assert scheduler.schedule(now=1).admitted == []
     scheduler.prefix_ready("cold", extra_cost_tokens=20)
     assert scheduler.schedule(now=2).admitted == ["cold"]
-    assert scheduler.status("cold") is RequestStatus.RUNNING
+    assert scheduler.get("cold").status is RequestStatus.RUNNING
 
 
 def test_deadlines_and_aborts_are_reported_once() -> None:

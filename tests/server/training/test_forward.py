@@ -9,11 +9,11 @@ from prefix_store.prefix import Prefix
 from prefix_store.soft_prompt import SoftPrompt
 from server.engine.base_model import BaseModel
 from server.engine.generation import generate
-from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.runner import ModelRunner
 from server.engine.soft_prompts import soft_prompt_prefix
 from server.training.data import Example
 from server.training.forward import IGNORE, completion_logits, soft_prompt_completion_logits
+from server.training.prefill_batch import BatchRow, PrefillBatch
 from tests.server.engine.helpers import random_prefix, request
 
 PROMPTS = ["hello world", "Summarize the following text in one sentence: the weather today is sunny."]

@@ -6,8 +6,8 @@ import torch
 
 from server.engine.base_model import BaseModel
 from server.engine.generation import generate
-from server.engine.prefill_batch import BatchRow, PrefillBatch
 from server.engine.sampling import SamplingParams
+from server.training.prefill_batch import BatchRow, PrefillBatch
 from tests.server.engine.helpers import random_prefix, request
 
 PROMPTS = [

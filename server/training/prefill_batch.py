@@ -1,6 +1,6 @@
 """The dense layout: rows, each with its own prefix (any length, or none), prompt and positions, in a plain
 transformers cache. Training (gradients flow into the prefix) and reference loops use it; the engine
-serves from the paged KV cache (``paged_batch``), which computes the same numbers.
+serves from the paged KV cache (``server.engine.paged_batch``), which computes the same numbers.
 
 Layout of one row's cache slots, left-padded so every row's last prompt token sits in the last
 column:
