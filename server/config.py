@@ -71,6 +71,18 @@ class ServeSettings(BaseSettings):
         description="the most new tokens a request may ask for; none = what the model's context leaves "
         "after prefix + prompt",
     )
+    max_request_tokens: int = Field(
+        262_144,
+        ge=1,
+        description="prompt + new tokens over every engine request one request makes (prompts × n or "
+        "best_of); more is a 400, an unset budget is cut to fit",
+    )
+    max_request_logprobs: int = Field(
+        262_144,
+        ge=1,
+        description="logprob entries one answer may hold: positions × (alternatives + 1) over its choices, "
+        "prompt (echo) and new tokens; more is a 400",
+    )
     max_upload_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="a prefix file or PEFT adapter model"
     )

@@ -1,6 +1,6 @@
 """A real ``prefix-serve serve`` process on a free port, the one every test and script starts: it can
 be launched without waiting, measured (RSS), killed with SIGKILL and restarted on the same store, and
-its ``/metrics`` gauges read."""
+its ``/metrics`` gauges read (``metric`` reads one sample of any server by its URL)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,22 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from testing.ports import free_port
 
 _GAUGE = re.compile(r"^(prefix_serve_[a-z_]+) ([0-9.eE+-]+)$", re.MULTILINE)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of ``GET {url}/metrics``: ``name`` as exported (``prefix_serve_…_total``) with exactly
+    ``labels``; 0 when the server has not exported it yet (a counter no event has touched)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
 
 
 class ServerProcess:
@@ -33,7 +45,7 @@ class ServerProcess:
         store_url: str,
         *,
         env: dict[str, str] | None = None,
-        ready_s: float = 90.0,
+        ready_s: float = 180.0,  # a bound for a loaded machine: a server that exits fails at once
         log_path: Path | None = None,
         args: tuple[str, ...] = (),
         cwd: Path | None = None,
@@ -119,11 +131,7 @@ class ServerProcess:
 
     def counter(self, name: str, **labels: str) -> float:
         """One labelled sample of ``GET /metrics`` (0 when absent)."""
-        wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            if line.startswith(f"{name}{{{wanted}}} "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return metric(self.url, name, **labels)
 
     def log_tail(self, chars: int = 5000) -> str:
         self._log.flush()

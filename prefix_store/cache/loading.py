@@ -40,10 +40,11 @@ def fetch_prefix(
     encode_soft_prompt: SoftPromptEncoder | None = None,
 ) -> Prefix:
     """Read a version's blob and validate it fully (a store is trusted with bytes, not with their
-    meaning), cast it to the model dtype on the CPU; a soft prompt becomes the keys and values its
-    virtual tokens give (``encode_soft_prompt``, a CPU prefix in the model dtype)."""
+    meaning; values are held to the magnitude bound of ``dtype``, ``PrefixLimits.for_dtype``), cast it to
+    the model dtype on the CPU; a soft prompt becomes the keys and values its virtual tokens give
+    (``encode_soft_prompt``, a CPU prefix in the model dtype)."""
     blob = store.get_blob(record)
-    adapter = decode_native(blob, geometry, limits).to("cpu", dtype)
+    adapter = decode_native(blob, geometry, limits.for_dtype(dtype)).to("cpu", dtype)
     if isinstance(adapter, SoftPrompt):
         if encode_soft_prompt is None:
             raise PrefixValidationError(

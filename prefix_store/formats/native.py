@@ -30,6 +30,7 @@ from prefix_store.formats.safetensors_check import (
 from prefix_store.geometry import ModelGeometry
 from prefix_store.prefix import Prefix
 from prefix_store.soft_prompt import Adapter, SoftPrompt, kind_of
+from prefix_store.storage.excerpt import excerpt_int
 
 NATIVE_FORMAT = "prefix-serve/1"
 NATIVE_TENSOR_NAMES = ("keys", "values")
@@ -112,7 +113,7 @@ def decode_native(data: bytes, geometry: ModelGeometry, limits: PrefixLimits) ->
         num_virtual_tokens = _check_shapes(header.tensors["keys"], header.tensors["values"], geometry)
     limits.check_num_virtual_tokens(num_virtual_tokens, _SOURCE)
     _check_declared_num_virtual_tokens(header.metadata, num_virtual_tokens)
-    tensors = load_checked_tensors(data, _SOURCE)
+    tensors = load_checked_tensors(data, _SOURCE, limits)
     if soft:
         return SoftPrompt(tensors[SOFT_PROMPT_TENSOR])
     dtype = torch.promote_types(tensors["keys"].dtype, tensors["values"].dtype)
@@ -180,7 +181,7 @@ def _check_shapes(keys: TensorEntry, values: TensorEntry, geometry: ModelGeometr
         ):
             if shape[dim] != expected:
                 raise PrefixValidationError(
-                    f"{_SOURCE}: tensor '{name}' has {shape[dim]} {what} (dim {dim} of "
+                    f"{_SOURCE}: tensor '{name}' has {excerpt_int(shape[dim])} {what} (dim {dim} of "
                     f"{format_shape(shape)}) but the base model has {expected}"
                 )
     if keys.shape != values.shape:

@@ -39,6 +39,7 @@ from prefix_store.formats.safetensors_check import (
 from prefix_store.geometry import ModelGeometry
 from prefix_store.prefix import Prefix
 from prefix_store.soft_prompt import Adapter, SoftPrompt
+from prefix_store.storage.excerpt import excerpt_int
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_MODEL_NAME = "adapter_model.safetensors"
@@ -75,17 +76,17 @@ def decode_peft(
         rows = check_soft_prompt_shape(shape, geometry, f"{ADAPTER_MODEL_NAME}: tensor '{PROMPT_EMBEDDINGS}'")
         if rows != num_virtual_tokens:
             raise PrefixValidationError(
-                f"{ADAPTER_MODEL_NAME}: tensor '{PROMPT_EMBEDDINGS}' has {rows} rows; {ADAPTER_CONFIG_NAME} "
-                f"says num_virtual_tokens is {num_virtual_tokens}"
+                f"{ADAPTER_MODEL_NAME}: tensor '{PROMPT_EMBEDDINGS}' has {excerpt_int(rows)} rows; "
+                f"{ADAPTER_CONFIG_NAME} says num_virtual_tokens is {num_virtual_tokens}"
             )
-        return SoftPrompt(load_checked_tensors(adapter_model, ADAPTER_MODEL_NAME)[PROMPT_EMBEDDINGS])
+        return SoftPrompt(load_checked_tensors(adapter_model, ADAPTER_MODEL_NAME, limits)[PROMPT_EMBEDDINGS])
     expected = (num_virtual_tokens, 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim)
     if shape != expected:
         raise PrefixValidationError(
             f"{ADAPTER_MODEL_NAME}: tensor '{PROMPT_EMBEDDINGS}' has shape {format_shape(shape)}; expected "
             f"[num_virtual_tokens, num_layers * 2 * token_dim] = {format_shape(expected)}"
         )
-    embeddings = load_checked_tensors(adapter_model, ADAPTER_MODEL_NAME)[PROMPT_EMBEDDINGS]
+    embeddings = load_checked_tensors(adapter_model, ADAPTER_MODEL_NAME, limits)[PROMPT_EMBEDDINGS]
     rows = embeddings.view(
         num_virtual_tokens, geometry.num_layers, 2, geometry.num_kv_heads, geometry.head_dim
     )  # [P, layers, key|value, kv_heads, head_dim]
@@ -229,8 +230,8 @@ def _check_config(adapter_config: bytes, geometry: ModelGeometry, limits: Prefix
         token_dim = _required_int(config, "token_dim")
         if token_dim != geometry.embedding_dim:
             raise PrefixValidationError(
-                f"{ADAPTER_CONFIG_NAME}: token_dim is {token_dim} but must be {geometry.embedding_dim} "
-                "(the base model's embedding width)"
+                f"{ADAPTER_CONFIG_NAME}: token_dim is {excerpt_int(token_dim)} but must be "
+                f"{geometry.embedding_dim} (the base model's embedding width)"
             )
         return peft_type, _num_virtual_tokens(config, limits)
     token_dim = geometry.num_kv_heads * geometry.head_dim
@@ -246,7 +247,7 @@ def _check_config(adapter_config: bytes, geometry: ModelGeometry, limits: Prefix
         value = _required_int(config, field)
         if value != expected:
             raise PrefixValidationError(
-                f"{ADAPTER_CONFIG_NAME}: {field} is {value} but must be {expected} ({meaning})"
+                f"{ADAPTER_CONFIG_NAME}: {field} is {excerpt_int(value)} but must be {expected} ({meaning})"
             )
     return peft_type, _num_virtual_tokens(config, limits)
 

@@ -20,12 +20,14 @@ from safetensors.torch import load as load_safetensors_bytes
 
 from prefix_store.errors import PrefixValidationError
 from prefix_store.formats.limits import PrefixLimits
+from prefix_store.storage.excerpt import excerpt_int
 
 FLOAT_DTYPES: Mapping[str, int] = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # name -> bytes per element
 
 _HEADER_LENGTH_BYTES = 8
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80  # opcode PROTO, followed by the protocol number (2 to 5)
+_SHOWN_NAMES = 8  # tensor names a message lists; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,9 @@ class SafetensorsHeader:
 
 
 def format_shape(shape: Collection[int]) -> str:
-    """``[2, 4, 3, 16]``: how shapes are written in error messages."""
-    return "[" + ", ".join(str(d) for d in shape) + "]"
+    """``[2, 4, 3, 16]``: how shapes are written in error messages (a huge dimension by its leading
+    digits and its length: a header may declare any integer)."""
+    return "[" + ", ".join(excerpt_int(d) for d in shape) + "]"
 
 
 def excerpt(text: str, limit: int = 80) -> str:
@@ -56,7 +59,10 @@ def excerpt(text: str, limit: int = 80) -> str:
 
 
 def _quoted(names: Collection[str]) -> str:
-    return ", ".join(excerpt(n) for n in sorted(names))
+    """The names, each cut, the first few only (a header may hold thousands)."""
+    ordered = sorted(names)
+    shown = ", ".join(excerpt(n) for n in ordered[:_SHOWN_NAMES])
+    return shown if len(ordered) <= _SHOWN_NAMES else f"{shown}, … ({len(ordered)} in all)"
 
 
 def check_safetensors(
@@ -89,14 +95,15 @@ def check_safetensors(
     return SafetensorsHeader(tensors=tensors, metadata=metadata)
 
 
-def load_checked_tensors(data: bytes, source: str) -> dict[str, torch.Tensor]:
-    """Build the tensors of a payload that passed ``check_safetensors``; refuse NaN and infinite values."""
+def load_checked_tensors(data: bytes, source: str, limits: PrefixLimits) -> dict[str, torch.Tensor]:
+    """Build the tensors of a payload that passed ``check_safetensors``; refuse NaN and infinite values,
+    then values over ``limits.max_abs_value`` (what the server's dtype carries through attention)."""
     try:
         tensors = load_safetensors_bytes(data)  # safetensors: no pickle, no code execution
     except Exception as exc:  # safetensors raises its own (Rust-side) error types
         raise PrefixValidationError(f"{source} could not be read as safetensors: {exc}") from None
     for name in sorted(tensors):
-        _require_finite(name, tensors[name], source)
+        _require_finite_and_bounded(name, tensors[name], source, limits)
     return tensors
 
 
@@ -230,7 +237,7 @@ def _check_dtype_and_size(name: str, entry: TensorEntry, source: str) -> None:
     if end - begin != declared:
         raise PrefixValidationError(
             f"{source}: tensor '{name}' is declared {entry.dtype} {format_shape(entry.shape)} "
-            f"({declared} bytes) but its data_offsets span {end - begin} bytes"
+            f"({excerpt_int(declared)} bytes) but its data_offsets span {excerpt_int(end - begin)} bytes"
         )
 
 
@@ -238,7 +245,7 @@ def _check_offsets(tensors: Mapping[str, TensorEntry], data_length: int, source:
     needed = max((e.data_offsets[1] for e in tensors.values()), default=0)
     if needed > data_length:
         raise PrefixValidationError(
-            f"{source} is truncated: its tensors need {needed} bytes of data "
+            f"{source} is truncated: its tensors need {excerpt_int(needed)} bytes of data "
             f"but only {data_length} are present"
         )
     position, previous = 0, None
@@ -247,7 +254,9 @@ def _check_offsets(tensors: Mapping[str, TensorEntry], data_length: int, source:
         if begin < position:
             raise PrefixValidationError(f"{source}: the data of tensors '{previous}' and '{name}' overlap")
         if begin > position:
-            raise PrefixValidationError(f"{source}: {begin - position} unused bytes before tensor '{name}'")
+            raise PrefixValidationError(
+                f"{source}: {excerpt_int(begin - position)} unused bytes before tensor '{name}'"
+            )
         position, previous = end, name
     if data_length > position:
         raise PrefixValidationError(
@@ -264,12 +273,17 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
-def _require_finite(name: str, tensor: torch.Tensor, source: str) -> None:
-    if all_finite(tensor):
+def _require_finite_and_bounded(name: str, tensor: torch.Tensor, source: str, limits: PrefixLimits) -> None:
+    """Refuse NaN and infinities, then a largest |x| over ``limits.max_abs_value``: one ``aminmax`` (see
+    ``all_finite``) gives both."""
+    if tensor.numel() == 0:
         return
-    nan = int(torch.isnan(tensor).sum())
-    inf = int(torch.isinf(tensor).sum())
-    raise PrefixValidationError(
-        f"{source}: tensor '{name}' contains non-finite values ({nan} NaN, {inf} infinite); "
-        "every value must be finite"
-    )
+    low, high = torch.aminmax(tensor.detach())
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        raise PrefixValidationError(
+            f"{source}: tensor '{name}' contains non-finite values ({nan} NaN, {inf} infinite); "
+            "every value must be finite"
+        )
+    limits.check_magnitude(max(-float(low), float(high)), f"{source}: tensor '{name}'")

@@ -28,14 +28,15 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from prefix_store.errors import PrefixNotFound, StoreUnavailable, VersionMismatch
+from prefix_store.errors import PrefixNotFound, StoreUnavailable
 from prefix_store.storage.changes import ChangeEvent
 from prefix_store.storage.names import validate_task_id, validate_tenant
 from prefix_store.storage.store import (
     DEFAULT_PAGE_SIZE,
+    Precondition,
     PrefixRecord,
     PrefixStore,
     RecordPage,
@@ -76,13 +77,15 @@ class FileStore(PrefixStore):
         num_virtual_tokens: int,
         source_format: str,
         kind: str = "prefix",
-        if_match: str | None = None,
+        if_match: str | Collection[str] | None = None,
+        if_absent: bool = False,
     ) -> tuple[PrefixRecord, bool]:
         record_path = self._record_path(tenant, task_id)
+        precondition = Precondition.of(if_match, if_absent)
         sha256 = hashlib.sha256(blob).hexdigest()
         with _os_errors("store a prefix"), self._task_lock(tenant, task_id), self._gc_lock(shared=True):
             previous = self._read_record(record_path)
-            _check_precondition(previous, if_match)
+            _check_precondition(previous, precondition)
             blob_path = self._blob_path(sha256)
             if blob_path.exists():
                 os.utime(blob_path)  # referenced again: restart its grace period
@@ -144,13 +147,14 @@ class FileStore(PrefixStore):
             records.append(record)
         return RecordPage(records, None)
 
-    def delete(self, tenant: str, task_id: str, *, if_match: str | None = None) -> None:
+    def delete(self, tenant: str, task_id: str, *, if_match: str | Collection[str] | None = None) -> None:
         record_path = self._record_path(tenant, task_id)
+        precondition = Precondition.of(if_match)
         with _os_errors("delete a prefix"), self._task_lock(tenant, task_id):
             record = self._read_record(record_path)
+            _check_precondition(record, precondition)
             if record is None:
                 raise PrefixNotFound(f"no prefix named {task_id!r}", name=task_id)
-            _check_precondition(record, if_match)
             os.replace(record_path, record_path.with_suffix(_TOMBSTONE))  # one atomic step
             _fsync_folder(record_path.parent)
             self._unreferenced(record.sha256)
@@ -269,10 +273,12 @@ def _os_errors(doing: str) -> Iterator[None]:
         raise StoreUnavailable(f"cannot {doing}: {exc.strerror or exc}") from None
 
 
-def _check_precondition(current: PrefixRecord | None, if_match: str | None) -> None:
-    if if_match is not None and (current is None or current.version != if_match):
-        have = current.version if current else "none"
-        raise VersionMismatch(f"If-Match {if_match!r} does not match the current version ({have})")
+def _check_precondition(current: PrefixRecord | None, precondition: Precondition | None) -> None:
+    """Raise ``VersionMismatch`` unless the task's current record meets the precondition (called under
+    the task's lock, so no writer can change the record before the caller's write)."""
+    version = current.version if current is not None else None
+    if precondition is not None and not precondition.holds(version):
+        raise precondition.mismatch(version)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -23,6 +23,18 @@ local function unreference(refs_key, blob_prefix, sha, grace)
     end
   end
 end
+-- condition: '' (none) or the JSON of a Precondition ({"exists": bool}, {"versions": [...]});
+-- current: the task's current version, nil when it does not exist
+local function precondition_holds(condition, current)
+  if condition == '' then return true end
+  local wanted = cjson.decode(condition)
+  if wanted['exists'] ~= nil and wanted['exists'] ~= (current ~= nil) then return false end
+  if wanted['versions'] == nil then return true end
+  for _, version in ipairs(wanted['versions']) do
+    if version == current then return true end
+  end
+  return false
+end
 local function finish(op_key, result)
   redis.call('SET', op_key, cjson.encode(result), 'EX', 600)
   return result
@@ -30,8 +42,8 @@ end
 """
 
 # KEYS: record, tenant index, refs hash, sequence hash, new blob, operation id
-# ARGV: if_match ('' = none), tenant, task_id, sha256, num_virtual_tokens, bytes, created_at,
-#       source_format, blob key prefix, grace seconds, channel, origin, kind
+# ARGV: precondition ('' = none, else its JSON), tenant, task_id, sha256, num_virtual_tokens, bytes,
+#       created_at, source_format, blob key prefix, grace seconds, channel, origin, kind
 PUT = (
     _COMMON
     + """
@@ -40,9 +52,8 @@ if done then return cjson.decode(done) end
 local old = redis.call('GET', KEYS[1])
 local old_record = nil
 if old then old_record = cjson.decode(old) end
-if ARGV[1] ~= '' and (old_record == nil or old_record['version'] ~= ARGV[1]) then
-  return {'MISMATCH', old_record and old_record['version'] or ''}
-end
+local current = old_record and old_record['version'] or nil
+if not precondition_holds(ARGV[1], current) then return {'MISMATCH', current or ''} end
 if redis.call('EXISTS', KEYS[5]) == 0 then return {'NOBLOB'} end
 local sequence = redis.call('HINCRBY', KEYS[4], ARGV[2] .. '/' .. ARGV[3], 1)
 local version = sequence .. '-' .. string.sub(ARGV[4], 1, 12)
@@ -62,18 +73,19 @@ return finish(KEYS[6], {'OK', record, old_record and 1 or 0})
 )
 
 # KEYS: record, tenant index, refs hash, operation id
-# ARGV: if_match ('' = none), tenant, task_id, blob key prefix, grace seconds, channel, origin
+# ARGV: precondition ('' = none, else its JSON), tenant, task_id, blob key prefix, grace seconds, channel,
+#       origin
 DELETE = (
     _COMMON
     + """
 local done = redis.call('GET', KEYS[4])
 if done then return cjson.decode(done) end
 local old = redis.call('GET', KEYS[1])
-if not old then return {'NOTFOUND'} end
-local old_record = cjson.decode(old)
-if ARGV[1] ~= '' and old_record['version'] ~= ARGV[1] then
-  return {'MISMATCH', old_record['version']}
-end
+local old_record = nil
+if old then old_record = cjson.decode(old) end
+local current = old_record and old_record['version'] or nil
+if not precondition_holds(ARGV[1], current) then return {'MISMATCH', current or ''} end
+if not old_record then return {'NOTFOUND'} end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[3])
 unreference(KEYS[3], ARGV[4], old_record['sha256'], tonumber(ARGV[5]))

@@ -11,9 +11,10 @@ Keys (``ns`` = the namespace, default ``prefix-serve``; names are validated, so 
     channel ns:changes        JSON change events
 
 A put writes the blob first (``SET NX`` with a TTL, so a writer that dies leaves an orphan that
-expires), then one Lua script checks ``If-Match``, bumps the version, swaps the pointer, moves the
-reference counts and publishes the event, atomically. Transport errors (connection, timeout) are
-retried with exponential backoff by redis-py; every Redis exception becomes ``StoreUnavailable`` here.
+expires), then one Lua script checks the precondition (``if_match``, ``if_absent``), bumps the version,
+swaps the pointer, moves the reference counts and publishes the event, atomically. Transport errors
+(connection, timeout) are retried with exponential backoff by redis-py; every Redis exception becomes
+``StoreUnavailable`` here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
@@ -39,6 +40,7 @@ from prefix_store.storage.changes import ChangeEvent
 from prefix_store.storage.names import validate_task_id, validate_tenant
 from prefix_store.storage.store import (
     DEFAULT_PAGE_SIZE,
+    Precondition,
     PrefixRecord,
     PrefixStore,
     RecordPage,
@@ -110,9 +112,11 @@ class RedisStore(PrefixStore):
         num_virtual_tokens: int,
         source_format: str,
         kind: str = "prefix",
-        if_match: str | None = None,
+        if_match: str | Collection[str] | None = None,
+        if_absent: bool = False,
     ) -> tuple[PrefixRecord, bool]:
         record_key = self._record_key(tenant, task_id)
+        precondition = Precondition.of(if_match, if_absent)
         sha256 = hashlib.sha256(blob).hexdigest()
         blob_key = f"{self.namespace}:blob:{sha256}"
         keys = [
@@ -124,7 +128,7 @@ class RedisStore(PrefixStore):
             f"{self.namespace}:op:{uuid.uuid4().hex}",
         ]
         args = [
-            if_match or "",
+            _condition_arg(precondition),
             tenant,
             task_id,
             sha256,
@@ -147,10 +151,8 @@ class RedisStore(PrefixStore):
                     break
             else:
                 raise StoreUnavailable("the uploaded blob keeps disappearing; try again")
-        status = _text(result[0])
-        if status == "MISMATCH":
-            have = _text(result[1]) or "none"
-            raise VersionMismatch(f"If-Match {if_match!r} does not match the current version ({have})")
+        if _text(result[0]) == "MISMATCH":
+            raise _mismatch(precondition, result)
         record = PrefixRecord.from_json(json.loads(result[1]))
         self._publish(ChangeEvent(tenant, task_id, record.version))
         return record, bool(int(result[2]))
@@ -197,7 +199,8 @@ class RedisStore(PrefixStore):
         records = [PrefixRecord.from_json(json.loads(v)) for v in values[:limit] if v is not None]
         return RecordPage(records, names[limit - 1] if len(names) > limit else None)
 
-    def delete(self, tenant: str, task_id: str, *, if_match: str | None = None) -> None:
+    def delete(self, tenant: str, task_id: str, *, if_match: str | Collection[str] | None = None) -> None:
+        precondition = Precondition.of(if_match)
         keys = [
             self._record_key(tenant, task_id),
             f"{self.namespace}:idx:{tenant}",
@@ -205,7 +208,7 @@ class RedisStore(PrefixStore):
             f"{self.namespace}:op:{uuid.uuid4().hex}",
         ]
         args = [
-            if_match or "",
+            _condition_arg(precondition),
             tenant,
             task_id,
             f"{self.namespace}:blob:",
@@ -219,9 +222,7 @@ class RedisStore(PrefixStore):
         if status == "NOTFOUND":
             raise PrefixNotFound(f"no prefix named {task_id!r}", name=task_id)
         if status == "MISMATCH":
-            raise VersionMismatch(
-                f"If-Match {if_match!r} does not match the current version ({_text(result[1])})"
-            )
+            raise _mismatch(precondition, result)
         self._publish(ChangeEvent(tenant, task_id, _text(result[1]), deleted=True))
 
     def ping(self) -> None:
@@ -291,6 +292,25 @@ def _pop_namespace(url: str, default: str) -> tuple[str, str]:
     namespace = next((value for name, value in query if name == "namespace"), default)
     rest = urlencode([(name, value) for name, value in query if name != "namespace"])
     return urlunparse(parsed._replace(query=rest)), namespace
+
+
+def _condition_arg(precondition: Precondition | None) -> str:
+    """The scripts' precondition argument: '' for none, else JSON with only the keys that are set (Lua's
+    cjson reads a JSON null as a value, not as nil)."""
+    if precondition is None:
+        return ""
+    condition: dict[str, object] = {}
+    if precondition.exists is not None:
+        condition["exists"] = precondition.exists
+    if precondition.versions is not None:
+        condition["versions"] = sorted(precondition.versions)
+    return json.dumps(condition)
+
+
+def _mismatch(precondition: Precondition | None, result: list[Any]) -> VersionMismatch:
+    """The ``VersionMismatch`` of a script's ``{'MISMATCH', current version or ''}``."""
+    assert precondition is not None  # a script answers MISMATCH only to a precondition
+    return precondition.mismatch(_text(result[1]) or None)
 
 
 def _text(value: bytes | str | int) -> str:

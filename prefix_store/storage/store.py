@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import abc
 import builtins
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
-from prefix_store.errors import PrefixNotFound, StoreUnavailable
+from prefix_store.errors import PrefixNotFound, StoreUnavailable, VersionMismatch
 from prefix_store.storage.changes import ChangeEvent, ChangeFeed, ChangeListener, ResyncListener, Subscription
+from prefix_store.storage.excerpt import excerpt
 from prefix_store.storage.names import validate_task_id, validate_tenant
 
 DEFAULT_PAGE_SIZE = 100
@@ -29,6 +30,8 @@ MAX_PAGE_SIZE = 1000
 
 
 TaskKey = tuple[str, str]  # (tenant, task_id)
+ANY_VERSION = "*"  # as ``if_match``: whichever version is current (the task must exist)
+_SHOWN_VERSIONS = 3  # a failed precondition's message quotes this many of the versions it named
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,55 @@ class RecordPage:
     next_cursor: str | None
 
 
+@dataclass(frozen=True)
+class Precondition:
+    """What a write requires of the task's current version. Each backend checks it inside the write's
+    atomic step, so no other writer can change the task between the check and the write."""
+
+    versions: frozenset[str] | None = None  # the current version must be one of these; None: any
+    exists: bool | None = None  # True: the task must exist; False: it must not; None: either
+
+    @classmethod
+    def of(cls, if_match: str | Collection[str] | None, if_absent: bool = False) -> Precondition | None:
+        """The precondition of ``put``'s and ``delete``'s arguments (None: there is none).
+
+        ``if_match``: a version, ``ANY_VERSION`` (the task must exist) or a collection of versions (one of
+        them must be current; an empty one never matches). ``if_absent``: the task must not exist.
+        """
+        if if_match is not None and if_absent:
+            raise ValueError("if_match and if_absent exclude each other: give one of them")
+        if if_absent:
+            return cls(exists=False)
+        if if_match is None:
+            return None
+        if if_match == ANY_VERSION:
+            return cls(exists=True)
+        return cls(versions=frozenset([if_match] if isinstance(if_match, str) else if_match))
+
+    def holds(self, current: str | None) -> bool:
+        """Whether a task whose current version is ``current`` (None: it does not exist) meets it."""
+        if self.exists is not None and self.exists != (current is not None):
+            return False
+        return self.versions is None or current in self.versions
+
+    def mismatch(self, current: str | None) -> VersionMismatch:
+        """The error of a write this precondition refused; it quotes at most an excerpt of each version
+        it named (they come from callers)."""
+        if self.exists is False:
+            return VersionMismatch(
+                f"If-None-Match * allows only a new task, and the task exists (version {current})"
+            )
+        if self.exists is True:
+            return VersionMismatch("If-Match * needs a current version, and the task does not exist")
+        named = sorted(self.versions or ())
+        shown = ", ".join(excerpt(version) for version in named[:_SHOWN_VERSIONS])
+        if len(named) > _SHOWN_VERSIONS:
+            shown += f", … ({len(named)} versions)"
+        return VersionMismatch(
+            f"If-Match {shown or '(no version)'} does not match the current version ({current or 'none'})"
+        )
+
+
 def version_sequence(version: str) -> int:
     """The upload sequence number a version starts with (versions of one task are ordered by it)."""
     head, _, _ = version.partition("-")
@@ -119,14 +171,17 @@ class PrefixStore(abc.ABC):
         num_virtual_tokens: int,
         source_format: str,
         kind: str = "prefix",
-        if_match: str | None = None,
+        if_match: str | Collection[str] | None = None,
+        if_absent: bool = False,
     ) -> tuple[PrefixRecord, bool]:
         """Store ``blob`` (a validated native prefix or soft prompt, of ``kind``) as the task's new current
         version, atomically.
 
-        Returns the new record and whether it replaced an earlier version. Raises ``VersionMismatch``
-        when ``if_match`` is given and is not the current version. Once this returns the upload is
-        durable (as durable as the backend is configured to be) and visible to every reader.
+        Returns the new record and whether it replaced an earlier version. Raises ``VersionMismatch``,
+        storing nothing, when ``if_match`` is given and does not name the current version (a version,
+        ``ANY_VERSION`` or a collection of versions, see ``Precondition.of``), or when ``if_absent`` is
+        set and the task exists. Once this returns the upload is durable (as durable as the backend is
+        configured to be) and visible to every reader.
         """
 
     @abc.abstractmethod
@@ -144,8 +199,9 @@ class PrefixStore(abc.ABC):
         """Up to ``limit`` current records of one tenant with task ids after ``cursor``, sorted by task id."""
 
     @abc.abstractmethod
-    def delete(self, tenant: str, task_id: str, *, if_match: str | None = None) -> None:
-        """Remove the task; raises ``PrefixNotFound`` or ``VersionMismatch``."""
+    def delete(self, tenant: str, task_id: str, *, if_match: str | Collection[str] | None = None) -> None:
+        """Remove the task; raises ``PrefixNotFound``, or ``VersionMismatch`` when ``if_match`` (as for
+        ``put``) does not name the current version, a task that does not exist included."""
 
     def get(self, tenant: str, task_id: str, version: str | None = None) -> tuple[PrefixRecord, bytes]:
         """The record and bytes of the current version, read consistently.
@@ -156,7 +212,7 @@ class PrefixStore(abc.ABC):
         for _ in range(3):
             record = self.head(tenant, task_id)
             if version is not None and record.version != version:
-                raise PrefixNotFound(f"version {version!r} of {task_id!r} is not its current version")
+                raise PrefixNotFound(f"version {excerpt(version)} of {task_id!r} is not its current version")
             try:
                 return record, self.get_blob(record)
             except PrefixNotFound:

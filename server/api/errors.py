@@ -28,6 +28,7 @@ from prefix_store.errors import (
     StoreUnavailable,
     VersionMismatch,
 )
+from prefix_store.storage.excerpt import excerpt, excerpt_int
 from server.api.refusals import ContextLengthExceeded, NewTokensOverLimit, PromptTooLong
 from server.api.schema_errors import describe_schema_errors
 from server.engine.async_engine import EngineStopped
@@ -186,18 +187,32 @@ def error_responses(*statuses: int, openai: bool = False) -> dict[int | str, dic
     }
 
 
-# how a request that ended without finishing is answered, as (status, type, message); a stream that has
-# started cannot change its status and reports the same type and message in its last event
-_UNFINISHED: dict[FinishReason, tuple[int, str, str]] = {
-    FinishReason.ABORTED: (503, "unavailable", "the request was aborted (the server is shutting down)"),
-    FinishReason.DEADLINE: (504, "deadline_exceeded", "the request did not finish within its time limit"),
-    FinishReason.ERROR: (500, "internal_error", "the engine failed while generating; see the server log"),
+# how a request that ended without finishing is answered; a stream that has started cannot change its
+# status and reports the same type and message in its last event
+_UNFINISHED: dict[FinishReason, ApiError] = {
+    FinishReason.ABORTED: ApiError(
+        503, "unavailable", "the request was aborted (the server is shutting down)"
+    ),
+    FinishReason.DEADLINE: ApiError(
+        504, "deadline_exceeded", "the request did not finish within its time limit"
+    ),
+    FinishReason.ERROR: ApiError(
+        500, "internal_error", "the engine failed while generating; see the server log"
+    ),
+    FinishReason.GRAMMAR: ApiError(
+        400,
+        "invalid_request",
+        "the response_format's schema could not be followed to the end: its grammar went over a limit while "
+        "generating; simplify the schema",
+        param="response_format",
+        code="invalid_value",
+    ),
 }
 
 
 def unfinished_error(reason: FinishReason) -> ApiError:
     """The answer to a request that ended without finishing (its last stream event, where it streams)."""
-    return ApiError(*_UNFINISHED[reason])
+    return _UNFINISHED[reason]
 
 
 def translate(exc: Exception, *, openai: bool = False) -> ApiError | None:
@@ -257,7 +272,7 @@ def translate(exc: Exception, *, openai: bool = False) -> ApiError | None:
 
 def _unknown_model(exc: InvalidName | PrefixNotFound) -> ApiError:
     """OpenAI's 404 for a ``model`` that names neither the base model nor a task of the caller's tenant."""
-    named = f" {exc.name[:256]!r}" if exc.name is not None else ""
+    named = f" {excerpt(exc.name)}" if exc.name is not None else ""
     return ApiError(
         404,
         "not_found",
@@ -291,7 +306,10 @@ def _openai_context_length(exc: ContextLengthExceeded) -> ApiError:
     elif exc.asked is None:
         requested = f"your {where} resulted in {taken} tokens" + (f" ({parts})" if exc.prefix else "")
     else:
-        requested = f"you requested {taken + exc.asked} tokens ({parts}, {exc.asked} in the completion)"
+        requested = (
+            f"you requested {excerpt_int(taken + exc.asked)} tokens ({parts}, {excerpt_int(exc.asked)} in the "
+            "completion)"
+        )
     prompt_alone = exc.asked is None or exc.room < 1
     return ApiError(
         400,

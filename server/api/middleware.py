@@ -19,6 +19,9 @@ from server.api.errors import error_response
 access_log = logging.getLogger("prefix_serve.access")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# an X-Request-Id taken as it is: 1-128 printable ASCII characters, no space (anything else, control
+# characters and bytes over 0x7E included, is replaced, never echoed into a header or the log)
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 _PREFIX_ROUTE = "/v1/admin/prefixes/"
 
 
@@ -101,9 +104,10 @@ def _too_large(limit: int):
 
 
 class AccessLogMiddleware:
-    """One JSON line per request: id (``X-Request-Id`` echoed or made), tenant, task, route, status,
-    latency and tokens. Responses carry ``X-Request-Id`` and ``X-Served-By`` (this replica's name,
-    so a load balancer's task affinity can be observed)."""
+    """One JSON line per request: id, tenant, task, route, status, latency and tokens. The id is the
+    request's ``X-Request-Id`` when that is a plain token (``_request_id``), else a new one. Responses carry
+    ``X-Request-Id`` and ``X-Served-By`` (this replica's name, so a load balancer's task affinity can be
+    observed)."""
 
     def __init__(self, app: ASGIApp, replica_name: str) -> None:
         self.app = app
@@ -113,8 +117,7 @@ class AccessLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        request_id = _request_id(dict(scope["headers"]).get(b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
@@ -124,7 +127,7 @@ class AccessLogMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", []).extend(
-                    [(b"x-request-id", request_id.encode("latin-1")), (b"x-served-by", self.served_by)]
+                    [(b"x-request-id", request_id.encode("ascii")), (b"x-served-by", self.served_by)]
                 )
             await send(message)
 
@@ -147,3 +150,11 @@ class AccessLogMiddleware:
                     }
                 )
             )
+
+
+def _request_id(sent: bytes | None) -> str:
+    """The request's id: its ``X-Request-Id`` if that is 1-128 printable ASCII characters without spaces,
+    else a new one (32 hex digits), as when it has none."""
+    if sent is not None and _REQUEST_ID.fullmatch(sent):
+        return sent.decode("ascii")
+    return uuid.uuid4().hex

@@ -3,12 +3,13 @@
 Each route turns its body into prompts (texts, or token ids) and the new-token budget as the caller gave
 it; ``plan_request`` decides the rest here and nowhere else, in this order: the task id is a name; each
 prompt's tokens (texts tokenised here; token ids, stop token ids and ``logit_bias`` keys inside the
-vocabulary; at most ``max_prompt_tokens``); the stop sequences within the server's limits; and each
-prompt's ``max_new_tokens``. Asked for, it must be within the server's cap (``NewTokensOverLimit``), and
-prefix + prompt + it must fit the model's positions (``ContextLengthExceeded``) and the batch's token
-budget (``RequestTooLarge``); unset, it is the route's default cut to all three (an error only where the
-prompt leaves no room at all). The prefix's length is read from the store only where it could change
-the answer.
+vocabulary; at most ``max_prompt_tokens``); the stop sequences within the server's limits; each prompt's
+``max_new_tokens``; and the work of the whole request (its engine requests, one per prompt and sample, and
+their tokens and logprob entries). A budget asked for must be within the server's cap
+(``NewTokensOverLimit``), and prefix + prompt + it must fit the model's positions
+(``ContextLengthExceeded``), the batch's token budget (``RequestTooLarge``) and the request's token limit;
+unset, it is the route's default cut to all of them (an error only where the prompt leaves no room at
+all). The prefix's length is read from the store only where it could change the answer.
 
 The engine trusts the plan; its own ``check_fits`` stays as the invariant that also catches a task
 replaced by a longer prefix between the plan and the pin. The exceptions here carry facts; ``errors``
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from prefix_store.errors import StoreUnavailable
+from prefix_store.storage.excerpt import excerpt_int
 from prefix_store.storage.names import validate_task_id
 from server.api.errors import ApiError
 from server.api.refusals import ContextLengthExceeded, NewTokensOverLimit, PromptTooLong
@@ -41,6 +43,16 @@ class NewTokens:
     asked: int | None  # as the caller set it; None: unset
     field: str  # the request field that sets it: max_new_tokens, max_tokens or max_completion_tokens
     default: int | None  # unset: this many, cut to what fits; None: as many as fit, up to the server's cap
+
+
+@dataclass(frozen=True)
+class Fanout:
+    """What a request makes of each prompt, which sizes its work and its answer."""
+
+    samples: int = 1  # engine requests per prompt (n, or best_of)
+    choices: int = 1  # of which the answer holds (n)
+    logprobs: int | None = None  # alternatives given with each new token's logprob; None: no logprobs
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); None: none
 
 
 @dataclass(frozen=True)
@@ -69,16 +81,16 @@ async def plan_request(
     stop: Sequence[str] = (),
     min_tokens: int = 0,
     token_ids: Mapping[str, Sequence[int]] | None = None,
-    prompt_logprobs: bool = False,
+    fanout: Fanout = Fanout(),
 ) -> RequestPlan:
     """Decide ``prompts`` (texts tokenised with ``add_special_tokens``, or token ids) for ``task_id``.
     ``token_ids`` are the request's other token ids by field (stop token ids, ``logit_bias`` keys);
-    ``prompt_logprobs``: the prompt's own logprobs are asked for. Raises the exceptions above,
-    ``RequestTooLarge``, ``ApiError`` (400) for a value no model could serve, and the store's
-    ``PrefixNotFound`` where it looked the task up."""
+    ``fanout`` what it makes of each prompt. Raises the exceptions above, ``RequestTooLarge``,
+    ``ApiError`` (400) for a value no model could serve or work over the request's limits, and the
+    store's ``PrefixNotFound`` where it looked the task up."""
     if task_id is not None:
         validate_task_id(task_id)  # a name, never a path: refused before any I/O
-    if prompt_logprobs and state.base.encoder_decoder is not None:
+    if fanout.prompt_logprobs is not None and state.base.encoder_decoder is not None:
         raise ApiError(
             400, "invalid_request", PROMPT_LOGPROBS_OF_A_SOURCE, param="echo", code="invalid_value"
         )
@@ -101,15 +113,66 @@ async def plan_request(
         wanted = min(new_tokens.default or cap or AS_MANY_AS_FIT_TOKENS, cap or AS_MANY_AS_FIT_TOKENS)
     prefix = await _prefix_tokens(state, who, task_id, longest, wanted)
     decided = [_new_tokens(state, prefix, len(ids), wanted, new_tokens, prompt_field) for ids in token_lists]
+    decided = _within_request_limits(state, token_lists, decided, new_tokens, fanout)
     if min_tokens > min(decided):
         raise ApiError(
             400,
             "invalid_request",
-            f"min_tokens ({min_tokens}) is over {new_tokens.field} ({min(decided)})",
+            f"min_tokens ({excerpt_int(min_tokens)}) is over {new_tokens.field} ({min(decided)})",
             param="min_tokens",
             code="invalid_value",
         )
     return RequestPlan(task_id, token_lists, decided, tuple(stop))
+
+
+def _within_request_limits(
+    state: AppState, prompts: list[list[int]], decided: list[int], new_tokens: NewTokens, fanout: Fanout
+) -> list[int]:
+    """What one request may make the server compute and return: engine requests the queue can hold,
+    prompt + new tokens over them (``max_request_tokens``: an unset budget is cut to fit), logprob entries in
+    the answer (``max_request_logprobs``). Over a limit: a 400 that states it."""
+    settings = state.settings
+    rows = len(prompts) * fanout.samples
+    if rows > settings.max_queue:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"this request makes {rows} engine requests (prompts × n or best_of), more than the "
+            f"{settings.max_queue} the server queues",
+            param="n",
+            code="invalid_value",
+        )
+    prompt_tokens = sum(len(prompt) for prompt in prompts) * fanout.samples
+    if new_tokens.asked is None:  # what the request's token limit leaves each engine request
+        decided = [min(budget, (settings.max_request_tokens - prompt_tokens) // rows) for budget in decided]
+    total = prompt_tokens + sum(decided) * fanout.samples
+    if total > settings.max_request_tokens or min(decided) < (1 if new_tokens.asked is None else 0):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"this request asks for {excerpt_int(max(total, prompt_tokens + rows))} tokens (prompts and new tokens over its "
+            f"{rows} engine requests), over the limit of {settings.max_request_tokens} per request: send fewer "
+            "prompts, samples or new tokens",
+            param=new_tokens.field,
+            code="invalid_value",
+        )
+    per_new_token = 0 if fanout.logprobs is None else fanout.logprobs + 1
+    per_prompt_token = 0 if fanout.prompt_logprobs is None else fanout.prompt_logprobs + 1
+    entries = fanout.choices * sum(
+        len(prompt) * per_prompt_token + budget * per_new_token
+        for prompt, budget in zip(prompts, decided, strict=True)
+    )
+    if entries > settings.max_request_logprobs:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"the answer would hold {excerpt_int(entries)} logprob entries (tokens × (logprobs + 1) over its choices), "
+            f"over the limit of {settings.max_request_logprobs}: ask for fewer prompts, choices, tokens or "
+            "alternatives",
+            param="logprobs",
+            code="invalid_value",
+        )
+    return decided
 
 
 def _tokens(state: AppState, prompt: str | list[int], add_special_tokens: bool) -> list[int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prefix_store.storage.excerpt import excerpt_int
+
 
 class PromptTooLong(Exception):
     """A prompt has more tokens than the server takes (``max_prompt_tokens``)."""
@@ -47,4 +49,5 @@ class ContextLengthExceeded(Exception):
             return (
                 f"{parts} = {taken} positions leave no room for new tokens: the model supports {self.context}"
             )
-        return f"{parts} + {self.field} ({self.asked}) = {taken + self.asked} positions, but the model supports {self.context}"
+        asked, needed = excerpt_int(self.asked), excerpt_int(taken + self.asked)  # any size a request sends
+        return f"{parts} + {self.field} ({asked}) = {needed} positions, but the model supports {self.context}"

@@ -1,6 +1,7 @@
 """A request body that does not match its schema, said for a client: every problem with its place
 (``messages.0.content: …``), invalid JSON with its line and column, a body that is not a JSON object with
-what came instead; the field at fault and OpenAI's code for the kind of problem."""
+what came instead; the field at fault and OpenAI's code for the kind of problem. What the caller sent is
+quoted in excerpts only: a field name, a problem's text and the number of problems listed are bounded."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from fastapi import Request
+
+from prefix_store.storage.excerpt import EXCERPT_CHARS, excerpt
 
 
 class SchemaError(NamedTuple):
@@ -17,6 +20,9 @@ class SchemaError(NamedTuple):
 
 
 _BODY_RULE = "the body must be a JSON object (content-type: application/json)"
+_MAX_PROBLEMS = 10  # problems listed in a message; the rest are counted
+_MAX_PROBLEM_CHARS = 300  # of pydantic's text of one problem (a validator's may quote the input)
+_MAX_MESSAGE_CHARS = 2000
 _JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
 
 
@@ -31,13 +37,18 @@ _UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def describe_schema_errors(errors: Sequence[Any], body: Any, request: Request) -> SchemaError:
-    """A ``RequestValidationError``'s errors as one: every problem in the message, the first one's field as
-    ``param`` and its kind as ``code`` (for the OpenAI shape)."""
-    problems = "; ".join(_schema_problem(error, body, request) for error in errors)
+    """A ``RequestValidationError``'s errors as one: the problems in the message (the first ten, then how
+    many more), the first one's field as ``param`` and its kind as ``code`` (for the OpenAI shape)."""
+    problems = [_schema_problem(error, body, request) for error in errors[:_MAX_PROBLEMS]]
+    if len(errors) > _MAX_PROBLEMS:
+        problems.append(f"and {len(errors) - _MAX_PROBLEMS} more problems")
     first = errors[0] if errors else {"loc": (), "type": ""}
     kind = first["type"]
     code = _SCHEMA_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
-    return SchemaError(problems[:2000], _param(first["loc"]), code)
+    message = "; ".join(problems)
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = f"{message[:_MAX_MESSAGE_CHARS]}…"
+    return SchemaError(message, _param(first["loc"]), code)
 
 
 def _param(loc: Sequence[Any]) -> str | None:
@@ -48,7 +59,8 @@ def _param(loc: Sequence[Any]) -> str | None:
     for part in loc[1:]:
         if isinstance(part, str) and (part in _UNION_BRANCHES or not part.isidentifier()):
             break  # pydantic's name of a union's branch, not a field
-        parts.append(str(part))
+        text = str(part)  # a caller's name for an unknown field can be as long as the body
+        parts.append(text if len(text) <= EXCERPT_CHARS else f"{text[:EXCERPT_CHARS]}…")
     return ".".join(parts) or None
 
 
@@ -59,7 +71,18 @@ def _schema_problem(error: Any, body: Any, request: Request) -> str:
         return _invalid_json(error, body)
     if loc == ("body",) and error["type"] in ("missing", "model_attributes_type", "dict_type"):
         return f"{_BODY_RULE}; {_what_came(error.get('input'), request)}"
-    return f"{'.'.join(str(part) for part in loc if part != 'body') or 'body'}: {error['msg']}"
+    where = ".".join(_place(part) for part in loc if part != "body") or "body"
+    what = error["msg"]
+    if len(what) > _MAX_PROBLEM_CHARS:
+        what = f"{what[:_MAX_PROBLEM_CHARS]}… ({len(what)} characters)"
+    return f"{where}: {what}"
+
+
+def _place(part: Any) -> str:
+    """One step of a problem's location: a field name or an index, a long name (a caller's unknown
+    field) quoted as an excerpt."""
+    text = str(part)
+    return text if len(text) <= EXCERPT_CHARS else excerpt(text)
 
 
 def _invalid_json(error: Any, document: Any) -> str:
@@ -76,7 +99,7 @@ def _invalid_json(error: Any, document: Any) -> str:
 def _what_came(body: Any, request: Request) -> str:
     if isinstance(body, bytes | bytearray):  # not parsed: the content type is not JSON
         content_type = request.headers.get("content-type")
-        return f"got content-type {content_type[:100]!r}" if content_type else "got no content-type"
+        return f"got content-type {excerpt(content_type)}" if content_type else "got no content-type"
     if body is None:
         return "got no body"
     return f"got {_JSON_KINDS.get(type(body), 'another JSON value')}"

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
 import torch
@@ -89,6 +90,13 @@ class EngineCore:
         self._clock = clock
         self._lock = threading.Lock()
         self.kv = PagedKVCache(base.geometry, num_blocks=num_blocks, device=base.device, dtype=base.dtype)
+        # grammar masks are computed ahead on these threads (llguidance drops the GIL): a row whose mask is
+        # not ready sits out a step, so a costly grammar holds only its own row
+        self._grammar_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-mask")
+        head = base.model.get_output_embeddings()
+        self._vocab_size = (
+            base.model.config.vocab_size if head is None else head.weight.shape[0]
+        )  # logits' width
         self._prefilling: list[EngineRequest] = []  # admitted rows with prompt left, oldest first
         self._decoding: list[EngineRequest] = []  # rows past their prompt
         self.prefill_tokens_last_step = 0
@@ -193,7 +201,8 @@ class EngineCore:
         for record in self._schedule(outputs):
             self._open_row(record, outputs)
         self._drop_finished()  # aborted and expired rows leave before the forward pass
-        self._forward(outputs)
+        if not self._forward(outputs):
+            self._wait_for_a_mask()
         self._drop_finished()
         self._stats = EngineStats(
             self._stats.steps + 1, self._stats.prefill_tokens + self.prefill_tokens_last_step, self.kv.stats()
@@ -211,22 +220,33 @@ class EngineCore:
             with self._lock:
                 self._finish(record)
             return
+        if record.request.grammar is not None:
+            record.matcher = record.request.grammar.matcher()
+            record.matcher.prefetch(self._grammar_pool, self._vocab_size, self.base.device)
         self._prefilling.append(record)
 
-    def _forward(self, outputs: list[RequestOutput]) -> None:
+    def _forward(self, outputs: list[RequestOutput]) -> bool:
         """One packed pass: every decoding row's next token and this step's prompt chunks (``plan_chunks``),
         so the model's weights are read once for both (a row that asked for its prompt's logprobs is
         prefilled in a pass of its own, which keeps the logits of every position). Rows whose prompt is
-        done move on to decoding, or end there if they asked for no new tokens."""
+        done move on to decoding, or end there if they asked for no new tokens. A decoding row whose grammar
+        mask is still being computed sits this step out (and a prompt's last chunk waits for it). Returns
+        whether any pass ran."""
         config = self.scheduler.config
+        decoding = [r for r in self._decoding if r.matcher is None or r.matcher.ready]
+        prefilling = [  # a prompt's last chunk samples the first token: it waits for the row's mask
+            r
+            for r in self._prefilling
+            if r.matcher is None or r.matcher.ready or r.prompt_left > config.prefill_chunk_tokens
+        ]
         chunks = plan_chunks(
-            self._prefilling,
+            prefilling,
             lambda record: record.prompt_left,
             chunk_tokens=config.prefill_chunk_tokens,
             step_tokens=config.prefill_step_tokens,
         )
         plain = [chunk for chunk in chunks if chunk.row.request.prompt_logprobs is None]
-        passes = [(self._decoding, plain, False)] if self._decoding or plain else []
+        passes = [(decoding, plain, False)] if decoding or plain else []
         passes += [([], [chunk], True) for chunk in chunks if chunk.row.request.prompt_logprobs is not None]
         for decoding, group, every_position in passes:
             records = [*decoding, *(chunk.row for chunk in group)]
@@ -246,6 +266,13 @@ class EngineCore:
         self.prefill_tokens_last_step = sum(chunk.tokens for chunk in chunks)
         self._decoding = self._decoding + [r for r in self._prefilling if r.prompt_left == 0]
         self._prefilling = [r for r in self._prefilling if r.prompt_left > 0]
+        return bool(passes)
+
+    def _wait_for_a_mask(self, timeout_s: float = 0.05) -> None:
+        """Nothing could run this step: wait (briefly) for a decoding row's grammar mask, not spin."""
+        pending = [r.matcher.pending for r in self.rows if r.matcher is not None and r.matcher.pending]
+        if pending:
+            wait(pending, timeout=timeout_s, return_when=FIRST_COMPLETED)
 
     def _schedule(self, outputs: list[RequestOutput]) -> list[EngineRequest]:
         with self._lock:
@@ -275,21 +302,28 @@ class EngineCore:
         every_position: bool = False,
     ) -> None:
         """One forward pass over ``records``; the rows at ``sampled`` get their next token. With
-        ``every_position`` (one row) the prompt tokens it fed get their logprobs. If it fails, every row of
-        the pass ends with an error."""
+        ``every_position`` (one row) the prompt tokens it fed get their logprobs. A row whose logits are
+        not finite ends with an error (``_end_nonfinite_rows``); if the pass fails, every row of it does."""
         try:
             logits = self.runner.forward(batch, every_position=every_position)  # [B, V] or [B, Q, V]
             batch.advance()
+            broken = self._end_nonfinite_rows(records, logits, outputs)
             if every_position:
-                self._add_prompt_logprobs(records[0], logits[0, -batch.fed[0] :])
+                if not broken:
+                    self._add_prompt_logprobs(records[0], logits[0, -batch.fed[0] :])
                 logits = logits[:, -1]
-            chosen = [records[i] for i in sampled]
-            last = logits if len(chosen) == len(records) else logits[list(sampled)]  # [b, V], raw
+            rows = [i for i in sampled if i not in broken]
+            histories = {i: self._history(records[i]) for i in rows}
+            broken |= self._end_stuck_grammars(records, histories, outputs)
+            rows = [i for i in rows if i not in broken]
+            chosen = [records[i] for i in rows]
+            last = logits if len(chosen) == len(records) else logits[rows]  # [b, V], raw
             params = [r.request.sampling for r in chosen]
-            histories = [self._history(r, last.shape[-1]) for r in chosen]
             tokens = (
                 sample_next_tokens(
-                    process_logits(last, params, histories), params, [self._generator(r) for r in chosen]
+                    process_logits(last, params, [histories[i] for i in rows]),
+                    params,
+                    [self._generator(r) for r in chosen],
                 )
                 if chosen
                 else last.new_empty(0, dtype=torch.long)
@@ -298,7 +332,8 @@ class EngineCore:
         except Exception:
             log.exception("forward pass failed; ending its %d rows", len(records))
             for record in records:
-                outputs.append(self._output(record, record.tracker.end(FinishReason.ERROR)))
+                if record.tracker.finish_reason is None:  # not already ended for non-finite logits
+                    outputs.append(self._output(record, record.tracker.end(FinishReason.ERROR)))
             return
         for record, token in zip(chosen, tokens.tolist(), strict=True):
             record.next_token = token
@@ -310,18 +345,50 @@ class EngineCore:
                     log.warning(
                         "request %s: its grammar failed: %s", record.request_id, record.matcher.failed
                     )
-                    text += record.tracker.end(FinishReason.ERROR)
+                    text += record.tracker.end(FinishReason.GRAMMAR)
                 elif record.matcher.done:
                     text += record.tracker.end(FinishReason.STOP)  # the document is complete
+                else:
+                    record.matcher.prefetch(self._grammar_pool, self._vocab_size, self.base.device)
             outputs.append(self._output(record, text))
 
-    def _history(self, record: EngineRequest, vocab_size: int) -> RowHistory:
-        """What logits processing needs of a row about to pick a token."""
-        request, generated = record.request, record.tracker.token_ids
+    def _end_stuck_grammars(
+        self,
+        records: Sequence[EngineRequest],
+        histories: dict[int, RowHistory],
+        outputs: list[RequestOutput],
+    ) -> set[int]:
+        """End (``GRAMMAR``) each row whose grammar failed while computing its mask, or allows no token:
+        sampling it would pick a token its grammar forbids. Returns the indices of the rows ended."""
+        stuck = set()
+        for i, history in histories.items():
+            matcher = records[i].matcher
+            if matcher is not None and (matcher.failed is not None or not bool(history.allowed.any())):
+                log.warning("request %s: its grammar cannot go on: %s", records[i].request_id, matcher.failed)
+                outputs.append(self._output(records[i], records[i].tracker.end(FinishReason.GRAMMAR)))
+                stuck.add(i)
+        return stuck
+
+    def _end_nonfinite_rows(
+        self, records: Sequence[EngineRequest], logits: torch.Tensor, outputs: list[RequestOutput]
+    ) -> set[int]:
+        """End with an error each row whose logits (``[B, V]``, or ``[B, Q, V]`` at every position) hold a
+        NaN or an infinity, e.g. from a prefix whose values overflow in attention: sampling from them would
+        give garbage tokens. One vectorised check for the whole pass; returns the indices of the rows ended."""
+        finite = torch.isfinite(logits).flatten(1).all(dim=1).tolist()  # [B]
+        broken = {i for i, ok in enumerate(finite) if not ok}
+        for i in sorted(broken):
+            log.warning("request %s: its logits are not finite; it ends with an error", records[i].request_id)
+            outputs.append(self._output(records[i], records[i].tracker.end(FinishReason.ERROR)))
+        return broken
+
+    def _history(self, record: EngineRequest) -> RowHistory:
+        """What logits processing needs of a row about to pick a token (its grammar's mask, computed ahead
+        where it could be)."""
+        generated = record.tracker.token_ids
         allowed = None
-        if request.grammar is not None:
-            record.matcher = record.matcher or request.grammar.matcher()
-            allowed = record.matcher.allowed(vocab_size, self.base.device)
+        if record.matcher is not None:
+            allowed = record.matcher.allowed(self._vocab_size, self.base.device)
         return RowHistory(
             record.decoder_prompt, generated, record.tracker.criteria.banned_ids(len(generated)), allowed
         )

@@ -18,6 +18,7 @@ class FinishReason(StrEnum):
     ABORTED = "aborted"  # the client went away, cancelled, or the server shut down
     DEADLINE = "deadline"  # the request's deadline passed before it finished
     ERROR = "error"  # the engine failed while running it (the message is logged)
+    GRAMMAR = "grammar"  # its grammar (structured output) could go no further: a limit of its schema
 
     @property
     def completed(self) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from prefix_store.storage.excerpt import excerpt_int
 from server.engine.lifecycle import RequestStatus
 
 
@@ -32,7 +33,7 @@ class RequestTooLarge(ValueError):
 
     def __init__(self, cost_tokens: int, budget: int) -> None:
         super().__init__(
-            f"the request needs {cost_tokens} tokens (prefix + prompt + max_new_tokens), over the "
+            f"the request needs {excerpt_int(cost_tokens)} tokens (prefix + prompt + max_new_tokens), over the "
             f"batch budget of {budget}"
         )
 

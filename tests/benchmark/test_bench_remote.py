@@ -4,6 +4,8 @@ lengths in the server's tokens, the number of requests per point, the base model
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,10 +195,16 @@ def test_a_rate_limit_is_waited_out_as_retry_after_says(
     server, keys = limited
     refused = _served(server, 429)
     options = ["--api-key", keys["steady"], "--concurrency-curve", "1", "--requests", "60"]
+    started = time.monotonic()
     assert _bench(server.url, tmp_path, *options, "--new-tokens", "1") == 0
+    elapsed = time.monotonic() - started
     report = _report(tmp_path)
     (point,) = report["curves"]["concurrency"]
-    assert point["requests"] == 60 and point["refused"] == 0 and point["rate_limited"] >= 2
+    assert point["requests"] == 60 and point["refused"] == 0
+    # the bucket holds 60 and refills one a second: what was sent past it, less the refill while the run
+    # went on, was refused (a fast machine: a few; a loaded one may have been slow enough for none)
+    over_the_bucket = _requests_sent(report) - 60 - math.ceil(elapsed)
+    assert point["rate_limited"] >= over_the_bucket
     assert _served(server, 429) - refused == report["rate_limited"] == point["rate_limited"]
     assert point["wall_s"] >= point["rate_limited"] * 1.0  # each 429 was waited out for its Retry-After
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from itertools import pairwise
+
 import httpx
 
 
@@ -11,6 +14,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.requests: list[httpx.Request] = []
+        self.sent_at: list[float] = []  # time.monotonic() as each request went out
         self.statuses: list[int] = []  # of the answers, as they arrive
 
     def sync(self) -> httpx.Client:
@@ -19,6 +23,7 @@ class Recorder:
         class Transport(httpx.BaseTransport):
             def handle_request(self, request: httpx.Request) -> httpx.Response:
                 recorder.requests.append(request)
+                recorder.sent_at.append(time.monotonic())
                 response = inner.handle_request(request)
                 recorder.statuses.append(response.status_code)
                 return response
@@ -34,6 +39,7 @@ class Recorder:
         class Transport(httpx.AsyncBaseTransport):
             async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
                 recorder.requests.append(request)
+                recorder.sent_at.append(time.monotonic())
                 response = await inner.handle_async_request(request)
                 recorder.statuses.append(response.status_code)
                 return response
@@ -45,3 +51,7 @@ class Recorder:
 
     def paths(self) -> list[str]:
         return [f"{r.method} {r.url.path}" for r in self.requests]
+
+    def gaps(self) -> list[float]:
+        """Seconds between one request going out and the next."""
+        return [later - earlier for earlier, later in pairwise(self.sent_at)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from prefix_client import AsyncClient, Client, Generation, NotFoundError, Prefix
 from transformers import AutoModelForCausalLM
 
 from testing.peft_reference import make_peft_soft_prompt
+from testing.server_process import metric
+from testing.waiting import wait_until, wait_until_async
 from tests.clients.conftest import Keys
 from tests.clients.recorder import Recorder
 
@@ -170,42 +171,47 @@ def test_stop_sequences_end_generation(server: str, keys: Keys) -> None:
 
 
 def test_closing_a_stream_cancels_the_generation(server: str, keys: Keys) -> None:
-    """Closing, leaving ``with`` and dropping a stream each free the tenant's only slot at once."""
+    """Closing, leaving ``with`` and dropping a stream each abort the request (it would run 1000 tokens)
+    and so free the tenant's only slot."""
+
+    def aborted() -> float:
+        return metric(server, "prefix_serve_generation_finished_total", reason="aborted")
 
     def slot_is_free(client: Client) -> bool:
-        for _ in range(50):
-            try:
-                client.generate(PROMPT, max_new_tokens=1)
-                return True
-            except RateLimitError:
-                time.sleep(0.05)
-        return False
+        try:
+            client.generate(PROMPT, max_new_tokens=1)
+        except RateLimitError:
+            return False
+        return True
+
+    def abort_frees_the_slot(client: Client, before: float) -> None:
+        wait_until(lambda: aborted() >= before + 1, "the server aborts the request the client left")
+        wait_until(lambda: slot_is_free(client), "the tenant's slot is free again")
 
     with Client(server, keys.serial, max_retries=0) as client:
+        before = aborted()
         with client.stream(PROMPT, max_new_tokens=1000) as tokens:
             next(tokens)
-        assert slot_is_free(client)
+        abort_frees_the_slot(client, before)
 
+        before = aborted()
         tokens = client.stream(PROMPT, max_new_tokens=1000)
         next(tokens)
         del tokens
         gc.collect()
-        assert slot_is_free(client)
+        abort_frees_the_slot(client, before)
 
     async def drop_async() -> None:
         async with AsyncClient(server, keys.serial, max_retries=0) as client:
+            before = aborted()
             async with await client.stream(PROMPT, max_new_tokens=1000) as tokens:
                 async for _ in tokens:
                     break
-            for _ in range(50):
-                try:
-                    await client.generate(PROMPT, max_new_tokens=1)
-                    return
-                except RateLimitError:
-                    await asyncio.sleep(0.05)
-            pytest.fail("the slot was not freed when the async stream closed")
+            await wait_until_async(lambda: aborted() >= before + 1, "the server aborts the request")
 
     asyncio.run(drop_async())
+    with Client(server, keys.serial, max_retries=0) as client:
+        wait_until(lambda: slot_is_free(client), "the tenant's slot is free again")
 
 
 def test_sync_and_async_clients_have_the_same_methods() -> None:

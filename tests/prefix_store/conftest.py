@@ -4,7 +4,6 @@ stores of both backends, and small valid native prefixes."""
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from prefix_store.storage.filesystem import FileStore
 from prefix_store.storage.redis_store import RedisStore
 from prefix_store.storage.store import PrefixStore
 from testing.redis_server import RedisServer
+from testing.waiting import PATIENCE_S, wait_until
 
 GEOMETRY = ModelGeometry(model_type="llama", num_layers=2, num_kv_heads=2, head_dim=4)
 NUM_VIRTUAL_TOKENS = 4
@@ -42,14 +42,15 @@ def put(store: PrefixStore, tenant: str, task_id: str, blob: bytes, **kwargs: ob
     )
 
 
-def wait_for(condition: Callable[[], object], timeout: float, interval: float = 0.01) -> float:
-    """Poll ``condition`` until it is true; return the seconds it took, fail at the deadline."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-    return time.monotonic() - start
+def wait_for(
+    condition: Callable[[], object],
+    timeout: float = PATIENCE_S,
+    interval: float = 0.01,
+    what: str = "the condition holds",
+) -> None:
+    """Poll ``condition`` until it is true; fail after ``timeout`` (a bound for a loaded machine, not a
+    speed to check) saying ``what`` was awaited."""
+    wait_until(condition, what, timeout_s=timeout, interval_s=interval)
 
 
 @pytest.fixture(scope="session")

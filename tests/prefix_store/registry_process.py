@@ -1,6 +1,7 @@
 """A second replica for the cross-process tests: a registry over a shared Redis, driven line by line.
 
-``python -m tests.prefix_store.registry_process URL RECONCILE_S``; commands on stdin, one JSON answer per
+``python -m tests.prefix_store.registry_process URL RECONCILE_S`` (seconds, or ``none``: no periodic
+reconcile, only the feed and the reconcile each subscription runs); commands on stdin, one JSON answer per
 line on stdout: ``acquire TENANT TASK`` (acquire and release: ``{"version"}`` or ``{"error"}``),
 ``resident TENANT TASK`` (``{"version"}`` or null), ``stats``, ``quit``.
 """
@@ -19,7 +20,7 @@ from prefix_store.storage.store import open_store
 from tests.prefix_store.conftest import GEOMETRY
 
 
-def main(url: str, reconcile_s: float) -> None:
+def main(url: str, reconcile_s: float | None) -> None:
     store = open_store(url)
     registry = PrefixRegistry(
         store,
@@ -51,4 +52,4 @@ def main(url: str, reconcile_s: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    main(sys.argv[1], None if sys.argv[2] == "none" else float(sys.argv[2]))

@@ -58,7 +58,8 @@ def test_an_unreachable_redis_fails_fast_with_store_unavailable() -> None:
         for call in (dead.ping, lambda: dead.head("t", "task"), lambda: put(dead, "t", "task", make_blob(1))):
             with pytest.raises(StoreUnavailable, match="redis is unreachable"):
                 call()
-        assert time.monotonic() - started < 3.0  # three calls, retried with backoff, not hung
+        # three calls, each retried with backoff (about half a second in all); the bound is "not hung"
+        assert time.monotonic() - started < 20.0
         with pytest.raises(InvalidName):  # names are checked before the network
             dead.head("t", "../x")
 
@@ -127,8 +128,8 @@ def test_the_feed_resyncs_after_its_connection_is_killed(redis_url: str, redis_s
         listener.subscribe(
             lambda event: heard.append(event.version), on_resync=lambda: resyncs.append(time.monotonic())
         )
-        wait_for(lambda: len(resyncs) == 1, timeout=2)
+        wait_for(lambda: len(resyncs) == 1, what="the listener subscribes")
         assert admin.client_kill_filter(_type="pubsub") >= 1
-        wait_for(lambda: len(resyncs) == 2, timeout=2)  # reconnected: "you may have missed events"
+        wait_for(lambda: len(resyncs) == 2, what='it resubscribes: "you may have missed events"')
         record, _ = put(writer, "t", "task", make_blob(1))
-        wait_for(lambda: heard == [record.version], timeout=1)
+        wait_for(lambda: heard == [record.version], what="the new connection carries the event")

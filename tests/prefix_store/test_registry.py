@@ -22,6 +22,7 @@ from prefix_store.prefix import Prefix
 from prefix_store.soft_prompt import SoftPrompt
 from prefix_store.storage.filesystem import FileStore
 from prefix_store.storage.store import PrefixRecord
+from testing.waiting import wait_until_async
 from tests.prefix_store.conftest import GEOMETRY, PREFIX_BYTES, make_blob, put, wait_for
 
 
@@ -143,7 +144,7 @@ def test_single_flight_100_concurrent_acquires_read_the_store_once(
     threads = [threading.Thread(target=acquire) for _ in range(100)]
     for thread in threads:
         thread.start()
-    wait_for(lambda: registry.stats().coalesced == 99, timeout=10)  # all 100 are in: 1 loads, 99 wait
+    wait_for(lambda: registry.stats().coalesced == 99, what="99 acquirers wait for the one load")
     store.gate.set()
     for thread in threads:
         thread.join()
@@ -174,7 +175,7 @@ def test_a_failed_load_fails_every_waiter_once_and_is_retried_later(
     threads = [threading.Thread(target=acquire) for _ in range(20)]
     for thread in threads:
         thread.start()
-    wait_for(lambda: registry.stats().coalesced == 19, timeout=10)
+    wait_for(lambda: registry.stats().coalesced == 19, what="19 acquirers wait")
     store.gate.set()
     for thread in threads:
         thread.join()
@@ -296,16 +297,16 @@ def test_other_processes_uploads_are_noticed_by_reconcile(
     store: GatedStore, tmp_path: Path, make_registry: Callable[..., PrefixRegistry]
 ) -> None:
     """Two store objects over one folder share no feed (as two processes would not): the registry
-    notices the other's upload and delete by re-checking, within its reconcile interval."""
+    notices the other's upload and delete by re-checking (its reconcile), the one way it can."""
     other_process = FileStore(tmp_path / "store")
     put(other_process, "t", "task", make_blob(1))
     registry = make_registry(reconcile_interval_s=0.2)
     registry.release(registry.acquire("t", "task"))
     new, _ = put(other_process, "t", "task", make_blob(2))
-    took = wait_for(lambda: registry.resident_version("t", "task") == new.version, timeout=2)
-    assert took < 1.0 and registry.stats().prefetches == 1
+    wait_for(lambda: registry.resident_version("t", "task") == new.version, what="the reconcile sees it")
+    assert registry.stats().prefetches == 1  # and loaded it before anyone asked
     other_process.delete("t", "task")
-    wait_for(lambda: registry.resident_version("t", "task") is None, timeout=2)
+    wait_for(lambda: registry.resident_version("t", "task") is None, what="the reconcile sees the delete")
     assert registry.stats().resident_bytes == 0
 
 
@@ -318,7 +319,9 @@ def test_a_task_stays_watched_across_many_versions(
         put(other_process, "t", "task", make_blob(seed))
         registry.release(registry.acquire("t", "task"))  # replaces the version it had
         new, _ = put(other_process, "t", "task", make_blob(seed + 10))
-        wait_for(lambda new=new: registry.resident_version("t", "task") == new.version, timeout=2)
+        wait_for(
+            lambda new=new: registry.resident_version("t", "task") == new.version, what="the new version"
+        )
 
 
 def test_local_uploads_reach_the_registry_through_the_feed(
@@ -328,7 +331,7 @@ def test_local_uploads_reach_the_registry_through_the_feed(
     put(store, "t", "task", make_blob(1))
     registry.release(registry.acquire("t", "task"))
     new, _ = put(store, "t", "task", make_blob(2))
-    wait_for(lambda: registry.resident_version("t", "task") == new.version, timeout=1)
+    wait_for(lambda: registry.resident_version("t", "task") == new.version, what="the feed brings it")
     reads = store.blob_reads
     with registry.pinned("t", "task") as handle:  # prefetched: a hit
         assert handle.record == new
@@ -348,8 +351,8 @@ def test_preload_with_pin_survives_pressure_and_follows_new_versions(
             registry.release(registry.acquire("t", f"task-{i}"))
     assert registry.resident_version("t", "task-0") is not None
     new, _ = put(store, "t", "task-0", make_blob(10))
-    wait_for(lambda: registry.resident_version("t", "task-0") == new.version, timeout=2)
-    wait_for(lambda: registry.stats().pinned_count == 1, timeout=2)  # the pin moved to the new version
+    wait_for(lambda: registry.resident_version("t", "task-0") == new.version, what="the new version")
+    wait_for(lambda: registry.stats().pinned_count == 1, what="the pin moved to the new version")
     registry.unpin("t", "task-0")
     assert registry.stats().pinned_count == 0
 
@@ -363,7 +366,7 @@ def test_acquire_async_releases_the_pin_of_a_cancelled_caller(
     async def scenario() -> None:
         store.gate.clear()
         waiter = asyncio.ensure_future(registry.acquire_async("t", "task"))
-        await asyncio.sleep(0.05)
+        await wait_until_async(lambda: store.blob_reads == 1, "the load is held at the store's gate")
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
@@ -372,7 +375,7 @@ def test_acquire_async_releases_the_pin_of_a_cancelled_caller(
         registry.release(handle)
 
     asyncio.run(scenario())
-    wait_for(lambda: registry.stats().pinned_count == 0, timeout=2)
+    wait_for(lambda: registry.stats().pinned_count == 0, what="the late pin is given back")
     assert registry.stats().resident_count == 1
 
 

@@ -1,6 +1,7 @@
-"""The registry over a real Redis: replicas in two processes converge on uploads within a second, even
-with their pub/sub connection killed; a Redis outage leaves resident prefixes serving, fails cold loads
-fast, and heals by itself when Redis returns."""
+"""The registry over a real Redis: replicas in two processes converge on uploads through the change feed
+alone (no periodic reconcile), and still after their pub/sub connection is killed; a Redis outage leaves
+resident prefixes serving, fails cold loads within the client's timeouts, and heals by itself when Redis
+returns."""
 
 from __future__ import annotations
 
@@ -26,15 +27,18 @@ from tests.prefix_store.conftest import GEOMETRY, make_blob, put, wait_for
 pytestmark = pytest.mark.e2e  # starts servers or other processes
 
 ROOT = Path(__file__).resolve().parents[2]
-RECONCILE_S = 0.5
+# a call during an outage is bounded by the client's timeouts and retries (about a second here); this is
+# the bound on "it returns at all", generous enough for a loaded machine
+NOT_HUNG_S = 20.0
 
 
 class Replica:
-    """The other replica: ``registry_process`` in its own Python process."""
+    """The other replica: ``registry_process`` in its own Python process, without a periodic reconcile:
+    what it learns, it learns from the change feed (and the reconcile each (re)subscription runs)."""
 
     def __init__(self, url: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.prefix_store.registry_process", url, str(RECONCILE_S)],
+            [sys.executable, "-m", "tests.prefix_store.registry_process", url, "none"],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -74,27 +78,31 @@ def replica(redis_url: str) -> Iterator[Replica]:
     other.close()
 
 
-def test_an_upload_on_one_replica_reaches_another_within_a_second(
+def test_an_upload_on_one_replica_reaches_another_through_the_feed(
     redis_url: str, redis_server: RedisServer, replica: Replica
 ) -> None:
     with RedisStore(redis_url) as store, redis_server.client() as admin:
         first, _ = put(store, "t", "task", make_blob(1))
         assert replica.ask("acquire", "t", "task") == {"version": first.version}
-        wait_for(lambda: admin.pubsub_numsub("prefix-serve:changes")[0][1] >= 1, timeout=5)
+        wait_for(
+            lambda: admin.pubsub_numsub("prefix-serve:changes")[0][1] >= 1, what="the replica subscribes"
+        )
 
         second, _ = put(store, "t", "task", make_blob(2))
         assert replica.ask("acquire", "t", "task") == {"version": second.version}  # at once: version check
         third, _ = put(store, "t", "task", make_blob(3))
-        took = wait_for(lambda: replica.resident("task") == third.version, timeout=1)
-        assert took < 1.0  # the feed told it and it loaded the new version before anyone asked
+        # no periodic reconcile and nobody asks: the feed told it, and it loaded the new version
+        wait_for(lambda: replica.resident("task") == third.version, what="the feed brings the third version")
 
         # pub/sub loses what is published while the subscriber is away; the replica still converges
         assert admin.client_kill_filter(_type="pubsub") >= 1
         fourth, _ = put(store, "t", "task", make_blob(4))
-        wait_for(lambda: replica.resident("task") == fourth.version, timeout=RECONCILE_S + 1.0)
+        wait_for(  # the reconcile that the resubscription runs
+            lambda: replica.resident("task") == fourth.version, what="the resubscribed replica catches up"
+        )
 
         store.delete("t", "task")
-        wait_for(lambda: replica.resident("task") is None, timeout=1)
+        wait_for(lambda: replica.resident("task") is None, what="the feed brings the delete")
         assert replica.ask("acquire", "t", "task") == {"error": PrefixNotFound.__name__}
         stats = replica.ask("stats")
         assert stats["prefetches"] >= 1 and stats["resident_count"] == 0
@@ -124,24 +132,27 @@ def test_redis_outage_resident_prefixes_serve_cold_loads_fail_fast_and_it_heals(
                 started = time.monotonic()
                 with registry.pinned("t", "warm") as handle:  # resident: still served
                     assert handle.record == warm
-                assert time.monotonic() - started < 1.5
+                assert time.monotonic() - started < NOT_HUNG_S
             started = time.monotonic()
             with pytest.raises(StoreUnavailable):
-                registry.acquire("t", "cold")  # not resident: fails, and quickly
-            assert time.monotonic() - started < 1.5
+                registry.acquire("t", "cold")  # not resident: fails, bounded by the client's timeouts
+            assert time.monotonic() - started < NOT_HUNG_S
             started = time.monotonic()
             with pytest.raises(StoreUnavailable):
                 put(store, "t", "cold", make_blob(3))  # writes fail too (503), bounded by timeouts
-            assert time.monotonic() - started < 3.0
+            assert time.monotonic() - started < NOT_HUNG_S
             stats = registry.stats()
             assert not stats.store_available and stats.served_during_outage >= 1
 
             server.start()  # same port, same data; nothing is rebuilt
-            wait_for(lambda: _loads(registry, "cold"), timeout=5, interval=0.05)
+            wait_for(lambda: _loads(registry, "cold"), interval=0.05, what="a cold load succeeds again")
             assert registry.stats().store_available
             with RedisStore(server.url) as other_replica:  # the feed reconnected too
                 newer, _ = put(other_replica, "t", "warm", make_blob(4))
-            wait_for(lambda: registry.resident_version("t", "warm") == newer.version, timeout=2)
+            wait_for(
+                lambda: registry.resident_version("t", "warm") == newer.version,
+                what="the registry hears of the newer version",
+            )
     finally:
         server.kill()
 

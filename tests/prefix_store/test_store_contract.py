@@ -13,7 +13,13 @@ import pytest
 from prefix_store.errors import InvalidName, PrefixNotFound, VersionMismatch
 from prefix_store.storage.changes import ChangeEvent
 from prefix_store.storage.filesystem import FileStore
-from prefix_store.storage.store import MAX_PAGE_SIZE, PrefixRecord, PrefixStore, version_sequence
+from prefix_store.storage.store import (
+    ANY_VERSION,
+    MAX_PAGE_SIZE,
+    PrefixRecord,
+    PrefixStore,
+    version_sequence,
+)
 from tests.prefix_store.conftest import make_blob, put, wait_for
 
 BAD_NAMES = ["../escape", "/abs", ".hidden", "a/b", "", "x" * 129, "sp ace", "nul\x00", "a:b"]
@@ -170,6 +176,96 @@ def test_concurrent_puts_get_distinct_versions_and_one_if_match_wins(store: Pref
     assert sorted(outcomes) == ["lost"] * 5 + ["won"]
 
 
+def test_if_match_any_version_needs_a_current_version(store: PrefixStore) -> None:
+    with pytest.raises(VersionMismatch, match="does not exist"):
+        put(store, "t", "task", make_blob(1), if_match=ANY_VERSION)
+    with pytest.raises(PrefixNotFound):
+        store.head("t", "task")  # nothing was stored
+    with pytest.raises(VersionMismatch, match="does not exist"):
+        store.delete("t", "task", if_match=ANY_VERSION)
+    first, _ = put(store, "t", "task", make_blob(1))
+    second, replaced = put(store, "t", "task", make_blob(2), if_match=ANY_VERSION)
+    assert replaced and store.get("t", "task") == (second, make_blob(2))
+    store.delete("t", "task", if_match=ANY_VERSION)
+    with pytest.raises(PrefixNotFound):
+        store.head("t", "task")
+    assert version_sequence(second.version) > version_sequence(first.version)
+
+
+def test_if_match_a_collection_matches_any_of_its_versions(store: PrefixStore) -> None:
+    record, _ = put(store, "t", "task", make_blob(1))
+    for never in (["0-stale", "9-other"], []):
+        with pytest.raises(VersionMismatch, match="does not match the current version"):
+            put(store, "t", "task", make_blob(2), if_match=never)
+        with pytest.raises(VersionMismatch):
+            store.delete("t", "task", if_match=never)
+    assert store.head("t", "task") == record
+    updated, replaced = put(store, "t", "task", make_blob(2), if_match=("0-stale", record.version))
+    assert replaced and store.get("t", "task") == (updated, make_blob(2))
+    store.delete("t", "task", if_match={updated.version, "0-stale"})
+    assert store.list("t") == []
+
+
+def test_a_delete_with_if_match_of_a_task_that_does_not_exist_is_a_mismatch(store: PrefixStore) -> None:
+    record, _ = put(store, "t", "task", make_blob(1))
+    store.delete("t", "task")
+    with pytest.raises(VersionMismatch, match=r"current version \(none\)"):
+        store.delete("t", "task", if_match=record.version)
+    with pytest.raises(PrefixNotFound):
+        store.delete("t", "task")  # without a precondition: not found, as before
+
+
+def test_if_absent_creates_only(store: PrefixStore) -> None:
+    first, replaced = put(store, "t", "task", make_blob(1), if_absent=True)
+    assert not replaced
+    with pytest.raises(VersionMismatch, match=f"the task exists \\(version {first.version}\\)"):
+        put(store, "t", "task", make_blob(2), if_absent=True)
+    assert store.get("t", "task") == (first, make_blob(1))  # the old version keeps serving
+    assert store.list("t") == [first]
+    store.delete("t", "task")
+    again, replaced = put(store, "t", "task", make_blob(2), if_absent=True)  # deleted: absent again
+    assert not replaced and version_sequence(again.version) > version_sequence(first.version)
+    with pytest.raises(ValueError, match="exclude each other"):
+        put(store, "t", "task", make_blob(3), if_absent=True, if_match=again.version)
+    assert store.head("t", "task") == again
+
+
+def test_concurrent_creators_with_if_absent_one_wins(store_factory: Callable[..., PrefixStore]) -> None:
+    stores = [store_factory() for _ in range(3)]
+    start = threading.Barrier(6)
+    outcomes: dict[int, str] = {}
+
+    def creator(seed: int) -> None:
+        start.wait()
+        try:
+            record, _ = put(stores[seed % 3], "t", "new", make_blob(seed), if_absent=True)
+            outcomes[seed] = record.version
+        except VersionMismatch:
+            outcomes[seed] = "lost"
+
+    threads = [threading.Thread(target=creator, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [seed for seed, outcome in outcomes.items() if outcome != "lost"]
+    assert len(outcomes) == 6 and len(winners) == 1
+    record, blob = stores[0].get("t", "new")
+    assert record.version == outcomes[winners[0]] and blob == make_blob(winners[0])
+    assert version_sequence(record.version) == 1  # the losers bumped nothing
+
+
+def test_a_mismatch_quotes_an_excerpt_of_the_versions_it_was_given(store: PrefixStore) -> None:
+    put(store, "t", "task", make_blob(1))
+    huge = "7-" + "a" * 60_000
+    with pytest.raises(VersionMismatch) as one:
+        put(store, "t", "task", make_blob(2), if_match=huge)
+    with pytest.raises(VersionMismatch) as many:
+        store.delete("t", "task", if_match=[f"{n}-{'b' * 5000}" for n in range(100)])
+    assert len(str(one.value)) < 200 and "(60002 characters)" in str(one.value)
+    assert len(str(many.value)) < 400 and "(100 versions)" in str(many.value)
+
+
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_names_are_validated_before_any_io(store: PrefixStore, name: str, tmp_path: Path) -> None:
     calls: list[Callable[[], object]] = [
@@ -251,8 +347,8 @@ def test_shared_backends_carry_the_feed_between_store_objects(redis_url: str) ->
         heard: list[ChangeEvent] = []
         resyncs: list[int] = []
         reader.subscribe(heard.append, on_resync=lambda: resyncs.append(1))
-        wait_for(lambda: resyncs, timeout=2)  # subscribed
+        wait_for(lambda: resyncs)  # subscribed
         record, _ = put(writer, "t", "task", make_blob(1))
-        wait_for(lambda: heard == [ChangeEvent("t", "task", record.version)], timeout=1)
+        wait_for(lambda: heard == [ChangeEvent("t", "task", record.version)])
         writer.delete("t", "task")
-        wait_for(lambda: len(heard) == 2 and heard[1].deleted, timeout=1)
+        wait_for(lambda: len(heard) == 2 and heard[1].deleted)

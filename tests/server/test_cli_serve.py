@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -121,12 +120,11 @@ def test_startup_errors_are_one_line_and_exit_2(
     (tmp_path / "bad.json").write_text('{"keys": [{"tenant": "a", "role": "root", "sha256": "00"}]}')
     names = {"tmp": tmp_path, "busy": busy_port}
     argv, message = [arg.format(**names) for arg in argv], message.format(**names)
-    started = time.monotonic()
     result = _prefix_serve("serve", *argv)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"prefix-serve: error: {message}"), result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
-    assert time.monotonic() - started < 30  # found before any model loads
+    assert "base model" not in result.stderr  # found before any model loads (the load logs that first)
 
 
 def test_an_environment_setting_is_named_as_such(tmp_path: Path) -> None:

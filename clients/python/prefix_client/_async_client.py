@@ -54,11 +54,16 @@ class AsyncClient(BaseClient):
         return AsyncStream(response, TokenEvent.model_validate)
 
     async def upload_prefix(
-        self, task_id: str, path: str | os.PathLike[str], *, if_match: str | None = None
+        self,
+        task_id: str,
+        path: str | os.PathLike[str],
+        *,
+        if_match: str | None = None,
+        create_only: bool = False,
     ) -> UploadResult:
         """See ``Client.upload_prefix``."""
         prepared = await asyncio.to_thread(prepare_upload, path)  # reads the files
-        return await self._call(_base.upload_prefix(task_id, prepared, if_match))
+        return await self._call(_base.upload_prefix(task_id, prepared, if_match, create_only))
 
     async def list_prefixes(self) -> list[PrefixInfo]:
         """See ``Client.list_prefixes``."""

@@ -144,9 +144,16 @@ def generate(
     )
 
 
-def upload_prefix(task_id: str, prepared: PreparedUpload, if_match: str | None) -> Operation[UploadResult]:
-    """``PUT /v1/admin/prefixes/{task_id}``: repeated after a lost answer only with ``If-Match``."""
+def upload_prefix(
+    task_id: str, prepared: PreparedUpload, if_match: str | None, create_only: bool = False
+) -> Operation[UploadResult]:
+    """``PUT /v1/admin/prefixes/{task_id}``, with ``If-None-Match: *`` when ``create_only``: repeated after a
+    lost answer only with a precondition (a repeat of an upload that was applied then answers 412)."""
+    if create_only and if_match is not None:
+        raise InvalidInputError("give if_match or create_only, not both: they cannot both hold")
     headers = _task_header(validate_task_id(task_id), if_match)
+    if create_only:
+        headers["If-None-Match"] = "*"
 
     def parse(response: httpx.Response) -> UploadResult:
         return UploadResult.model_validate({**response.json(), "created": response.status_code == 201})
@@ -157,7 +164,7 @@ def upload_prefix(task_id: str, prepared: PreparedUpload, if_match: str | None) 
         parse,
         files=prepared.files,
         headers=headers,
-        replay=Replay.SAFE if if_match is not None else Replay.IF_NOT_APPLIED,
+        replay=Replay.SAFE if if_match is not None or create_only else Replay.IF_NOT_APPLIED,
     )
 
 

@@ -67,12 +67,18 @@ class Client(BaseClient):
         return Stream(response, TokenEvent.model_validate)
 
     def upload_prefix(
-        self, task_id: str, path: str | os.PathLike[str], *, if_match: str | None = None
+        self,
+        task_id: str,
+        path: str | os.PathLike[str],
+        *,
+        if_match: str | None = None,
+        create_only: bool = False,
     ) -> UploadResult:
         """Upload a native ``.safetensors`` prefix or soft prompt, or a PEFT prompt-learning adapter folder as
-        ``task_id``, replacing any current version (only if it is ``if_match``, when given). The file is
-        checked locally first (``InvalidInputError``) and fully by the server."""
-        return self._call(_base.upload_prefix(task_id, prepare_upload(path), if_match))
+        ``task_id``, replacing any current version (only if it is ``if_match``, when given; with
+        ``create_only``, only if the task does not exist). A failed condition raises ``ConflictError``
+        (412). The file is checked locally first (``InvalidInputError``) and fully by the server."""
+        return self._call(_base.upload_prefix(task_id, prepare_upload(path), if_match, create_only))
 
     def list_prefixes(self) -> list[PrefixInfo]:
         """The tenant's prefixes."""

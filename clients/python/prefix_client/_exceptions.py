@@ -6,7 +6,7 @@ PrefixServeError
 │   ├── AuthenticationError     401
 │   ├── PermissionDeniedError   403
 │   ├── NotFoundError           404
-│   ├── ConflictError           409, 412 (an ``If-Match`` precondition failed)
+│   ├── ConflictError           409, 412 (an ``If-Match`` or create-only precondition failed)
 │   ├── PayloadTooLargeError    413
 │   ├── RateLimitError          429 (``retry_after``)
 │   └── ServerError             5xx
@@ -112,7 +112,8 @@ class NotFoundError(APIStatusError):
 
 
 class ConflictError(APIStatusError):
-    """409 or 412: the ``If-Match`` version did not match the prefix's current version."""
+    """409 (a quota), or 412: the ``If-Match`` version is not the prefix's current version, or a
+    ``create_only`` upload found the task already there."""
 
 
 class PayloadTooLargeError(APIStatusError):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from server.api.errors import openai_error, unfinished_error
@@ -38,6 +39,13 @@ _FINISH: dict[FinishReason, FinishReasonName] = {
 }
 
 
+async def json_answer(build: Callable[[], BaseModel]) -> Response:
+    """The answer ``build`` makes, made and serialised off the event loop: a large one (a scoring request's
+    prompt logprobs run to megabytes) would otherwise hold every other request while it is made."""
+    body = await asyncio.to_thread(lambda: build().model_dump_json().encode())
+    return Response(body, media_type="application/json")
+
+
 def finish_reason(reason: FinishReason) -> FinishReasonName:
     """OpenAI's name for how a request finished; raises ``RequestNotFinished`` for one that did not."""
     if reason in _FINISH:
@@ -58,8 +66,10 @@ def completion(
     results: list[tuple[RequestStream, GenerationResult]],
     body: GenerationFields,
     prompt_tokens: int,
+    completion_tokens: int,
 ) -> Completion:
-    """One choice per result, in order (``index`` = its place)."""
+    """One choice per result, in order (``index`` = its place); ``completion_tokens`` counts every sample
+    generated (``best_of``'s too)."""
     echo = isinstance(body, CompletionRequest) and bool(body.echo)
     return Completion(
         id=results[0][1].request_id,
@@ -70,7 +80,7 @@ def completion(
             _completion_choice(state, index, stream.request.prompt_ids, result, echo=echo)
             for index, (stream, result) in enumerate(results)
         ],
-        usage=usage(prompt_tokens, sum(len(result.token_ids) for _, result in results)),
+        usage=usage(prompt_tokens, completion_tokens),
     )
 
 
@@ -93,9 +103,13 @@ def _completion_choice(
 
 
 def chat_completion(
-    state: AppState, results: list[tuple[RequestStream, GenerationResult]], model: str, prompt_tokens: int
+    state: AppState,
+    results: list[tuple[RequestStream, GenerationResult]],
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
 ) -> ChatCompletion:
-    """One choice per result, in order."""
+    """One choice per result, in order; ``completion_tokens`` counts every sample generated."""
     tokenizer = state.base.tokenizer
     return ChatCompletion(
         id=results[0][1].request_id,
@@ -111,7 +125,7 @@ def chat_completion(
             )
             for index, (_, result) in enumerate(results)
         ],
-        usage=usage(prompt_tokens, sum(len(result.token_ids) for _, result in results)),
+        usage=usage(prompt_tokens, completion_tokens),
     )
 
 

@@ -1,10 +1,9 @@
-"""A request's several choices: its engine requests (one per prompt and sample) submitted all or none,
-their finished results, and ``best_of``'s pick among each prompt's samples."""
+"""A request's several choices: the finished results of its engine requests (one per prompt and sample),
+and ``best_of``'s pick among each prompt's samples."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable
 from dataclasses import replace
 
 from fastapi import Request
@@ -12,20 +11,6 @@ from fastapi import Request
 from server.api.serving import result_unless_disconnected
 from server.engine.async_engine import RequestStream
 from server.engine.request import GenerationResult
-
-
-async def submitted(submissions: Iterable[Awaitable[RequestStream]]) -> list[RequestStream]:
-    """Each submission's stream, in order; if one fails, those already submitted are ended and its error
-    raised (a request gets all its choices or none)."""
-    streams: list[RequestStream] = []
-    try:
-        for submission in submissions:
-            streams.append(await submission)
-    except BaseException:
-        for stream in streams:
-            stream.abort()
-        raise
-    return streams
 
 
 async def finished(

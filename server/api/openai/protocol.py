@@ -11,6 +11,7 @@ neither OpenAI nor vLLM define here are refused (code ``unknown_parameter``), as
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -34,6 +35,7 @@ MAX_SAMPLES = 128  # engine requests one request may start: prompts × (best_of 
 _MAX_STOP = 64
 _MAX_MESSAGES = 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # a token id written as a JSON object key
 
 
 def _falsy(value: Any) -> bool:
@@ -149,8 +151,9 @@ class GenerationFields(_Strict):
     @field_validator("logit_bias")
     @classmethod
     def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value is not None and not all(token.isdigit() for token in value):
-            raise ValueError("logit_bias keys are token ids (as strings)")
+        # ASCII digits only: str.isdigit() takes "³" and "١٢", and int() then fails or reads another number
+        if value is not None and not all(_TOKEN_ID_KEY.fullmatch(token) for token in value):
+            raise ValueError("logit_bias keys are token ids: 1 to 10 ASCII digits (as strings)")
         return value
 
     @property

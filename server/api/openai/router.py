@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response
 
 from server.api.errors import error_responses
 from server.api.openai import translation
@@ -37,7 +37,7 @@ async def get_model(model: str, state: StateDep, who: CallerDep) -> ModelCard:
 @router.post("/completions", response_model=Completion, responses=_GENERATION_RESPONSES)
 async def create_completion(
     body: CompletionRequest, http_request: Request, state: StateDep, who: CallerDep
-) -> Completion | ChatCompletion | StreamingResponse:
+) -> Response:
     plan = await translation.plan(state, who, body, body.prompts, chat=False)
     return await translation.respond(state, who, http_request, body, plan, chat=False)
 
@@ -45,7 +45,7 @@ async def create_completion(
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_GENERATION_RESPONSES)
 async def create_chat_completion(
     body: ChatCompletionRequest, http_request: Request, state: StateDep, who: CallerDep
-) -> Completion | ChatCompletion | StreamingResponse:
+) -> Response:
     prompt = translation.render_chat(state.base, body.messages, body.chat_template_kwargs)
     plan = await translation.plan(state, who, body, [prompt], chat=True)
     return await translation.respond(state, who, http_request, body, plan, chat=True)

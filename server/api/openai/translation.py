@@ -9,23 +9,24 @@ import time
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response
 from jinja2 import TemplateError
 
 from prefix_store.errors import InvalidName, PrefixNotFound
+from prefix_store.storage.excerpt import excerpt
 from prefix_store.storage.names import validate_task_id
 from server.api.errors import ApiError
-from server.api.openai.answers import chat_completion, completion, stream_events
-from server.api.openai.choices import best_of, finished, submitted
+from server.api.openai.answers import chat_completion, completion, json_answer, stream_events
+from server.api.openai.choices import best_of, finished
 from server.api.openai.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     GenerationFields,
 )
-from server.api.openai.responses import ChatCompletion, Completion, ModelCard, ModelList
-from server.api.plan import NewTokens, RequestPlan, plan_request
-from server.api.serving import submit
+from server.api.openai.responses import ModelCard, ModelList
+from server.api.plan import Fanout, NewTokens, RequestPlan, plan_request
+from server.api.serving import Row, submit
 from server.api.sse import event_stream
 from server.api.state import AppState, Caller
 from server.engine.base_model import BaseModel as BaseLM
@@ -56,7 +57,7 @@ async def plan(
         stop=body.stop_sequences,
         min_tokens=body.min_tokens or 0,
         token_ids={"stop_token_ids": body.stop_token_ids or [], "logit_bias": [t for t, _ in body.bias]},
-        prompt_logprobs=logprob_options(body)[1] is not None,
+        fanout=Fanout(body.samples_per_prompt, body.choices_per_prompt, *logprob_options(body)),
     )
 
 
@@ -111,7 +112,7 @@ async def respond(
     plan: RequestPlan,
     *,
     chat: bool,
-) -> Completion | ChatCompletion | StreamingResponse:
+) -> Response:
     """Submit ``samples_per_prompt`` engine requests per prompt of ``plan`` through the serving layer, then
     answer as OpenAI does: one JSON body or an SSE stream, one choice per prompt and sample (with
     ``best_of``, the ``n`` samples of each prompt with the highest total logprob). Errors (unknown model,
@@ -121,33 +122,37 @@ async def respond(
     samples = body.samples_per_prompt
     ranked = samples > body.choices_per_prompt  # best_of: the samples' logprobs pick the choices
     grammar = await grammar_for(state, who, body)
-    streams = await submitted(
-        submit(
-            state,
-            who,
-            plan,
-            prompt,
-            sampling=sampling_params(body, sample),
-            ignore_eos=bool(body.ignore_eos),
-            id_prefix="chatcmpl" if chat else "cmpl",
-            logprobs=0 if ranked and logprobs is None else logprobs,
-            prompt_logprobs=prompt_logprobs,
-            min_tokens=body.min_tokens or 0,
-            stop_token_ids=tuple(body.stop_token_ids or ()),
-            grammar=grammar,
-        )
+    rows = [
+        Row(prompt, sampling_params(body, sample), logprobs=0 if ranked and logprobs is None else logprobs)
         for prompt in range(len(plan.prompts))
         for sample in range(samples)
+    ]
+    streams = await submit(
+        state,
+        who,
+        plan,
+        rows,
+        ignore_eos=bool(body.ignore_eos),
+        id_prefix="chatcmpl" if chat else "cmpl",
+        prompt_logprobs=prompt_logprobs,
+        min_tokens=body.min_tokens or 0,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        grammar=grammar,
     )
     if body.stream:
         return event_stream(stream_events(state, streams, body, http_request, chat=chat))
     results = await finished(http_request, streams)
+    completion_tokens = sum(
+        len(result.token_ids) for _, result in results
+    )  # every sample's, as OpenAI counts
+    http_request.state.completion_tokens = completion_tokens  # for the access log
     if ranked:
         results = best_of(results, samples, body.choices_per_prompt, keep_logprobs=logprobs is not None)
-    http_request.state.completion_tokens = sum(len(result.token_ids) for _, result in results)
     if chat:
-        return chat_completion(state, results, body.model, plan.prompt_tokens)
-    return completion(state, results, body, plan.prompt_tokens)
+        return await json_answer(
+            lambda: chat_completion(state, results, body.model, plan.prompt_tokens, completion_tokens)
+        )
+    return await json_answer(lambda: completion(state, results, body, plan.prompt_tokens, completion_tokens))
 
 
 def render_chat(base: BaseLM, messages: list[ChatMessage], variables: dict[str, Any] | None = None) -> str:
@@ -195,7 +200,7 @@ async def get_model(state: AppState, who: Caller, model: str) -> ModelCard:
     try:
         validate_task_id(task_id)
     except InvalidName:
-        raise PrefixNotFound(f"no prefix named {model!r}", name=model) from None
+        raise PrefixNotFound(f"no prefix named {excerpt(model)}", name=model) from None
     record = await asyncio.to_thread(state.store.head, who.tenant, task_id)
     return ModelCard(
         id=record.task_id, created=int(record.created_at), owned_by=who.tenant, parent=state.base.model_id

@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Annotated, NoReturn
 
-from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from starlette.datastructures import FormData, UploadFile
 
 from prefix_store.formats.native import decode_native, encode_native
@@ -14,6 +14,7 @@ from prefix_store.formats.peft import decode_peft
 from prefix_store.soft_prompt import Adapter, kind_of
 from prefix_store.storage.names import validate_task_id
 from prefix_store.storage.store import PrefixRecord
+from server.api.conditions import Conditions, delete_conditions, upload_conditions
 from server.api.errors import ApiError, error_responses
 from server.api.schemas import TASK_ID_PATTERN, PrefixInfo, PrefixList, UploadResult
 from server.api.state import AppState, CallerDep, StateDep, require_admin
@@ -86,14 +87,16 @@ async def upload_prefix(
     response: Response,
     state: StateDep,
     who: CallerDep,
-    if_match: str | None = Header(None),
+    conditions: Annotated[Conditions, Depends(upload_conditions)],
 ) -> UploadResult:
-    """Validate fully (format, geometry, finite values, the tenant's quota), then store atomically."""
+    """Validate fully (format, geometry, finite values, the tenant's quota), then store atomically if the
+    preconditions hold (checked by the store in the same atomic step)."""
     validate_task_id(task_id)
     request.state.task_id = task_id
     form = await request.form(max_files=2, max_fields=4)
     adapter, blob, source_format = await _decode_upload(state, form)
     await asyncio.to_thread(_check_quota, state, who.tenant, task_id, len(blob))
+    conditions.refuse_weak_only()
     record, replaced = await asyncio.to_thread(
         state.store.put,
         who.tenant,
@@ -102,7 +105,8 @@ async def upload_prefix(
         num_virtual_tokens=adapter.num_virtual_tokens,
         source_format=source_format,
         kind=kind_of(adapter),
-        if_match=_version_of(if_match),
+        if_match=conditions.if_match,
+        if_absent=conditions.if_absent,
     )
     response.status_code = 200 if replaced else 201
     return UploadResult(
@@ -120,7 +124,7 @@ async def _decode_upload(state: AppState, form: FormData) -> tuple[Adapter, byte
     """The uploaded prefix or soft prompt, its native bytes and the format it came in; raises on anything
     invalid."""
     file, config, model = form.get("file"), form.get("adapter_config"), form.get("adapter_model")
-    geometry, limits = state.base.geometry, state.settings.prefix_limits
+    geometry, limits = state.base.geometry, state.settings.prefix_limits.for_dtype(state.base.dtype)
     if isinstance(file, UploadFile) and config is None and model is None:
         blob = await _read_capped(file, limits.max_file_bytes, "file")
         adapter = await asyncio.to_thread(decode_native, blob, geometry, limits)
@@ -139,14 +143,6 @@ async def _decode_upload(state: AppState, form: FormData) -> tuple[Adapter, byte
         )
     adapter.to("cpu", state.base.dtype)  # refuse values the server's dtype cannot hold, before storing
     return adapter, blob, source_format
-
-
-def _version_of(if_match: str | None) -> str | None:
-    """The version an ``If-Match`` header names: bare, or the ``"…"`` / ``W/"…"`` ETag of ``/download``."""
-    if if_match is None:
-        return None
-    tag = if_match.strip().removeprefix("W/")
-    return tag[1:-1] if len(tag) >= 2 and tag[0] == tag[-1] == '"' else tag
 
 
 def _check_quota(state: AppState, tenant: str, task_id: str, new_bytes: int) -> None:
@@ -204,11 +200,11 @@ async def delete_prefix(
     task_id: TaskIdPath,
     state: StateDep,
     who: CallerDep,
-    if_match: str | None = Header(None),
+    conditions: Annotated[Conditions, Depends(delete_conditions)],
 ) -> Response:
-    await asyncio.to_thread(
-        state.store.delete, who.tenant, validate_task_id(task_id), if_match=_version_of(if_match)
-    )
+    validate_task_id(task_id)
+    conditions.refuse_weak_only()
+    await asyncio.to_thread(state.store.delete, who.tenant, task_id, if_match=conditions.if_match)
     state.registry.forget(who.tenant, task_id)
     return Response(status_code=204)
 

@@ -16,7 +16,7 @@ from server.api.schemas import (
     GenerateResponse,
     Usage,
 )
-from server.api.serving import result_unless_disconnected, submit
+from server.api.serving import Row, result_unless_disconnected, submit
 from server.api.sse import DONE, event_stream, sse_event
 from server.api.state import CallerDep, StateDep, caller
 from server.engine.async_engine import RequestStream
@@ -41,9 +41,8 @@ async def generate(
         new_tokens=NewTokens(asked, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
         stop=body.stop,
     )
-    stream = await submit(
-        state, who, plan, sampling=SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
-    )
+    sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
+    (stream,) = await submit(state, who, plan, [Row(0, sampling)])
     if body.stream:
         return event_stream(_events(stream, body.task_id))
     result = await result_unless_disconnected(http_request, stream)

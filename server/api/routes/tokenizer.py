@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prefix_store.storage.excerpt import excerpt_int
 from server.api.errors import ApiError, error_responses
 from server.api.openai import translation
 from server.api.openai.protocol import MAX_PROMPT_CHARS, ChatMessage
@@ -146,7 +147,9 @@ async def detokenize(body: DetokenizeRequest, state: StateDep, who: CallerDep) -
     outside = next((token for token in body.tokens if token >= vocabulary), None)
     if outside is not None:
         raise ApiError(
-            400, "invalid_request", f"token id {outside} is not in the vocabulary (ids 0 to {vocabulary - 1})"
+            400,
+            "invalid_request",
+            f"token id {excerpt_int(outside)} is not in the vocabulary (ids 0 to {vocabulary - 1})",
         )
     return DetokenizeResponse(prompt=state.base.tokenizer.decode(body.tokens))
 

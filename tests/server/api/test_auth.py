@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,13 +12,17 @@ import httpx
 import pytest
 
 from prefix_store.formats.native import encode_native
+from prefix_store.prefix import Prefix
 from server.api.app import create_app
 from server.api.auth import Role, create_key, load_auth_config
 from server.api.errors import is_openai_path
 from server.config import ServeSettings
 from server.engine.base_model import BaseModel
+from server.engine.generation import generate
+from testing.server_process import metric
+from testing.waiting import wait_until
 from tests.server.api.live_server import live_server
-from tests.server.engine.helpers import random_prefix
+from tests.server.engine.helpers import random_prefix, request
 
 pytestmark = pytest.mark.e2e  # starts servers or other processes
 
@@ -58,8 +62,9 @@ def _client(url: str, key: str | None) -> httpx.Client:
     return httpx.Client(base_url=url, headers=headers, timeout=60)
 
 
-def _upload(client: httpx.Client, task_id: str, blob: bytes) -> httpx.Response:
-    return client.put(f"/v1/admin/prefixes/{task_id}", files={"file": ("p.safetensors", blob)})
+def _upload(client: httpx.Client, task_id: str, blob: bytes, **headers: str) -> httpx.Response:
+    files = {"file": ("p.safetensors", blob)}
+    return client.put(f"/v1/admin/prefixes/{task_id}", files=files, headers=headers)
 
 
 def _routes() -> list[tuple[str, str, bool]]:
@@ -115,29 +120,85 @@ def test_user_keys_get_403_on_admin_routes(server: str, keys) -> None:
                 assert made["acme-user"] not in response.text
 
 
+def _generate_task(client: httpx.Client, task_id: str | None) -> httpx.Response:
+    return client.post("/v1/generate", json={"task_id": task_id, "prompt": PROMPT, "max_new_tokens": 10})
+
+
+def _engine_tokens(base: BaseModel, prefix: Prefix) -> list[int]:
+    """What the engine, run in this process, generates for ``PROMPT`` on ``prefix`` (as the route does)."""
+    return generate(base, [request(base, "r", PROMPT, prefix, max_new_tokens=10, ignore_eos=False)])[
+        0
+    ].token_ids
+
+
 def test_tenants_are_isolated(server: str, keys, llama_base: BaseModel) -> None:
+    """acme and globex each upload a task named "t", with prefixes of their own. Each generates with its own
+    "t" (the engine's tokens for that prefix), and neither can read, list, download, overwrite or delete the
+    other's: to each tenant, "t" is its own task or no task at all."""
     _, made = keys
     acme_admin, acme_user = _client(server, made["acme-admin"]), _client(server, made["acme-user"])
     globex_admin, globex_user = _client(server, made["globex-admin"]), _client(server, made["globex-user"])
-    blob = encode_native(random_prefix(llama_base, 5, seed=3), llama_base.geometry)
-    assert _upload(acme_admin, "t", blob).status_code == 201
-    with_prefix = acme_user.post("/v1/generate", json={"task_id": "t", "prompt": PROMPT}).json()
-    without = acme_user.post("/v1/generate", json={"prompt": PROMPT}).json()
-    assert with_prefix["token_ids"] != without["token_ids"]  # the prefix is used
+    prefixes = {"acme": random_prefix(llama_base, 5, seed=3), "globex": random_prefix(llama_base, 5, seed=4)}
+    blobs = {tenant: encode_native(prefix, llama_base.geometry) for tenant, prefix in prefixes.items()}
+    expected = {tenant: _engine_tokens(llama_base, prefix) for tenant, prefix in prefixes.items()}
+    assert expected["acme"] != expected["globex"]  # the two prefixes lead to different tokens
+
+    assert _upload(acme_admin, "t", blobs["acme"]).status_code == 201
+    with_prefix = _generate_task(acme_user, "t").json()
+    assert with_prefix["token_ids"] == expected["acme"]
+    assert (
+        with_prefix["token_ids"] != _generate_task(acme_user, None).json()["token_ids"]
+    )  # the prefix is used
 
     for client in (globex_admin, globex_user):  # B cannot see, use or touch A's task
-        assert client.post("/v1/generate", json={"task_id": "t", "prompt": PROMPT}).status_code == 404
+        assert _generate_task(client, "t").status_code == 404
     assert globex_admin.get("/v1/admin/prefixes/t").status_code == 404
     assert globex_admin.get("/v1/admin/prefixes/t/download").status_code == 404
     assert globex_admin.delete("/v1/admin/prefixes/t").status_code == 404
+    named = {"If-Match": with_prefix["prefix_version"]}  # naming A's version does not reach it either:
+    refused = globex_admin.delete("/v1/admin/prefixes/t", headers=named)  # the answer for a missing task
+    missing = globex_admin.delete("/v1/admin/prefixes/never-made", headers=named)
+    assert (refused.status_code, refused.json()["error"]["type"]) == (
+        missing.status_code,
+        missing.json()["error"]["type"],
+    )
+    assert refused.status_code in (404, 412)
     assert globex_admin.get("/v1/admin/prefixes").json() == {"prefixes": []}
 
-    other = encode_native(random_prefix(llama_base, 5, seed=4), llama_base.geometry)
-    assert _upload(globex_admin, "t", other).status_code == 201  # B's own "t", a new prefix
-    again = acme_user.post("/v1/generate", json={"task_id": "t", "prompt": PROMPT}).json()
-    assert again["token_ids"] == with_prefix["token_ids"]  # A's output is unchanged
-    assert [p["task_id"] for p in acme_admin.get("/v1/admin/prefixes").json()["prefixes"]] == ["t"]
-    assert acme_admin.get("/v1/admin/prefixes/t").json()["version"] == with_prefix["prefix_version"]
+    assert (
+        _upload(globex_admin, "t", blobs["globex"]).status_code == 201
+    )  # B's own "t": created, not replaced
+    for user, tenant in ((acme_user, "acme"), (globex_user, "globex")):  # each generates with its own "t"
+        assert _generate_task(user, "t").json()["token_ids"] == expected[tenant], tenant
+    versions = {}
+    for admin, tenant in ((acme_admin, "acme"), (globex_admin, "globex")):  # each reads only its own
+        record = admin.get("/v1/admin/prefixes/t").json()
+        assert record["version"].endswith(hashlib.sha256(blobs[tenant]).hexdigest()[:12]), tenant
+        assert admin.get("/v1/admin/prefixes/t/download").content == blobs[tenant], tenant
+        listed = admin.get("/v1/admin/prefixes").json()["prefixes"]
+        assert [(p["task_id"], p["version"]) for p in listed] == [("t", record["version"])], tenant
+        versions[tenant] = record["version"]
+    assert versions["acme"] == with_prefix["prefix_version"]
+
+    # A cannot overwrite or delete B's "t" by naming its version: that is not the version of A's "t"
+    named = {"If-Match": versions["globex"]}
+    assert _upload(acme_admin, "t", blobs["acme"], **named).status_code == 412
+    assert acme_admin.delete("/v1/admin/prefixes/t", headers=named).status_code == 412
+
+    # A replaces its own "t": B's is untouched
+    replacement = random_prefix(llama_base, 5, seed=5)
+    replaced = _upload(acme_admin, "t", encode_native(replacement, llama_base.geometry))
+    assert replaced.status_code == 200
+    assert _generate_task(acme_user, "t").json()["token_ids"] == _engine_tokens(llama_base, replacement)
+    assert globex_admin.get("/v1/admin/prefixes/t").json()["version"] == versions["globex"]
+    assert _generate_task(globex_user, "t").json()["token_ids"] == expected["globex"]
+
+    # A deletes its own "t": B's stays, and A's is gone for A
+    assert acme_admin.delete("/v1/admin/prefixes/t").status_code == 204
+    assert _generate_task(acme_user, "t").status_code == 404
+    assert acme_admin.get("/v1/admin/prefixes/t").status_code == 404
+    assert globex_admin.get("/v1/admin/prefixes/t/download").content == blobs["globex"]
+    assert _generate_task(globex_user, "t").json()["token_ids"] == expected["globex"]
 
 
 def test_requests_per_minute_limit(server: str, keys) -> None:
@@ -158,19 +219,25 @@ def test_concurrent_requests_limit(server: str, keys) -> None:
     _, made = keys
     with _client(server, made["serial-user"]) as client:
         body = {"prompt": PROMPT, "max_new_tokens": 1000, "stream": True}
+        aborted = metric(server, "prefix_serve_generation_finished_total", reason="aborted")
         with client.stream("POST", "/v1/generate", json=body) as first:
             assert first.status_code == 200
             lines = first.iter_lines()  # keep the iterator: dropping it closes the connection
             next(lines)  # the first request is running
             second = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 1})
             assert second.status_code == 429 and "in flight" in second.json()["error"]["message"]
-        # the first stream was closed early: its slot comes back
-        for _ in range(100):
-            if client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 1}).status_code == 200:
-                break
-            threading.Event().wait(0.05)
-        else:
-            pytest.fail("the tenant's slot was not released after its client disconnected")
+        # the first stream was closed early: the server aborts it (1000 tokens would take far longer), and
+        # its slot comes back
+        wait_until(
+            lambda: metric(server, "prefix_serve_generation_finished_total", reason="aborted") > aborted,
+            "the server aborts the request whose client left",
+        )
+        wait_until(
+            lambda: (
+                client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 1}).status_code == 200
+            ),
+            "the tenant's slot is released after its client disconnected",
+        )
 
 
 def test_prefix_count_quota(server: str, keys, llama_base: BaseModel) -> None:

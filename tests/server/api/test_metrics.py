@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from prefix_store.formats.native import encode_native
 from server.api.app import create_app
 from server.config import ServeSettings
 from server.engine.base_model import BaseModel
+from testing.waiting import wait_until
 from tests.server.api.live_server import live_server
 from tests.server.engine.helpers import random_prefix
 
@@ -83,16 +83,28 @@ def test_counters_move_by_what_the_requests_did(server: httpx.Client, llama_base
     ]
     assert server.get("/v1/admin/prefixes/counted").status_code == 200
     assert server.get("/v1/no/such/route-xyz").status_code == 404
-    after = _scrape(server)
+    generate_ok = {"method": "POST", "route": "/v1/generate", "status": "200"}
+    read_ok = {"method": "GET", "route": "/v1/admin/prefixes/{task_id}", "status": "200"}
+    unmatched = {"method": "GET", "route": "<unmatched>", "status": "404"}
+    made = ((generate_ok, 3), (read_ok, 1), (unmatched, 1))
+
+    def counted() -> Samples | None:  # a request is counted as it ends, just after its last byte
+        samples = _scrape(server)
+        counts = [
+            _value(samples, "http_requests_total", **labels) - _value(before, "http_requests_total", **labels)
+            for labels, _ in made
+        ]
+        return samples if all(count >= n for count, (_, n) in zip(counts, made, strict=True)) else None
+
+    after = wait_until(counted, "the requests are counted")
 
     def delta(name: str, **labels: str) -> float:
         return _value(after, name, **labels) - _value(before, name, **labels)
 
-    generate_ok = {"method": "POST", "route": "/v1/generate", "status": "200"}
     assert delta("http_requests_total", **generate_ok) == 3
     assert delta("http_request_duration_seconds_count", **generate_ok) == 3
-    assert delta("http_requests_total", method="GET", route="/v1/admin/prefixes/{task_id}", status="200") == 1
-    assert delta("http_requests_total", method="GET", route="<unmatched>", status="404") == 1
+    assert delta("http_requests_total", **read_ok) == 1
+    assert delta("http_requests_total", **unmatched) == 1
     assert not any("xyz" in value or "counted" in value for _, labels in after for _, value in labels)
     assert delta("tenant_requests_total", tenant="default") == 4  # the 404 had no tenant
 
@@ -144,12 +156,11 @@ def test_every_served_route_has_its_label_and_unmatched_is_only_for_404s(server:
             before, "http_requests_total", **labels
         )
 
-    deadline = time.monotonic() + 10  # a request is counted as it ends, just after its last byte
-    after = _scrape(server)
-    while any(delta(after, route) < 1 for route in routes.values()):
-        assert time.monotonic() < deadline, [(route, delta(after, route)) for route in routes.values()]
-        time.sleep(0.05)
-        after = _scrape(server)
+    def counted() -> Samples | None:  # a request is counted as it ends, just after its last byte
+        samples = _scrape(server)
+        return samples if all(delta(samples, route) >= 1 for route in routes.values()) else None
+
+    after = wait_until(counted, "every route's request is counted")
     assert all(delta(after, route) == 1 for route in routes.values())
     assert delta(after, "<unmatched>") == 0
 

@@ -19,6 +19,7 @@ from server.engine.generation import generate
 from server.engine.lifecycle import FinishReason
 from server.engine.request import GenerationRequest, RequestTooLong
 from server.engine.scheduler import QueueFull, SchedulerConfig
+from testing.waiting import wait_until_async
 from tests.server.engine.helpers import random_prefix, request
 
 
@@ -140,10 +141,8 @@ def test_a_consumer_that_walks_away_aborts_its_request(llama_base: BaseModel, en
         )
         async for _ in stream:
             break  # the async-for closes the generator: the request is aborted
-        for _ in range(200):
-            if pins.pinned == 0:
-                return
-            await asyncio.sleep(0.01)
+        # 1000 tokens would take far longer than this wait does: the pin comes back because of the abort
+        await wait_until_async(lambda: pins.pinned == 0, "the aborted request gives its pin back")
 
     asyncio.run(run())
     assert pins.pinned == 0 and engine.core.counts() == {"running": 0, "waiting": 0}
@@ -158,16 +157,13 @@ def test_cancelled_while_its_prefix_loads_the_pin_is_still_released(
 
     async def run():
         adding = asyncio.create_task(engine.add_request(_task_request(llama_base, "r", "t")))
-        await asyncio.sleep(0.05)
+        await wait_until_async(lambda: pins.loads == 1, "the prefix load is held at the gate")
         assert engine.core.counts()["waiting"] == 1  # WAITING_FOR_PREFIX
         adding.cancel()
         with pytest.raises(asyncio.CancelledError):
             await adding
         gate.set()  # the load completes after its requester left
-        for _ in range(200):
-            if pins.releases == 1:
-                return
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: pins.releases == 1, "the late pin is released")
 
     asyncio.run(run())
     assert pins.pinned == 0 and engine.core.counts() == {"running": 0, "waiting": 0}
@@ -182,7 +178,9 @@ def test_queue_bound_refuses_with_a_typed_error(llama_base: BaseModel, engine_fa
         loading = [
             asyncio.create_task(engine.add_request(_task_request(llama_base, f"r{i}", "t"))) for i in range(3)
         ]
-        await asyncio.sleep(0.05)
+        await wait_until_async(
+            lambda: engine.core.counts()["waiting"] == 3, "the three wait for their prefix"
+        )
         with pytest.raises(QueueFull):
             await engine.add_request(_task_request(llama_base, "one-too-many", None))
         gate.set()
