@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from testing.server_process import metric
 from tests.server.api.live_server import live_server, write_keys_file
 
 pytestmark = pytest.mark.e2e  # starts servers or other processes
@@ -134,11 +135,15 @@ def test_logprob_entries_over_the_answer_limit_are_refused(wide: httpx.Client, b
     assert "2020 logprob entries" in message and f"over the limit of {REQUEST_LOGPROBS}" in message
 
 
-def test_usage_counts_every_best_of_sample(wide: httpx.Client, base_id: str) -> None:
+def test_usage_counts_every_best_of_sample_as_the_metrics_do(
+    server_url: str, wide: httpx.Client, base_id: str
+) -> None:
+    generated = metric(server_url, "prefix_serve_generated_tokens_total")
     body = {"model": base_id, "prompt": "Once", "max_tokens": 5, "best_of": 4, "n": 1, "ignore_eos": True}
     answer = wide.post("/v1/completions", json=body)
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["choices"]) == 1 and answer.json()["usage"]["completion_tokens"] == 20
+    assert metric(server_url, "prefix_serve_generated_tokens_total") - generated == 20
 
 
 @pytest.mark.parametrize("key", ["³", "١٢", "1" * 5000, "-1", "", " 7", "7.0", "0x10", "12345678901"])
