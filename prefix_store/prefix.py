@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -21,6 +23,15 @@ class Prefix:
 
     keys: torch.Tensor  # [layers, kv_heads, P, head_dim]
     values: torch.Tensor  # [layers, kv_heads, P, head_dim]
+
+    @cached_property
+    def digest(self) -> str:
+        """A sha256 of the keys' and values' bytes (and their shape and dtype): what names this prefix's
+        content where no stored version's sha256 does (an in-process prefix). Computed once."""
+        content = hashlib.sha256(f"{tuple(self.keys.shape)}{self.keys.dtype}".encode())
+        for tensor in (self.keys, self.values):
+            content.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return content.hexdigest()
 
     @property
     def num_virtual_tokens(self) -> int:

@@ -52,6 +52,11 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 (float16) on cuda, float32 on cpu"
     )
+    prompt_cache: bool = Field(
+        True,
+        description="reuse the keys and values of the full prompt blocks an earlier request computed: same "
+        "tenant, same conditioning content (task version, or the base model), same cache_salt",
+    )
     tenant_requests_per_minute: int | None = Field(
         None,
         ge=0,
@@ -172,6 +177,7 @@ class ServeSettings(BaseSettings):
                 prefill_step_tokens=self.prefill_step_tokens,
             ),
             kv_cache_bytes=self.kv_cache_bytes,
+            prompt_cache=self.prompt_cache,
             prefix_limits=self.prefix_limits,
             prefix_cache_bytes=self.prefix_cache_bytes,
             prefix_host_cache_bytes=self.prefix_host_cache_bytes,

@@ -20,7 +20,7 @@ from server.api.metrics import install_metrics
 from server.api.middleware import AccessLogMiddleware, BodyLimitMiddleware, PathCheckMiddleware
 from server.api.openai.router import router as openai_router
 from server.api.openapi import install_openapi
-from server.api.routes import admin, generate, health, tokenizer
+from server.api.routes import admin, cache, generate, health, tokenizer
 from server.api.state import AppState
 from server.api.tenancy import TenantGate
 from server.config import ServeSettings, StartupError
@@ -132,7 +132,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
     )
     install_error_handlers(app)
     install_openapi(app, settings)
-    for router in (health.router, generate.router, admin.router, openai_router, tokenizer.router):
+    for router in (
+        health.router,
+        generate.router,
+        admin.router,
+        cache.router,
+        openai_router,
+        tokenizer.router,
+    ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
     app.add_middleware(PathCheckMiddleware)

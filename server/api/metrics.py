@@ -232,6 +232,18 @@ def _engine_metrics(stats: EngineStats) -> Iterator[Metric]:
     yield CounterMetricFamily(f"{_NS}_prefill_tokens", "prompt tokens prefilled", value=stats.prefill_tokens)
     for field, documentation in _KV_GAUGES.items():
         yield GaugeMetricFamily(f"{_NS}_kv_{field}", documentation, value=float(getattr(stats.kv, field)))
+    cache = stats.prompt_cache
+    for name, documentation, value in (
+        ("queried_tokens", "prompt tokens of requests that looked their blocks up", cache.queried_tokens),
+        ("hit_tokens", "prompt tokens found cached (not computed)", cache.hit_tokens),
+        ("evictions", "cached KV blocks taken back to make room", stats.kv.evictions),
+    ):
+        yield CounterMetricFamily(f"{_NS}_prompt_cache_{name}", documentation, value=value)
+    yield GaugeMetricFamily(
+        f"{_NS}_prompt_cache_blocks",
+        "KV blocks kept for later hits (no request holds them)",
+        value=stats.kv.cached_blocks,
+    )
 
 
 def _cache_metrics(stats: RegistryStats) -> Iterator[Metric]:

@@ -63,6 +63,7 @@ class RequestPlan:
     prompts: list[list[int]]  # each prompt's token ids
     max_new_tokens: list[int]  # each prompt's new-token budget
     stop: tuple[str, ...]  # stop sequences, within the server's limits
+    cache_salt: str | None = None  # only rows of the same salt share cached prompt blocks
 
     @property
     def prompt_tokens(self) -> int:
@@ -82,6 +83,7 @@ async def plan_request(
     min_tokens: int = 0,
     token_ids: Mapping[str, Sequence[int]] | None = None,
     fanout: Fanout = Fanout(),
+    cache_salt: str | None = None,
 ) -> RequestPlan:
     """Decide ``prompts`` (texts tokenised with ``add_special_tokens``, or token ids) for ``task_id``.
     ``token_ids`` are the request's other token ids by field (stop token ids, ``logit_bias`` keys);
@@ -122,7 +124,7 @@ async def plan_request(
             param="min_tokens",
             code="invalid_value",
         )
-    return RequestPlan(task_id, token_lists, decided, tuple(stop))
+    return RequestPlan(task_id, token_lists, decided, tuple(stop), cache_salt)
 
 
 def _within_request_limits(

@@ -41,6 +41,10 @@ GENERATION_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
+CACHE_SALT_DESCRIPTION = (
+    "only requests with the same salt (in the same tenant, on the same task version) share cached prompt "
+    "blocks; unset: those without one"
+)
 DEFAULT_MAX_NEW_TOKENS = 64  # an unset max_new_tokens, cut to the server's cap and to what fits
 
 
@@ -61,11 +65,13 @@ class GenerateBody(BaseModel):
     seed: Annotated[int, Field(ge=0, le=2**63 - 1), Integral] | None = None
     stop: list[str] = Field(default_factory=list, max_length=64)
     stream: bool = False
+    cache_salt: str | None = Field(None, min_length=1, max_length=256, description=CACHE_SALT_DESCRIPTION)
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(0, description="prompt tokens whose keys and values were found cached")
 
 
 class GenerateResponse(BaseModel):

@@ -92,6 +92,7 @@ async def submit(
                 min_tokens=min_tokens,
                 stop_token_ids=stop_token_ids,
                 grammar=grammar,
+                cache_salt=plan.cache_salt,
             )
             started += 1
             streams.append(

@@ -49,6 +49,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     generate.add_argument(
         "--stop", action="append", metavar="TEXT", help="a stop sequence, repeatable (default: none)"
     )
+    generate.add_argument(
+        "--cache-salt",
+        metavar="SALT",
+        help="only requests with the same salt share cached prompt blocks (default: none)",
+    )
     generate.set_defaults(handler=with_client(_generate))
 
 
@@ -63,6 +68,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
             ("top_k", args.top_k),
             ("seed", args.seed),
             ("stop", args.stop),
+            ("cache_salt", args.cache_salt),
         )
         if value is not None
     }

@@ -44,7 +44,7 @@ _NO_DEFAULT = "; none = "  # in a setting's description: what leaving it unset m
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 
 # the settings that are also command-line options, in the order of the help
-CLI_OPTIONS = ("model", "store", "host", "port", "api_keys", "device", "dtype")
+CLI_OPTIONS = ("model", "store", "host", "port", "api_keys", "device", "dtype", "prompt_cache")
 LIMIT_OPTIONS = ("tenant_requests_per_minute", "tenant_max_concurrent")
 
 _LIMITS_HELP = (
@@ -73,6 +73,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help=describe_setting("device"))
     serve.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], help=describe_setting("dtype")
+    )
+    serve.add_argument(
+        "--prompt-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=describe_setting("prompt_cache"),
     )
     limits = serve.add_argument_group("per-tenant limits", _wrap(_LIMITS_HELP))
     limits.add_argument(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from prefix_store.cache.pins import acquire_async
 from server.engine.core import EngineCore, EngineStats
+from server.engine.kv_cache import PagedKVCache
 from server.engine.request import GenerationRequest, GenerationResult, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,20 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
         self._wake.set()
+
+    async def forget_cached(self, tenant: str) -> int:
+        """No later request of ``tenant`` finds its prompt blocks cached (the admin's reset); how many
+        blocks were named for it."""
+        return await self._on_engine_thread(lambda kv: kv.forget(tenant))
+
+    async def cached_blocks(self, tenant: str) -> int:
+        """Blocks named for ``tenant`` now: held by its rows, or cached for a later hit."""
+        return await self._on_engine_thread(lambda kv: kv.blocks.named_blocks(tenant))
+
+    async def _on_engine_thread(self, task: Callable[[PagedKVCache], int]) -> int:
+        done = self.core.prompt_cache.on_engine_thread(task)
+        self._wake.set()
+        return await asyncio.wrap_future(done)
 
     # -- the loop thread -----------------------------------------------------------------------
     def _loop(self) -> None:

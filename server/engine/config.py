@@ -17,6 +17,7 @@ DEFAULT_TENANT = "default"  # the one tenant of a server with auth off
 class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # batch size, token budget, queue
     kv_cache_bytes: int | None = None  # the KV block pool; None: what scheduler.max_batch_tokens reserves
+    prompt_cache: bool = True  # full prompt blocks kept by name for later requests of the same root
     prefix_limits: PrefixLimits = field(default_factory=PrefixLimits)  # what a stored prefix may make big
     prefix_cache_bytes: int | None = None  # device bytes of resident prefixes; None: the registry's default
     prefix_host_cache_bytes: int = 0  # host-memory tier of evicted prefixes; 0: off

@@ -34,6 +34,7 @@ from server.engine.logits_processing import RowHistory, process_logits
 from server.engine.logprobs import token_logprobs
 from server.engine.paged_batch import PagedBatch
 from server.engine.prefill_plan import plan_chunks
+from server.engine.prompt_cache import PromptCache, PromptCacheStats
 from server.engine.request import GenerationRequest, RequestOutput, check_fits, token_cost
 from server.engine.runner import ModelRunner
 from server.engine.sampling import sample_next_tokens
@@ -50,6 +51,7 @@ class EngineStats:
     steps: int
     prefill_tokens: int  # prompt tokens prefilled over all steps
     kv: KVCacheStats
+    prompt_cache: PromptCacheStats
 
 
 class EngineCore:
@@ -62,6 +64,7 @@ class EngineCore:
         clock: Callable[[], float] = time.monotonic,
         static_batching: bool = False,
         kv_cache_bytes: int | None = None,
+        prompt_cache: bool = True,
     ) -> None:
         """``pins``: the prefix registry that requests for a task are pinned in (``AsyncEngine`` loads
         them); the core gives each pin back when its request ends. ``static_batching`` admits new
@@ -89,7 +92,14 @@ class EngineCore:
         self.static_batching = static_batching
         self._clock = clock
         self._lock = threading.Lock()
-        self.kv = PagedKVCache(base.geometry, num_blocks=num_blocks, device=base.device, dtype=base.dtype)
+        self.kv = PagedKVCache(
+            base.geometry,
+            num_blocks=num_blocks,
+            device=base.device,
+            dtype=base.dtype,
+            prompt_cache=prompt_cache,
+        )
+        self.prompt_cache = PromptCache(base, enabled=prompt_cache)
         # grammar masks are computed ahead on these threads (llguidance drops the GIL): a row whose mask is
         # not ready sits out a step, so a costly grammar holds only its own row
         self._grammar_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-mask")
@@ -100,7 +110,7 @@ class EngineCore:
         self._prefilling: list[EngineRequest] = []  # admitted rows with prompt left, oldest first
         self._decoding: list[EngineRequest] = []  # rows past their prompt
         self.prefill_tokens_last_step = 0
-        self._stats = EngineStats(steps=0, prefill_tokens=0, kv=self.kv.stats())  # read by other threads
+        self._stats = EngineStats(0, 0, self.kv.stats(), self.prompt_cache.stats())  # read by other threads
 
     # -- called from any thread ---------------------------------------------------------------
     def add_request(self, request: GenerationRequest, *, prefix_ready: bool = True) -> None:
@@ -198,6 +208,7 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the outputs it produced (possibly none)."""
         outputs: list[RequestOutput] = []
+        self.prompt_cache.run_tasks(self.kv)
         for record in self._schedule(outputs):
             self._open_row(record, outputs)
         self._drop_finished()  # aborted and expired rows leave before the forward pass
@@ -205,15 +216,20 @@ class EngineCore:
             self._wait_for_a_mask()
         self._drop_finished()
         self._stats = EngineStats(
-            self._stats.steps + 1, self._stats.prefill_tokens + self.prefill_tokens_last_step, self.kv.stats()
+            self._stats.steps + 1,
+            self._stats.prefill_tokens + self.prefill_tokens_last_step,
+            self.kv.stats(),
+            self.prompt_cache.stats(),
         )
         return outputs
 
     def _open_row(self, record: EngineRequest, outputs: list[RequestOutput]) -> None:
-        """Give an admitted request its row in the KV pool (an encoder-decoder's: its source encoded first);
-        if that fails, the request alone ends with an error."""
+        """Give an admitted request its row in the KV pool (an encoder-decoder's: its source encoded first),
+        with what the prompt cache holds of its prompt; if that fails, the request alone ends with an error."""
         try:
-            record.kv = self.kv.open(record.prefix, self.base.kind.source(record.request.prompt_ids))
+            record.kv = self.prompt_cache.open(
+                self.kv, record, self.base.kind.source(record.request.prompt_ids)
+            )
         except Exception:
             log.exception("request %s: its row could not be opened; it ends with an error", record.request_id)
             outputs.append(self._output(record, record.tracker.end(FinishReason.ERROR)))
@@ -307,6 +323,7 @@ class EngineCore:
         try:
             logits = self.runner.forward(batch, every_position=every_position)  # [B, V] or [B, Q, V]
             batch.advance()
+            self.kv.name_full_blocks(batch.rows)
             broken = self._end_nonfinite_rows(records, logits, outputs)
             if every_position:
                 if not broken:
@@ -459,4 +476,5 @@ class EngineCore:
             completion_tokens=len(tracker.token_ids),
             logprobs=record.logprobs[reported:] if record.request.logprobs is not None else None,
             prompt_logprobs=prompt_logprobs,
+            cached_tokens=record.cached_tokens,
         )

@@ -34,7 +34,8 @@ class EngineRequest:
     generator: torch.Generator | None = None  # seeded sampling's random state, made on first use
     reported: int = 0  # tokens already handed out in outputs
     kv: RowKV | None = None  # the row's blocks in the KV pool, from admission until it ends
-    prompt_fed: int = 0  # prompt tokens already prefilled (chunked prefill)
+    prompt_fed: int = 0  # prompt tokens already prefilled (chunked prefill) or found cached
+    cached_tokens: int = 0  # prompt tokens found cached at admission (prompt caching)
     next_token: int = 0  # the sampled token its next decode step feeds
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of each generated token (if asked)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # as the prompt's chunks are read (if asked)

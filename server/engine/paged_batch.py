@@ -30,6 +30,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from prefix_store.prefix import Prefix
+from server.engine.block_manager import BlockName, RowChain
 from server.engine.kv_pool import SCRATCH_BLOCK, KVPool
 from server.engine.paged_attention import AttentionGroup, PagedAttention
 from server.engine.prefill_groups import length_groups
@@ -46,6 +47,8 @@ class RowKV:
     # an encoder-decoder's row: its source's cross-attention keys and values, written at admission
     source_blocks: list[int] = field(default_factory=list)
     source_length: int = 0
+    prefix_name: BlockName | None = None  # what names the prefix's blocks (None: no prefix)
+    chain: RowChain | None = None  # how its own full blocks are named (prompt caching); None: they are not
 
     @property
     def prefix_length(self) -> int:
@@ -109,7 +112,7 @@ class PagedBatch:
             row.length + len(tokens) > len(row.blocks) * bs for row, tokens in zip(rows, inputs, strict=True)
         ):
             raise ValueError("a row's blocks must hold its new tokens before its forward pass")
-        self.rows, self.fed = list(rows), [len(tokens) for tokens in inputs]
+        self.rows, self.inputs, self.fed = list(rows), inputs, [len(tokens) for tokens in inputs]
         device, batch = pool.device, len(rows)
         packed = [token for tokens in inputs for token in tokens]
         self.input_ids = torch.tensor([packed], device=device)  # [1, N]
@@ -163,8 +166,10 @@ class PagedBatch:
 
     def advance(self) -> None:
         """The forward pass wrote every row's inputs: count them as cached."""
-        for row, fed in zip(self.rows, self.fed, strict=True):
-            row.length += fed
+        for row, tokens in zip(self.rows, self.inputs, strict=True):
+            row.length += len(tokens)
+            if row.chain is not None:
+                row.chain.tokens.extend(tokens)
 
 
 @dataclass(frozen=True)

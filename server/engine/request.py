@@ -51,6 +51,7 @@ class GenerationRequest:
     min_tokens: int = 0  # no end-of-sequence or stop token before this many new tokens
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the request (finish reason ``stop``)
     grammar: Grammar | None = None  # structured output: the new tokens follow it (compiled off the loop)
+    cache_salt: str | None = None  # only rows of the same salt share cached prompt blocks (None: no salt)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class RequestOutput:
     completion_tokens: int  # generated so far
     logprobs: list[TokenLogprob] | None = None  # one per token of ``token_ids``, if the request asked
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when the prompt has been read
+    cached_tokens: int = 0  # prompt tokens whose keys and values were found cached, not computed
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class GenerationResult:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached_tokens: int = 0
 
     @classmethod
     def from_outputs(cls, outputs: Sequence[RequestOutput]) -> GenerationResult:
@@ -94,6 +97,7 @@ class GenerationResult:
             if outputs[0].logprobs is None
             else [lp for o in outputs for lp in o.logprobs or ()],
             prompt_logprobs=next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None),
+            cached_tokens=last.cached_tokens,
         )
 
 

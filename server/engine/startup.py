@@ -44,7 +44,13 @@ def start_engine(base: BaseModel, store: PrefixStore, config: EngineConfig) -> R
         encode_soft_prompt=functools.partial(soft_prompt_prefix, base),
     )
     try:
-        core = EngineCore(base, config.scheduler, pins=registry, kv_cache_bytes=config.kv_cache_bytes)
+        core = EngineCore(
+            base,
+            config.scheduler,
+            pins=registry,
+            kv_cache_bytes=config.kv_cache_bytes,
+            prompt_cache=config.prompt_cache,
+        )
     except ValueError:
         registry.close()
         raise

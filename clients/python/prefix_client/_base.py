@@ -43,6 +43,7 @@ class GenerateParams(TypedDict, total=False):
     top_k: int  # 0 = off
     seed: int | None  # the same seed and parameters give the same text, whatever the batch
     stop: list[str] | str  # stop sequences
+    cache_salt: str  # only requests with the same salt share cached prompt blocks
 
 
 def validate_task_id(task_id: str) -> str:

@@ -53,7 +53,7 @@ class Client(BaseClient):
         """Generate a completion of ``prompt`` with the prefix of ``task_id`` (None: the base model alone).
 
         ``params``: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``seed``,
-        ``stop`` (a string or a list of them); the server's defaults apply to those left out.
+        ``stop`` (a string or a list of them), ``cache_salt``; the server's defaults apply to those left out.
         """
         return self._call(_base.generate(prompt, task_id, params, stream=False))
 

@@ -20,6 +20,7 @@ class _Result(BaseModel):
 class Usage(_Result):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, those the server found cached (servers before: 0)
 
 
 class Generation(_Result):

@@ -24,6 +24,7 @@ from server.api.openai.responses import (
     Completion,
     CompletionChoice,
     FinishReasonName,
+    PromptTokensDetails,
     UsageInfo,
 )
 from server.api.sse import DONE, sse_event
@@ -53,11 +54,13 @@ def finish_reason(reason: FinishReason) -> FinishReasonName:
     raise RequestNotFinished(reason)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> UsageInfo:
+    """OpenAI's usage; ``cached_tokens``: of the prompt tokens, those found cached (``prompt_tokens_details``)."""
     return UsageInfo(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 
@@ -67,6 +70,7 @@ def completion(
     body: GenerationFields,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> Completion:
     """One choice per result, in order (``index`` = its place); ``completion_tokens`` counts every sample
     generated (``best_of``'s too)."""
@@ -80,7 +84,7 @@ def completion(
             _completion_choice(state, index, stream.request.prompt_ids, result, echo=echo)
             for index, (stream, result) in enumerate(results)
         ],
-        usage=usage(prompt_tokens, completion_tokens),
+        usage=usage(prompt_tokens, completion_tokens, cached_tokens),
     )
 
 
@@ -108,6 +112,7 @@ def chat_completion(
     model: str,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> ChatCompletion:
     """One choice per result, in order; ``completion_tokens`` counts every sample generated."""
     tokenizer = state.base.tokenizer
@@ -125,7 +130,7 @@ def chat_completion(
             )
             for index, (_, result) in enumerate(results)
         ],
-        usage=usage(prompt_tokens, completion_tokens),
+        usage=usage(prompt_tokens, completion_tokens, cached_tokens),
     )
 
 
@@ -163,12 +168,12 @@ class _ChunkFormat:
                 self.tokenizer, list(zip(prompt_ids, output.prompt_logprobs, strict=True))
             )
         self.text_offset[index] = len(text)
-        so_far = usage(output.prompt_tokens, 0)
+        so_far = usage(output.prompt_tokens, 0, output.cached_tokens)
         choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=None)
         return self._event([choice], so_far)
 
     def text(self, index: int, output: RequestOutput, reason: FinishReasonName | None = None) -> str:
-        so_far = usage(output.prompt_tokens, output.completion_tokens)
+        so_far = usage(output.prompt_tokens, output.completion_tokens, output.cached_tokens)
         entries = output.logprobs or []
         if self.chat:
             delta = {"content": output.text} if output.text else {}
@@ -184,9 +189,9 @@ class _ChunkFormat:
         choice = CompletionChoice(index=index, text=output.text, logprobs=logprobs, finish_reason=reason)
         return self._event([choice], so_far)
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> str:
         """The last chunk, as OpenAI sends it with ``include_usage``: no choices, the request's usage."""
-        return self._event([], usage(prompt_tokens, completion_tokens), final=True)
+        return self._event([], usage(prompt_tokens, completion_tokens, cached_tokens), final=True)
 
     def _event(self, choices: list[Any], info: UsageInfo, *, final: bool = False) -> str:
         chunk_type: type[BaseModel] = ChatCompletionChunk if self.chat else Completion
@@ -236,13 +241,14 @@ async def stream_events(
     """
     chunks = _ChunkFormat(state, streams[0], body.model, chat=chat, continuous_usage=body.continuous_usage)
     echoing = set(range(len(streams))) if isinstance(body, CompletionRequest) and body.echo else set()
-    completion_tokens = 0
+    completion_tokens, cached = 0, [0] * len(streams)  # cached: each choice's prompt tokens found cached
     try:
         for index, stream in enumerate(streams):
             opening = chunks.opening(index, len(stream.request.prompt_ids))
             if opening is not None:
                 yield opening
         async for index, output in _merged(streams):
+            cached[index] = output.cached_tokens
             if index in echoing:
                 yield chunks.echo(index, list(streams[index].request.prompt_ids), output)
                 echoing.discard(index)
@@ -260,7 +266,7 @@ async def stream_events(
             if body.include_usage:
                 samples = body.samples_per_prompt
                 prompt_tokens = sum(len(stream.request.prompt_ids) for stream in streams[::samples])
-                yield chunks.usage(prompt_tokens, completion_tokens)
+                yield chunks.usage(prompt_tokens, completion_tokens, sum(cached[::samples]))
         yield DONE
     finally:
         for stream in streams:

@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from transformers import PreTrainedTokenizerBase
 
-from server.api.schemas import Integral
+from server.api.schemas import CACHE_SALT_DESCRIPTION, Integral
 
 MAX_PROMPT_CHARS = 200_000
 MAX_PROMPTS = 64  # prompts in one completions request
@@ -105,6 +105,7 @@ class GenerationFields(_Strict):
         None, description="choices per prompt: independent samples (with a seed, sample i uses seed + i)"
     )
     user: str | None = Field(None, max_length=256, description="accepted and ignored")
+    cache_salt: str | None = Field(None, min_length=1, max_length=256, description=CACHE_SALT_DESCRIPTION)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: (

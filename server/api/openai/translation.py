@@ -58,6 +58,7 @@ async def plan(
         min_tokens=body.min_tokens or 0,
         token_ids={"stop_token_ids": body.stop_token_ids or [], "logit_bias": [t for t, _ in body.bias]},
         fanout=Fanout(body.samples_per_prompt, body.choices_per_prompt, *logprob_options(body)),
+        cache_salt=body.cache_salt,
     )
 
 
@@ -142,17 +143,21 @@ async def respond(
     if body.stream:
         return event_stream(stream_events(state, streams, body, http_request, chat=chat))
     results = await finished(http_request, streams)
-    completion_tokens = sum(
-        len(result.token_ids) for _, result in results
-    )  # every sample's, as OpenAI counts
+    # every sample's tokens, as OpenAI counts them; each prompt's cached tokens once
+    completion_tokens = sum(len(result.token_ids) for _, result in results)
+    cached_tokens = sum(result.cached_tokens for _, result in results[::samples])
     http_request.state.completion_tokens = completion_tokens  # for the access log
     if ranked:
         results = best_of(results, samples, body.choices_per_prompt, keep_logprobs=logprobs is not None)
     if chat:
         return await json_answer(
-            lambda: chat_completion(state, results, body.model, plan.prompt_tokens, completion_tokens)
+            lambda: chat_completion(
+                state, results, body.model, plan.prompt_tokens, completion_tokens, cached_tokens
+            )
         )
-    return await json_answer(lambda: completion(state, results, body, plan.prompt_tokens, completion_tokens))
+    return await json_answer(
+        lambda: completion(state, results, body, plan.prompt_tokens, completion_tokens, cached_tokens)
+    )
 
 
 def render_chat(base: BaseLM, messages: list[ChatMessage], variables: dict[str, Any] | None = None) -> str:

@@ -40,6 +40,7 @@ async def generate(
         prompts=[body.prompt],
         new_tokens=NewTokens(asked, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
         stop=body.stop,
+        cache_salt=body.cache_salt,
     )
     sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
     (stream,) = await submit(state, who, plan, [Row(0, sampling)])
@@ -53,7 +54,11 @@ async def generate(
         text=result.text,
         token_ids=result.token_ids,
         finish_reason=result.finish_reason.value,
-        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids)),
+        usage=Usage(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=len(result.token_ids),
+            cached_tokens=result.cached_tokens,
+        ),
     )
 
 
@@ -76,6 +81,7 @@ async def _events(stream: RequestStream, task_id: str | None) -> AsyncIterator[s
                     "usage": {
                         "prompt_tokens": output.prompt_tokens,
                         "completion_tokens": output.completion_tokens,
+                        "cached_tokens": output.cached_tokens,
                     },
                 }
             )

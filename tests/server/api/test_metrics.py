@@ -123,7 +123,10 @@ def test_counters_move_by_what_the_requests_did(server: httpx.Client, llama_base
     assert _value(after, "prefix_cache_resident_bytes") > 0
     assert _value(after, "prefix_load_seconds_count") >= 1
 
-    assert delta("prefill_tokens_total") == prompt  # every prompt token prefilled once
+    cached = sum(usage["cached_tokens"] for usage in usages)  # found cached: not prefilled again
+    assert (
+        delta("prefill_tokens_total") == prompt - cached and delta("prompt_cache_hit_tokens_total") == cached
+    )
     assert delta("engine_steps_total") >= max(usage["completion_tokens"] for usage in usages)
     assert _value(after, "kv_blocks_used") == 0 and _value(after, "kv_bytes_used") == 0  # all given back
     assert _value(after, "kv_blocks_total") > 0 and _value(after, "kv_bytes_total") > 0

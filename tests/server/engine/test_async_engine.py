@@ -41,7 +41,7 @@ class FakePins:
             raise PrefixNotFound(task_id)
         prefix = self.prefixes[task_id]
         record = PrefixRecord(
-            tenant, task_id, f"1-{task_id}", "0" * 64, prefix.num_virtual_tokens, 0, 0.0, "native"
+            tenant, task_id, f"1-{task_id}", prefix.digest, prefix.num_virtual_tokens, 0, 0.0, "native"
         )
         self.pinned += 1
         return PrefixHandle(record, prefix)
