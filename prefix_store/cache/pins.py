@@ -12,9 +12,12 @@ if TYPE_CHECKING:
 
 
 class PrefixPins(Protocol):
-    """What the engine needs of the registry: pin a task's prefix, give the pin back."""
+    """What the engine needs of the registry: pin a task's prefix, pin the same version again (the samples of
+    one request share a version), give a pin back."""
 
     def acquire(self, tenant: str, task_id: str) -> PrefixHandle: ...
+
+    def share(self, handle: PrefixHandle) -> PrefixHandle: ...
 
     def release(self, handle: PrefixHandle) -> None: ...
 

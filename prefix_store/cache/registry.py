@@ -162,6 +162,16 @@ class PrefixRegistry:
         """``acquire`` on the loop's default executor (see ``acquire_async``)."""
         return await acquire_async(self, tenant, task_id)
 
+    def share(self, handle: PrefixHandle) -> PrefixHandle:
+        """Another pin of ``handle``'s version (the same prefix, for another request of the same caller,
+        whatever uploads came since): released on its own, like any handle."""
+        with self._room:
+            if handle._released:
+                raise ValueError(f"{handle!r} was released: it cannot be shared")
+            if handle._entry is not None:
+                handle._entry.pins += 1
+            return PrefixHandle(handle.record, handle.prefix, handle._entry)
+
     def release(self, handle: PrefixHandle) -> None:
         """Unpin ``handle``. A second release of the same handle is ignored (and logged)."""
         with self._room:

@@ -95,8 +95,11 @@ async def submit(
                 cache_salt=plan.cache_salt,
             )
             started += 1
+            shared = streams[0].request.request_id if streams else None  # one prefix version for them all
             streams.append(
-                await state.engine.add_request(request, on_done=slot.rows_ended, on_output=on_output)
+                await state.engine.add_request(
+                    request, on_done=slot.rows_ended, on_output=on_output, prefix_of=shared
+                )
             )
     except BaseException:
         for stream in streams:

@@ -101,6 +101,8 @@ class AsyncEngine:
         request: GenerationRequest,
         on_done: Callable[[], None] | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
+        *,
+        prefix_of: str | None = None,
     ) -> RequestStream:
         """Queue ``request``, loading and pinning its task's prefix first (``request.task_id``).
 
@@ -108,7 +110,8 @@ class AsyncEngine:
         registry's errors (unknown task, store unavailable) before any output is produced.
         ``on_done`` is called exactly once when the request leaves the engine, however it ends
         (also when this call raises). ``on_output`` sees each of its outputs as it is delivered, from
-        the engine's thread (metrics).
+        the engine's thread (metrics). ``prefix_of``: the id of a request whose prefix version this one
+        shares (another sample of the same request), where that one still holds it.
         """
         if not self._accepting:
             if on_done is not None:
@@ -122,15 +125,20 @@ class AsyncEngine:
         except BaseException:
             self._unroute(request.request_id)
             raise
-        version = await self._attach_prefix(request) if request.task_id is not None else None
+        version = await self._attach_prefix(request, prefix_of) if request.task_id is not None else None
         self._wake.set()
         return RequestStream(self, request, route, version)
 
-    async def _attach_prefix(self, request: GenerationRequest) -> str | None:
-        """Pin the task's prefix and give it to the request's record; the version it pinned."""
+    async def _attach_prefix(self, request: GenerationRequest, prefix_of: str | None) -> str | None:
+        """Pin the task's prefix (``prefix_of``'s version, if that request still holds one) and give it to
+        the request's record; the version it pinned."""
         assert self.core.pins is not None and request.task_id is not None
         try:
-            pin = await acquire_async(self.core.pins, request.tenant, request.task_id, executor=self._loader)
+            pin = self.core.shared_pin(prefix_of) if prefix_of is not None else None
+            if pin is None:
+                pin = await acquire_async(
+                    self.core.pins, request.tenant, request.task_id, executor=self._loader
+                )
         except BaseException:  # a failed load, or the caller cancelled (a late pin is given back)
             self.core.discard(request.request_id)
             self._unroute(request.request_id)

@@ -118,6 +118,10 @@ class BlockManager:
             self._hold(block)
         return blocks
 
+    def has(self, name: BlockName) -> bool:
+        """Whether a block is named ``name``."""
+        return name in self._named
+
     def lookup(self, name: BlockName) -> int | None:
         """The block named ``name``, held once more; None if no block has that name."""
         block = self._named.get(name)

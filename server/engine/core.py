@@ -107,6 +107,9 @@ class EngineCore:
         self._vocab_size = (
             base.model.config.vocab_size if head is None else head.weight.shape[0]
         )  # logits' width
+        self._waiting_for_blocks: list[
+            EngineRequest
+        ] = []  # admitted, waiting for another row's prompt blocks
         self._prefilling: list[EngineRequest] = []  # admitted rows with prompt left, oldest first
         self._decoding: list[EngineRequest] = []  # rows past their prompt
         self.prefill_tokens_last_step = 0
@@ -162,6 +165,14 @@ class EngineCore:
             record.pin = pin
             return True
 
+    def shared_pin(self, request_id: str) -> PrefixHandle | None:
+        """Another pin of the prefix version request ``request_id`` holds; None if it holds none (any more)."""
+        with self._lock:
+            record = self.scheduler.get(request_id)
+            if record is None or record.pin is None or self.pins is None:
+                return None
+            return self.pins.share(record.pin)
+
     def abort(self, request_id: str) -> None:
         """End a request at the next step (its final output says ``aborted``)."""
         with self._lock:
@@ -202,14 +213,15 @@ class EngineCore:
     @property
     def rows(self) -> list[EngineRequest]:
         """The admitted rows, decoding ones first (read on the engine thread, or between steps)."""
-        return self._decoding + self._prefilling
+        return self._decoding + self._prefilling + self._waiting_for_blocks
 
     # -- the engine thread --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the outputs it produced (possibly none)."""
         outputs: list[RequestOutput] = []
         self.prompt_cache.run_tasks(self.kv)
-        for record in self._schedule(outputs):
+        waiting, self._waiting_for_blocks = self._waiting_for_blocks, []
+        for record in [*waiting, *self._schedule(outputs)]:
             self._open_row(record, outputs)
         self._drop_finished()  # aborted and expired rows leave before the forward pass
         if not self._forward(outputs):
@@ -225,17 +237,24 @@ class EngineCore:
 
     def _open_row(self, record: EngineRequest, outputs: list[RequestOutput]) -> None:
         """Give an admitted request its row in the KV pool (an encoder-decoder's: its source encoded first),
-        with what the prompt cache holds of its prompt; if that fails, the request alone ends with an error."""
+        with what the prompt cache holds of its prompt; if that fails, the request alone ends with an error.
+        A request whose prompt's next blocks another row is computing waits a step (and finds them)."""
+        if record.tracker.finish_reason is not None:  # ended (aborted, expired) while it waited
+            with self._lock:
+                self._finish(record)
+            return
         try:
-            record.kv = self.prompt_cache.open(
-                self.kv, record, self.base.kind.source(record.request.prompt_ids)
-            )
+            row = self.prompt_cache.open(self.kv, record, self.base.kind.source(record.request.prompt_ids))
         except Exception:
             log.exception("request %s: its row could not be opened; it ends with an error", record.request_id)
             outputs.append(self._output(record, record.tracker.end(FinishReason.ERROR)))
             with self._lock:
                 self._finish(record)
             return
+        if row is None:
+            self._waiting_for_blocks.append(record)
+            return
+        record.kv = row
         if record.request.grammar is not None:
             record.matcher = record.request.grammar.matcher()
             record.matcher.prefetch(self._grammar_pool, self._vocab_size, self.base.device)
@@ -449,6 +468,7 @@ class EngineCore:
                 self._finish(record)
         self._decoding = [r for r in self._decoding if r.tracker.finish_reason is None]
         self._prefilling = [r for r in self._prefilling if r.tracker.finish_reason is None]
+        self._waiting_for_blocks = [r for r in self._waiting_for_blocks if r.tracker.finish_reason is None]
 
     def _finish(self, record: EngineRequest) -> None:
         """The request has left the engine: forget it, give its pin and its KV blocks back (under the lock)."""

@@ -80,6 +80,7 @@ class PagedKVCache:
         self.blocks = BlockManager(self.pool, keep=prompt_cache)
         self.prompt_cache = prompt_cache
         self._prefixes: dict[BlockName, _PrefixInUse] = {}  # prefixes rows read now, by name
+        self._computing: dict[BlockName, RowKV] = {}  # prompt blocks a row is computing now, by their name
 
     def open(
         self,
@@ -108,16 +109,34 @@ class PagedKVCache:
         row = RowKV(prefix, prefix_blocks, source_blocks=source_blocks, source_length=source_length)
         row.prefix_name, row.chain = prefix_name, chain
         if chain is not None and self.prompt_cache:
-            reusable = (len(prompt) - 1) // self.pool.block_size * self.pool.block_size
-            names = chain_names(chain.root, prompt[:reusable], self.pool.block_size)
+            names = self._prompt_names(chain, prompt)
             row.blocks = self.blocks.find(names)
             row.length = len(row.blocks) * self.pool.block_size
             chain.names, chain.tokens = names[: len(row.blocks)], list(prompt[: row.length])
+            row.computing = [name for name in names[len(row.blocks) :] if name not in self._computing]
+            self._computing.update(dict.fromkeys(row.computing, row))
         return row
+
+    def computed_by_another(self, chain: RowChain, prompt: Sequence[int]) -> bool:
+        """Whether the first of ``prompt``'s full blocks that is not cached is being computed by a row now:
+        a row that waits for it finds it cached instead of computing it again (``n`` samples of one
+        prompt, many users of one system prompt arriving together)."""
+        for name in self._prompt_names(chain, prompt):
+            if not self.blocks.has(name):
+                return name in self._computing
+        return False
+
+    def _prompt_names(self, chain: RowChain, prompt: Sequence[int]) -> list[BlockName]:
+        """The names of the full blocks of ``prompt`` a row may find cached: all but its last token's."""
+        reusable = (len(prompt) - 1) // self.pool.block_size * self.pool.block_size
+        return chain_names(chain.root, prompt[:reusable], self.pool.block_size)
 
     def close(self, row: RowKV) -> None:
         """The row has left: its blocks go back (named ones stay cached), its prefix's once no row uses it."""
         self.blocks.release(row.prefix_blocks + row.blocks + row.source_blocks)
+        for name in row.computing:
+            if self._computing.get(name) is row:
+                del self._computing[name]
         if row.prefix_name is not None:
             in_use = self._prefixes[row.prefix_name]
             in_use.rows -= 1
@@ -146,6 +165,8 @@ class PagedKVCache:
                 index, name = full
                 self.blocks.name(row.blocks[index], name, chain.tenant)
                 chain.names.append(name)
+                if self._computing.get(name) is row:
+                    del self._computing[name]
 
     def forget(self, tenant: str) -> int:
         """No later row of ``tenant`` finds its blocks cached (the admin's reset); returns how many were."""

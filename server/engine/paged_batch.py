@@ -49,6 +49,7 @@ class RowKV:
     source_length: int = 0
     prefix_name: BlockName | None = None  # what names the prefix's blocks (None: no prefix)
     chain: RowChain | None = None  # how its own full blocks are named (prompt caching); None: they are not
+    computing: list[BlockName] = field(default_factory=list)  # its prompt blocks other rows may wait for
 
     @property
     def prefix_length(self) -> int:

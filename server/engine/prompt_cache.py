@@ -50,8 +50,10 @@ class PromptCache:
 
     def open(
         self, kv: PagedKVCache, record: EngineRequest, source: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> RowKV:
-        """The record's row, its prompt's cached blocks already its own (``record.prompt_fed`` past them)."""
+    ) -> RowKV | None:
+        """The record's row, its prompt's cached blocks already its own (``record.prompt_fed`` past them);
+        None while another row is computing the first of its prompt's blocks that is not cached yet (ask
+        again at the next step: it will be found)."""
         request = record.request
         conditioning = self._conditioning(record)
         prefix_name = (
@@ -63,6 +65,8 @@ class PromptCache:
             chain = RowChain(root, request.tenant, [], [])
             if request.prompt_logprobs is not None:
                 prompt = ()  # every prompt position is computed: it finds nothing
+            elif kv.computed_by_another(chain, prompt):
+                return None
         row = kv.open(
             record.prefix, source, prefix_name=prefix_name, tenant=request.tenant, chain=chain, prompt=prompt
         )

@@ -113,6 +113,23 @@ def test_hot_swap_new_acquires_get_the_new_version_while_holders_keep_theirs(
     registry.release(fresh)
 
 
+def test_a_shared_pin_keeps_its_version_across_a_swap_until_both_are_released(
+    store: GatedStore, make_registry: Callable[..., PrefixRegistry]
+) -> None:
+    registry = make_registry(prefetch_on_change=False)
+    old, _ = put(store, "t", "task", make_blob(1))
+    first = registry.acquire("t", "task")
+    put(store, "t", "task", make_blob(2))
+    second = registry.share(first)  # another sample of the same request: the same version, not the new one
+    assert second.record == old and second.prefix is first.prefix
+    registry.release(first)
+    assert registry.is_resident(old) and registry.stats().pinned_count == 1  # the share still holds it
+    registry.release(second)
+    assert not registry.is_resident(old) and registry.stats().pinned_count == 0
+    with pytest.raises(ValueError, match="released"):
+        registry.share(second)
+
+
 def test_delete_new_acquires_fail_holders_finish(
     store: GatedStore, make_registry: Callable[..., PrefixRegistry]
 ) -> None:

@@ -46,6 +46,10 @@ class FakePins:
         self.pinned += 1
         return PrefixHandle(record, prefix)
 
+    def share(self, handle: PrefixHandle) -> PrefixHandle:
+        self.pinned += 1
+        return PrefixHandle(handle.record, handle.prefix)
+
     def release(self, handle: PrefixHandle) -> None:
         self.pinned -= 1
         self.releases += 1
@@ -90,6 +94,31 @@ def test_tasks_generate_what_the_engine_gives_their_prefix(llama_base: BaseModel
     assert [r.token_ids for r in results] == expected
     assert versions == ["1-t1", "1-t2", None]
     assert pins.pinned == 0 and engine.num_pinned == 0
+
+
+def test_the_samples_of_one_request_share_one_prefix_version_across_a_swap(
+    llama_base: BaseModel, engine_factory
+) -> None:
+    """A request's samples are submitted one by one; an upload between two of them must not give them
+    different versions: the later ones pin the first one's (``prefix_of``), not the task's current one."""
+    old, new = random_prefix(llama_base, 4, seed=1), random_prefix(llama_base, 4, seed=2)
+    pins = FakePins({"t": old})
+    engine = engine_factory(pins)
+
+    async def run() -> tuple[list[str | None], list[list[int]]]:
+        first = await engine.add_request(_task_request(llama_base, "s0", "t"))
+        pins.prefixes["t"] = new  # a hot swap between the two submissions
+        second = await engine.add_request(_task_request(llama_base, "s1", "t"), prefix_of="s0")
+        unshared = await engine.add_request(_task_request(llama_base, "u", "t"))
+        streams = [first, second, unshared]
+        results = [await stream.result() for stream in streams]
+        return [stream.prefix_version for stream in streams], [r.token_ids for r in results]
+
+    versions, tokens = asyncio.run(run())
+    assert versions == ["1-t", "1-t", "1-t"] and pins.loads == 2  # the sample shared the first's pin
+    assert tokens[0] == tokens[1] != tokens[2]
+    expected = generate(llama_base, [request(llama_base, "x", "Once upon a time", old)])[0].token_ids
+    assert tokens[1] == expected and pins.pinned == 0
 
 
 def test_unknown_task_and_too_long_raise_before_any_output_and_leave_nothing(

@@ -172,3 +172,32 @@ def test_prompt_logprobs_are_computed_not_found(base: BaseModel) -> None:
     assert [e and e.logprob for e in result.prompt_logprobs] == [
         e and e.logprob for e in cold.prompt_logprobs
     ]
+
+
+def test_rows_admitted_together_compute_a_shared_prompt_head_once(base: BaseModel) -> None:
+    """Four requests of one 40-token prompt in one step (the samples of one request, or users of one system
+    prompt arriving together): the first computes its two full blocks, the others wait a step or two and
+    find them, generating what they would have computed."""
+    head = prompt(9, 40)
+    core = engine(base)
+    requests = [ask(f"s{i}", head, sampling=SamplingParams(temperature=0.8, seed=i)) for i in range(4)]
+    results = run(core, requests)
+    assert [r.cached_tokens for r in results] == [0, 32, 32, 32]
+    assert core.stats().prefill_tokens == 40 + 3 * 8
+    cold = run(engine(base, prompt_cache=False), requests)
+    assert [r.token_ids for r in results] == [r.token_ids for r in cold]
+
+
+def test_a_row_waiting_for_anothers_blocks_computes_them_if_that_one_leaves(base: BaseModel) -> None:
+    head = prompt(10, 64)
+    core = engine(base, prefill_chunk_tokens=16, prefill_step_tokens=16)  # one block a step
+    leader, follower = ask("leader", head), ask("follower", [*head, 1, 2, 3])
+    core.add_request(leader)
+    core.step()  # the leader's first block
+    core.add_request(follower)
+    core.step()  # the follower finds one block and waits for the next, which the leader computes
+    assert [r.request_id for r in core.rows] == ["leader", "follower"] and core.rows[1].kv is None
+    core.abort("leader")  # gone with two of its four blocks named: the follower computes the other two
+    (result,) = collect_results(core, [follower])
+    assert result.cached_tokens == 32
+    assert result.token_ids == run(engine(base, prompt_cache=False), [follower])[0].token_ids
