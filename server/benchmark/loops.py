@@ -30,9 +30,11 @@ class System(Protocol):
 class EngineSystem:
     """The engine core, continuous batching (or static batching: new rows only into an empty batch)."""
 
-    def __init__(self, base: BaseModel, *, max_batch_size: int, static: bool = False) -> None:
+    def __init__(
+        self, base: BaseModel, *, max_batch_size: int, static: bool = False, prompt_cache: bool = True
+    ) -> None:
         config = SchedulerConfig(max_batch_size=max_batch_size, max_batch_tokens=1 << 16, max_waiting=1 << 16)
-        self.core = EngineCore(base, config, static_batching=static)
+        self.core = EngineCore(base, config, static_batching=static, prompt_cache=prompt_cache)
 
     def submit(self, request: GenerationRequest) -> None:
         self.core.add_request(request)

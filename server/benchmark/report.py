@@ -18,6 +18,7 @@ from server.benchmark.tables import (
     long_prompt_table,
     markdown,
     number,
+    prompt_cache_table,
     report_tables,
     store_rows,
 )
@@ -61,6 +62,9 @@ def write_report(report: Mapping[str, Any], out_dir: Path, *, plots: bool = True
     if report.get("long_prompts"):
         rows = [{"measurement": m, "value": v} for m, v in long_prompt_table(report["long_prompts"]).rows]
         written.append(_write_csv(out_dir / "long-prompts.csv", rows))
+    if report.get("prompt_cache"):
+        rows = [{"measurement": m, "value": v} for m, v in prompt_cache_table(report["prompt_cache"]).rows]
+        written.append(_write_csv(out_dir / "prompt-cache.csv", rows))
     if report.get("store"):
         written.append(_write_csv(out_dir / "store.csv", store_rows(report["store"])))
     if report.get("memory"):

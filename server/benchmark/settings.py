@@ -53,6 +53,18 @@ class LongPromptSpec:
     decode_rows: int = 16
 
 
+@dataclass(frozen=True)
+class PromptCacheSpec:
+    """The ``prompt-cache`` section's workload (``server.benchmark.prompt_cache``)."""
+
+    rows: int = 16  # clients sharing the system prompt; rows of one task
+    system_tokens: int = 1594  # 1,636 tokens with a user turn, as in the issue's chat
+    turn_tokens: int = 42
+    new_tokens: int = 16
+    chat_turns: int = 8
+    prefix_tokens: tuple[int, ...] = (200, 1600)
+
+
 SECTIONS = (
     "baselines",
     "concurrency",
@@ -61,6 +73,7 @@ SECTIONS = (
     "cache-budget",
     "http",
     "long-prompts",
+    "prompt-cache",
     "store",
     "memory",
 )
@@ -90,6 +103,7 @@ class BenchSettings:
     sections: tuple[str, ...] = SECTIONS
     memory_budget_bytes: int = 4 << 30
     long_prompts: LongPromptSpec = field(default_factory=LongPromptSpec)
+    prompt_cache: PromptCacheSpec = field(default_factory=PromptCacheSpec)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -112,4 +126,5 @@ QUICK = {  # `--quick`: every section on a tiny model in well under a minute (a 
     "long_prompts": LongPromptSpec(
         short_requests=3, short_tokens=8, long_tokens=300, new_tokens=4, joining_tokens=600, shared_rows=4
     ),
+    "prompt_cache": PromptCacheSpec(rows=4, system_tokens=200, turn_tokens=12, new_tokens=4, chat_turns=3),
 }

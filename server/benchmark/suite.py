@@ -19,6 +19,7 @@ from server.benchmark.long_prompts import long_prompts
 from server.benchmark.memory import memory_table
 from server.benchmark.models import build_model
 from server.benchmark.over_http import http_vs_in_process
+from server.benchmark.prompt_cache import prompt_cache
 from server.benchmark.remote import RemoteTarget, measure_server, requests_per_point
 from server.benchmark.settings import BenchSettings
 from server.benchmark.store_costs import measure_stores
@@ -66,6 +67,8 @@ def run_in_process(settings: BenchSettings, log: Log) -> dict[str, Any]:
             report["http"] = http_vs_in_process(base, settings, workdir, log)
         if "long-prompts" in sections:
             report["long_prompts"] = long_prompts(base, settings, log)
+        if "prompt-cache" in sections:
+            report["prompt_cache"] = prompt_cache(base, settings, log)
         if "store" in sections:
             urls = {"filesystem": (workdir / "store-costs").as_uri()}
             if settings.redis_url:

@@ -77,6 +77,8 @@ def report_tables(report: Mapping[str, Any]) -> list[ReportTable]:
         tables.append(ReportTable("HTTP vs in-process (same run)", columns, rows, text_columns=0))
     if report.get("long_prompts"):
         tables.append(long_prompt_table(report["long_prompts"]))
+    if report.get("prompt_cache"):
+        tables.append(prompt_cache_table(report["prompt_cache"]))
     if report.get("store"):
         rows = [
             [r["backend"], *(number(v) for k, v in r.items() if k != "backend")]
@@ -247,3 +249,35 @@ def long_prompt_table(section: Mapping[str, Any]) -> ReportTable:
         ],
     ]
     return ReportTable("long prompts and the paged KV cache (same run)", ["measurement", "value"], rows)
+
+
+def prompt_cache_table(section: Mapping[str, Any]) -> ReportTable:
+    """The ``prompt-cache`` section as measurement / value rows."""
+    spec, shared, ttft, chat = section["spec"], section["shared_system"], section["ttft"], section["chat"]
+    users = f"{spec['rows']} users, a {spec['system_tokens']}-token system prompt + {spec['turn_tokens']}-token turns"
+    rows = [
+        [f"{users}: the turns alone s", number(shared["alone_wall_s"])],
+        ["with the system prompt, fresh engine (computed once) s / x", _times(shared, "cold")],
+        ["with the system prompt, cached s / x", _times(shared, "cached")],
+        [
+            "TTFT p50 one at a time: short prompt / with the cached system prompt s",
+            f"{number(ttft['short_ttft_p50_s'])} / {number(ttft['cached_ttft_p50_s'])} ({number(ttft['ratio'])}x)",
+        ],
+        [
+            f"chat of {spec['chat_turns']} turns: TTFT last / first turn, cached (uncached)",
+            f"{number(chat['cached']['last_over_first'])} ({number(chat['uncached']['last_over_first'])})",
+        ],
+        ["prompts sharing nothing: throughput cache on / off", number(section["distinct"]["on_over_off"])],
+        *(
+            [
+                f"{spec['rows']} rows of one task, {length}-token prefix / none, throughput",
+                number(part["ratio"]),
+            ]
+            for length, part in section["task_prefix"].items()
+        ),
+    ]
+    return ReportTable("prompt caching and shared heads (same run)", ["measurement", "value"], rows)
+
+
+def _times(shared: Mapping[str, Any], name: str) -> str:
+    return f"{number(shared[f'{name}_wall_s'])} / {number(shared[f'{name}_over_alone'])}x"

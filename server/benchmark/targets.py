@@ -52,7 +52,11 @@ def evaluate(report: Mapping[str, Any], concurrency: int) -> list[Target]:
     systems = report.get("baselines", {})
     curves = report.get("curves", {})
     http = {row["clients"]: row for row in report.get("http", [])}
-    return [*_throughput_targets(systems, curves, http, concurrency), *_long_prompt_targets(report)]
+    return [
+        *_throughput_targets(systems, curves, http, concurrency),
+        *_long_prompt_targets(report),
+        *_prompt_cache_targets(report.get("prompt_cache")),
+    ]
 
 
 def _throughput_targets(
@@ -143,4 +147,39 @@ def _long_prompt_targets(report: Mapping[str, Any]) -> list[Target]:
             value("decode", "dense_over_paged"),
             0.95,
         ),
+    ]
+
+
+def _prompt_cache_targets(section: Mapping[str, Any] | None) -> list[Target]:
+    """The ``prompt-cache`` section's targets (#33)."""
+
+    def value(part: str, key: str) -> float | None:
+        return section[part][key] if section else None
+
+    def prefix(length: str) -> float | None:
+        part = section["task_prefix"].get(length) if section else None
+        return part["ratio"] if part else None
+
+    return [
+        Target(
+            "requests sharing a cached system prompt / the same requests without it, wall time",
+            value("shared_system", "cached_over_alone"),
+            3.0,
+            True,
+        ),
+        Target(
+            "TTFT p50 with the cached system prompt / a short prompt's, one at a time",
+            value("ttft", "ratio"),
+            3.0,
+            True,
+        ),
+        Target(
+            "a chat's last turn TTFT / its first turn's (history resent each turn)",
+            section["chat"]["cached"]["last_over_first"] if section else None,
+            1.5,
+            True,
+        ),
+        Target("prompts sharing nothing: cache on / off, throughput", value("distinct", "on_over_off"), 0.97),
+        Target("rows of one task: 200-token prefix / none, throughput", prefix("200"), 0.9),
+        Target("rows of one task: 1,600-token prefix / none, throughput", prefix("1600"), 0.5),
     ]

@@ -26,7 +26,7 @@ import torch
 from prefix_store.cache.pins import PrefixPins
 from prefix_store.cache.registry import PrefixHandle
 from server.engine.base_model import BaseModel
-from server.engine.engine_request import EngineRequest
+from server.engine.engine_request import EngineRequest, conditioning
 from server.engine.kv_cache import KVCacheStats, PagedKVCache, blocks_for_reservations, reservations_held
 from server.engine.kv_pool import KVPool
 from server.engine.lifecycle import FinishReason, RequestStatus
@@ -140,6 +140,9 @@ class EngineCore:
             cost_tokens=token_cost(request, prefix_length),
             status=RequestStatus.WAITING if prefix_ready else RequestStatus.WAITING_FOR_PREFIX,
         )
+        if request.prefix is not None and prefix_ready:
+            record.shared_key = f"{request.tenant}|{record.conditioning}"
+            record.shared_tokens = prefix_length
         with self._lock:
             self.scheduler.add(record)
 
@@ -158,7 +161,8 @@ class EngineCore:
             prefix_length = pin.prefix.num_virtual_tokens
             try:
                 check_fits(self.base, record.request, prefix_length)
-                self.scheduler.prefix_ready(request_id, extra_cost_tokens=prefix_length)
+                shared_key = f"{record.tenant}|{conditioning(pin, None)}"
+                self.scheduler.prefix_ready(request_id, prefix_length, shared_key)
             except ValueError:
                 self.scheduler.finish(request_id)
                 raise

@@ -30,6 +30,9 @@ class EngineRequest:
     tracker: CompletionTracker  # tokens, text, stop criteria, finish reason
     cost_tokens: int  # prefix + prompt + max_new_tokens (``token_cost``): what the row may occupy
     status: RequestStatus
+    # rows of one tenant on one prefix content hold its blocks once: its tokens are reserved once for them all
+    shared_key: str | None = None
+    shared_tokens: int = 0  # of ``cost_tokens``, the prefix's
     pin: PrefixHandle | None = None  # the task's prefix, pinned in the device cache until the request ends
     generator: torch.Generator | None = None  # seeded sampling's random state, made on first use
     reported: int = 0  # tokens already handed out in outputs
@@ -64,6 +67,21 @@ class EngineRequest:
         return self.request.deadline
 
     @property
+    def conditioning(self) -> str:
+        """What conditions the row's keys and values besides the base model and its tokens (``conditioning``)."""
+        return conditioning(self.pin, self.request.prefix)
+
+    @property
     def prefix(self) -> Prefix | None:
         """The pinned task's prefix, else the one an in-process caller gave, else None (the base model)."""
         return self.pin.prefix if self.pin is not None else self.request.prefix
+
+
+def conditioning(pin: PrefixHandle | None, prefix: Prefix | None) -> str:
+    """A row's conditioning by content: a pinned task version's kind and sha256 (never the task's name: a
+    hot swap keeps the name and changes the content), an in-process prefix's digest, or "base"."""
+    if pin is not None:
+        return f"{pin.record.kind}:{pin.record.sha256}"
+    if prefix is not None:
+        return f"prefix:{prefix.digest}"
+    return "base"

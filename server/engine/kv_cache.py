@@ -46,8 +46,9 @@ class KVCacheStats:
 
 def blocks_for_reservations(max_tokens: int, max_rows: int, block_size: int = BLOCK_SIZE) -> int:
     """Pool blocks that ``max_tokens`` reserved tokens over at most ``max_rows`` rows (the scheduler's
-    budget, each row's prefix counted in full) can never run out of: each row's own blocks and each
-    distinct prefix round up to whole blocks, one partial block each at most; plus the scratch block."""
+    budget, a prefix counted once for the rows of one tenant that share it) can never run out of: each
+    row's own blocks and each distinct prefix round up to whole blocks, one partial block each at most;
+    plus the scratch block."""
     return -(-max_tokens // block_size) + 2 * max_rows + 1
 
 

@@ -26,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from server.engine.model_support import UnsupportedModel
+from server.engine.shared_head import SharedHead, attend_shared_head
 
 ATTENTION = "prefix_serve_paged"
 
@@ -65,6 +66,7 @@ class AttentionGroup:
     query_positions: torch.Tensor  # [b, 1, Q, 1] each query's cache position (the prefix holds 0…P-1)
     key_positions: torch.Tensor  # [b, 1, 1, S] each slot's cache position
     dtype: torch.dtype  # the masks'
+    shared_head: SharedHead | None = None  # the leading blocks every row's table begins with, if read once
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _biased: torch.Tensor | None = None  # the ALiBi or relative-bias mask, once built (one model has one)
 
@@ -130,18 +132,23 @@ class PagedAttention:
         kwargs.pop("position_bias", None)  # a dense batch's: the groups know each row's positions
         output = None
         for group in self.cross_groups if role is not None and role.cross else self.groups:
-            shape = (group.size, group.columns, kv_heads, dim)
-            k = keys.index_select(0, group.read_blocks).view(shape).transpose(1, 2)  # [b, H_kv, S, D]
-            v = values.index_select(0, group.read_blocks).view(shape).transpose(1, 2)
             read = packed if group.query_tokens is None else packed.index_select(1, group.query_tokens)
             q = read.reshape(heads, group.size, group.queries, dim).transpose(0, 1)  # [b, H, Q, D]
-            if alibi_slopes is not None:
-                mask = group.alibi_mask(alibi_slopes)
-            elif role is not None and role.relative_bias is not None:
-                mask = group.bias_mask(role.relative_bias)
+            plain = alibi_slopes is None and sliding_window is None and kwargs.get("softcap") is None
+            if group.shared_head is not None and plain and (role is None or role.relative_bias is None):
+                attended = attend_shared_head(q, keys, values, group.shared_head, kwargs.get("scaling"))
             else:
-                mask = group.mask(sliding_window)
-            attended = _attend(module, q, k, v, mask, **kwargs).reshape(-1, heads, dim)  # [b * Q, H, D]
+                shape = (group.size, group.columns, kv_heads, dim)
+                k = keys.index_select(0, group.read_blocks).view(shape).transpose(1, 2)  # [b, H_kv, S, D]
+                v = values.index_select(0, group.read_blocks).view(shape).transpose(1, 2)
+                if alibi_slopes is not None:
+                    mask = group.alibi_mask(alibi_slopes)
+                elif role is not None and role.relative_bias is not None:
+                    mask = group.bias_mask(role.relative_bias)
+                else:
+                    mask = group.mask(sliding_window)
+                attended = _attend(module, q, k, v, mask, **kwargs)
+            attended = attended.reshape(-1, heads, dim)  # [b * Q, H, D]
             if group.query_tokens is None:
                 return attended.view(1, tokens, heads, dim)
             if group.real_queries is not None:

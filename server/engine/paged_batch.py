@@ -33,7 +33,11 @@ from prefix_store.prefix import Prefix
 from server.engine.block_manager import BlockName, RowChain
 from server.engine.kv_pool import SCRATCH_BLOCK, KVPool
 from server.engine.paged_attention import AttentionGroup, PagedAttention
-from server.engine.prefill_groups import length_groups
+from server.engine.prefill_groups import length_groups, pass_groups
+from server.engine.shared_head import SharedHead
+
+# rows whose tables begin with this many tokens' blocks in common read them once (``shared_head``)
+MIN_SHARED_HEAD_TOKENS = 64
 
 
 @dataclass
@@ -132,19 +136,17 @@ class PagedBatch:
         self.last_inputs = (first + fed - 1).to(device)  # [B] the packed index each row's logits are read at
 
         tables = [row.table for row in rows]
-        decoding = [i for i in range(batch) if self.fed[i] == 1]
-        prefilling = [i for i in range(batch) if self.fed[i] > 1]
-        groups = [
-            *length_groups(decoding, lambda i: len(tables[i]) * bs),
-            *length_groups(prefilling, lambda i: self.fed[i]),
-        ]
+        groups = pass_groups(tables, self.fed, bs, -(-MIN_SHARED_HEAD_TOKENS // bs))
         layout = _Layout(fed, first, starts, prefix_lengths, bs, pool.keys[0].dtype, device)
         sources = [row.source_blocks for row in rows]
         cross_groups = length_groups(range(batch), lambda i: len(sources[i])) if any(sources) else []
         self.paged = PagedAttention(
             pool.keys,
             pool.values,
-            [layout.group(sorted(group), tables, rows, whole=len(groups) == 1) for group in groups],
+            [
+                layout.group(sorted(group), tables, rows, whole=len(groups) == 1, head_blocks=head)
+                for group, head in groups
+            ],
             [layout.cross_group(sorted(group), rows, whole=len(cross_groups) == 1) for group in cross_groups],
             positions=self.input_positions,
         )
@@ -186,10 +188,17 @@ class _Layout:
     device: torch.device
 
     def group(
-        self, members: list[int], tables: list[list[int]], rows: Sequence[RowKV], *, whole: bool
+        self,
+        members: list[int],
+        tables: list[list[int]],
+        rows: Sequence[RowKV],
+        *,
+        whole: bool,
+        head_blocks: int = 0,
     ) -> AttentionGroup:
         """The attention group of batch rows ``members`` (``whole``: every row of the pass) over their own
-        caches: their queries, gathered tables and mask."""
+        caches: their queries, gathered tables and mask; with ``head_blocks``, the leading blocks of their
+        tables, which they all share, are also laid out to be read once."""
         bs = self.block_size
         queries = self._queries(members, whole)
         index = queries.own_index[:, :, None]  # [b, Q, 1]
@@ -209,6 +218,26 @@ class _Layout:
             query_positions=(prefix_lengths[:, None] + index)[:, None].to(self.device),
             key_positions=key_positions[:, None].to(self.device),
             dtype=self.dtype,
+            shared_head=self._shared_head(members, tables, allowed, head_blocks) if head_blocks else None,
+        )
+
+    def _shared_head(
+        self, members: list[int], tables: list[list[int]], allowed: torch.Tensor, head_blocks: int
+    ) -> SharedHead:
+        """The head blocks rows ``members`` share and their tails; ``allowed`` ``[b, Q, S]``: the group's."""
+        head_columns = head_blocks * self.block_size
+        minimum = torch.finfo(self.dtype).min
+
+        def additive(where: torch.Tensor) -> torch.Tensor:
+            mask = torch.zeros(where.shape, dtype=self.dtype)
+            return mask.masked_fill_(~where, minimum).to(self.device)
+
+        return SharedHead(
+            blocks=torch.tensor(tables[members[0]][:head_blocks], device=self.device),
+            mask=additive(allowed[:, :, :head_columns].reshape(-1, head_columns)),
+            tail_blocks=self._read_blocks([tables[i][head_blocks:] for i in members]),
+            tail_columns=allowed.shape[2] - head_columns,
+            tail_mask=additive(allowed[:, None, :, head_columns:]),
         )
 
     def cross_group(self, members: list[int], rows: Sequence[RowKV], *, whole: bool) -> AttentionGroup:

@@ -55,7 +55,7 @@ class PromptCache:
         None while another row is computing the first of its prompt's blocks that is not cached yet (ask
         again at the next step: it will be found)."""
         request = record.request
-        conditioning = self._conditioning(record)
+        conditioning = record.conditioning
         prefix_name = (
             root_name(self._model, request.tenant, conditioning) if record.prefix is not None else None
         )
@@ -96,11 +96,3 @@ class PromptCache:
 
     def stats(self) -> PromptCacheStats:
         return PromptCacheStats(self.queried_tokens, self.hit_tokens)
-
-    @staticmethod
-    def _conditioning(record: EngineRequest) -> str:
-        if record.pin is not None:  # the stored version's content
-            return f"{record.pin.record.kind}:{record.pin.record.sha256}"
-        if record.request.prefix is not None:
-            return f"prefix:{record.request.prefix.digest}"
-        return "base"

@@ -53,6 +53,8 @@ class Schedulable(Protocol):
 
     cost_tokens: int  # prefix + prompt + max_new_tokens: the most this row can occupy
     status: RequestStatus
+    shared_key: str | None  # rows with one key hold ``shared_tokens`` of their cost once (a prefix's blocks)
+    shared_tokens: int
 
     @property
     def request_id(self) -> str: ...
@@ -113,8 +115,9 @@ class Scheduler(Generic[R]):
         self.config = config
         self._tenants: OrderedDict[str, _TenantQueue[R]] = OrderedDict()  # turn order of tenants
         self._requests: dict[str, R] = {}
-        self._running_tokens = 0
+        self._running_tokens = 0  # reserved by the running rows, what they share counted once
         self._running = 0
+        self._sharing: dict[str, int] = {}  # running rows per shared key
         self._aborts: list[str] = []
         self._turn: str | None = None  # the tenant whose deficit round-robin turn is in progress
 
@@ -130,12 +133,14 @@ class Scheduler(Generic[R]):
         tenant = self._tenants.setdefault(request.tenant, _TenantQueue())
         tenant.tasks.setdefault(request.task_id, deque()).append(request)
 
-    def prefix_ready(self, request_id: str, extra_cost_tokens: int = 0) -> None:
-        """The request's prefix is resident and pinned (``extra_cost_tokens`` long): it may be admitted."""
+    def prefix_ready(self, request_id: str, prefix_tokens: int = 0, shared_key: str | None = None) -> None:
+        """The request's prefix is resident and pinned (``prefix_tokens`` long; running rows with the same
+        ``shared_key`` hold its blocks once): it may be admitted."""
         request = self._requests.get(request_id)
         if request is not None and request.status is RequestStatus.WAITING_FOR_PREFIX:
-            self._check_cost(request.cost_tokens + extra_cost_tokens)
-            request.cost_tokens += extra_cost_tokens
+            self._check_cost(request.cost_tokens + prefix_tokens)
+            request.cost_tokens += prefix_tokens
+            request.shared_key, request.shared_tokens = shared_key, prefix_tokens
             request.status = RequestStatus.WAITING
 
     def abort(self, request_id: str) -> None:
@@ -150,7 +155,12 @@ class Scheduler(Generic[R]):
             return
         if request.status is RequestStatus.RUNNING:
             self._running -= 1
-            self._running_tokens -= request.cost_tokens
+            self._running_tokens -= request.cost_tokens - request.shared_tokens
+            if request.shared_key is not None:
+                self._sharing[request.shared_key] -= 1
+                if not self._sharing[request.shared_key]:
+                    del self._sharing[request.shared_key]
+                    self._running_tokens -= request.shared_tokens
         else:
             tenant = self._tenants[request.tenant]
             tenant.remove(request)
@@ -241,13 +251,20 @@ class Scheduler(Generic[R]):
     def _fits(self, request: R) -> bool:
         return (
             self._running < self.config.max_batch_size
-            and self._running_tokens + request.cost_tokens <= self.config.max_batch_tokens
+            and self._running_tokens + self._charge(request) <= self.config.max_batch_tokens
         )
+
+    def _charge(self, request: R) -> int:
+        """What admitting ``request`` adds to the reservations: its cost, less what a running row shares."""
+        shared = request.shared_key is not None and request.shared_key in self._sharing
+        return request.cost_tokens - request.shared_tokens if shared else request.cost_tokens
 
     def _start(self, tenant: _TenantQueue[R], request: R) -> None:
         tenant.remove(request)  # an emptied tenant leaves the turn order at the end of its turn
         tenant.rotate_task(request.task_id)
         tenant.deficit -= request.cost_tokens
+        self._running_tokens += self._charge(request)
+        if request.shared_key is not None:
+            self._sharing[request.shared_key] = self._sharing.get(request.shared_key, 0) + 1
         request.status = RequestStatus.RUNNING
         self._running += 1
-        self._running_tokens += request.cost_tokens

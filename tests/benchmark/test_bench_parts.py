@@ -246,6 +246,7 @@ def test_targets_pass_fail_and_not_run() -> None:
         (pytest.approx(0.92), "PASS"),
         (None, "not run"),  # no tasks curve
         *[(None, "not run")] * 5,  # no long-prompts section
+        *[(None, "not run")] * 6,  # no prompt-cache section
     ]
 
 
@@ -353,3 +354,25 @@ def test_markdown_tables_align_numbers_right_and_escape_pipes() -> None:
 def test_devices_are_checked_before_the_model_is_built(device: str, problem: str | None) -> None:
     found = device_problem(device)
     assert found is None if problem is None else problem in found
+
+
+def test_prompt_cache_targets_bound_the_cost_of_sharing_and_of_the_cache() -> None:
+    def rounds(**figures: float) -> dict:
+        return {**figures, "rounds": [figures]}
+
+    section = {
+        "shared_system": rounds(cold_over_alone=3.5, cached_over_alone=2.5),
+        "ttft": rounds(ratio=3.5),
+        "chat": {"cached": {"last_over_first": 1.2}, "uncached": {"last_over_first": 6.0}},
+        "distinct": rounds(on_over_off=0.98),
+        "task_prefix": {"200": rounds(ratio=0.85), "1600": rounds(ratio=0.6)},
+    }
+    verdicts = [(t.value, t.threshold, t.at_most, t.verdict) for t in evaluate({"prompt_cache": section}, 16)]
+    assert verdicts[-6:] == [
+        (2.5, 3.0, True, "PASS"),
+        (3.5, 3.0, True, "FAIL"),
+        (1.2, 1.5, True, "PASS"),
+        (0.98, 0.97, False, "PASS"),
+        (0.85, 0.9, False, "FAIL"),
+        (0.6, 0.5, False, "PASS"),
+    ]

@@ -91,7 +91,7 @@ def test_targets_are_the_ratios_of_the_same_run(quick_run: tuple[int, Path]) -> 
     _, out = quick_run
     report = json.loads((out / "report.json").read_text())
     targets = {t["name"]: t for t in report["targets"]}
-    assert len(targets) == 14
+    assert len(targets) == 20
     tps = {name: s["tokens_per_s"] for name, s in report["baselines"].items()}
     mixed_vs_one = next(t for name, t in targets.items() if name.startswith("mixed tasks / one task"))
     assert mixed_vs_one["value"] == pytest.approx(tps["engine-mixed"] / tps["engine-one-task"])
@@ -139,10 +139,12 @@ def test_tables_are_written_as_csv_and_curves_as_plots(quick_run: tuple[int, Pat
     text = (out / "report.md").read_text()
     for title in ("**systems (same run)**", "**curve: cache-budget**", "**prefix memory", "**targets**"):
         assert title in text
-    assert text.count("| PASS |") + text.count("| FAIL |") == 14
+    assert text.count("| PASS |") + text.count("| FAIL |") == 20
     assert "| engine-soft-prompts |" in text and "**soft prompts: keys and values computed once" in text
     with (out / "long-prompts.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 11
+    with (out / "prompt-cache.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 6 + len(QUICK["prompt_cache"].prefix_tokens)
 
 
 def test_the_long_prompt_section_measures_what_it_says(quick_run: tuple[int, Path]) -> None:
@@ -166,6 +168,26 @@ def test_the_long_prompt_section_measures_what_it_says(quick_run: tuple[int, Pat
     assert memory["prompt_tokens"] == spec.joining_tokens and memory["kv_bytes"] > 0
     decode = section["decode"]
     assert decode["paged_pass_ms"] > 0 and decode["dense_pass_ms"] > 0 and decode["engine_step_ms"] > 0
+
+
+def test_the_prompt_cache_section_measures_what_it_says(quick_run: tuple[int, Path]) -> None:
+    _, out = quick_run
+    section = json.loads((out / "report.json").read_text())["prompt_cache"]
+    spec = QUICK["prompt_cache"]
+    shared = section["shared_system"]
+    assert shared["cold_over_alone"] == pytest.approx(
+        statistics.median(r["cold_wall_s"] / r["alone_wall_s"] for r in shared["rounds"])
+    )
+    assert len(shared["rounds"]) == QUICK["repeats"]
+    chat = section["chat"]
+    for name in ("cached", "uncached"):
+        assert len(chat[name]["ttft_s"]) == spec.chat_turns
+        assert chat[name]["history_tokens"] == spec.chat_turns * (spec.turn_tokens + spec.new_tokens)
+    # each turn after the first finds the full blocks of the history it resends; without the cache, none
+    assert chat["cached"]["hit_tokens"] > 0 and chat["uncached"]["hit_tokens"] == 0
+    assert list(section["task_prefix"]) == [str(n) for n in spec.prefix_tokens]
+    ttft = section["ttft"]
+    assert ttft["ratio"] == pytest.approx(statistics.median(r["ratio"] for r in ttft["rounds"]))
 
 
 def test_store_section_measures_a_real_redis(tmp_path: Path) -> None:

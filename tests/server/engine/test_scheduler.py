@@ -20,6 +20,8 @@ class ScheduledRequest:
     cost_tokens: int
     deadline: float | None
     status: RequestStatus = RequestStatus.WAITING_FOR_PREFIX
+    shared_key: str | None = None
+    shared_tokens: int = 0
 
 
 def _request(
@@ -101,7 +103,7 @@ def test_requests_wait_for_their_prefix() -> None:
     assert scheduler.schedule(now=0).admitted == ["warm"]
     assert scheduler.get("cold").status is RequestStatus.WAITING_FOR_PREFIX
     assert scheduler.schedule(now=1).admitted == []
-    scheduler.prefix_ready("cold", extra_cost_tokens=20)
+    scheduler.prefix_ready("cold", prefix_tokens=20)
     assert scheduler.schedule(now=2).admitted == ["cold"]
     assert scheduler.get("cold").status is RequestStatus.RUNNING
 
@@ -142,3 +144,32 @@ def test_nothing_is_left_behind() -> None:
         for request_id in scheduler.schedule(now=0).admitted:
             scheduler.finish(request_id)
     assert scheduler._requests == {} and len(scheduler._tenants) == 0
+
+
+def test_rows_sharing_a_prefix_reserve_it_once() -> None:
+    """Rows of one tenant on one prefix content reserve its tokens once: four rows of a 300-token prefix
+    and 100 tokens each fit a 700-token budget (1,600 if each paid for the prefix); another tenant's or
+    another content's rows pay again; the prefix's tokens are given back with its last row."""
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=16, max_batch_tokens=700, quantum_tokens=10_000))
+
+    def on_prefix(request_id: str, key: str) -> ScheduledRequest:
+        request = _request(request_id, key.split("|")[0], cost=100)
+        request.status = RequestStatus.WAITING_FOR_PREFIX
+        scheduler.add(request)
+        scheduler.prefix_ready(request_id, 300, key)
+        return request
+
+    rows = [on_prefix(f"r{i}", "acme|sha:1") for i in range(4)]
+    assert scheduler.schedule(now=0).admitted == ["r0", "r1", "r2", "r3"]  # 300 + 4 x 100
+    on_prefix("other-content", "acme|sha:2")
+    on_prefix("other-tenant", "globex|sha:1")
+    assert scheduler.schedule(now=1).admitted == []  # each would reserve 400 more
+    for row in rows[:3]:
+        scheduler.finish(row.request_id)
+    assert scheduler.schedule(now=2).admitted == []  # 300 + 100 held by the last row: 400 + 400 > 700
+    scheduler.finish("r3")
+    assert scheduler.schedule(now=3).admitted == ["other-content"]  # the shared 300 went with the last row
+    scheduler.finish("other-content")
+    assert scheduler.schedule(now=4).admitted == ["other-tenant"]
+    scheduler.finish("other-tenant")
+    assert scheduler._running_tokens == 0
