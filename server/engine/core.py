@@ -290,12 +290,9 @@ class EngineCore:
         for decoding, group, every_position in passes:
             records = [*decoding, *(chunk.row for chunk in group)]
             inputs = [[r.next_token] for r in decoding] + [
-                chunk.row.decoder_prompt[chunk.row.prompt_fed : chunk.row.prompt_fed + chunk.tokens]
-                for chunk in group
+                chunk.row.decoder_prompt[chunk.row.num_computed_tokens :][: chunk.tokens] for chunk in group
             ]
             batch = self.kv.batch([r.kv for r in records], inputs)
-            for chunk in group:
-                chunk.row.prompt_fed += chunk.tokens
             done = [len(decoding) + i for i, chunk in enumerate(group) if chunk.last]
             sampled = [*range(len(decoding)), *(i for i in done if records[i].request.max_new_tokens > 0)]
             self._run(batch, records, outputs, sampled=sampled, every_position=every_position)
@@ -449,7 +446,7 @@ class EngineCore:
         """The logprobs of the prompt tokens that ``logits`` ``[c, V]`` (at the c tokens just fed) predict:
         position j of the chunk gives the next prompt token's."""
         prompt, fed = record.decoder_prompt, logits.shape[0]
-        start = record.prompt_fed - fed  # the chunk's first prompt index
+        start = record.num_computed_tokens - fed  # the chunk's first prompt index (the pass has advanced)
         if record.prompt_logprobs is None:
             record.prompt_logprobs = [None]  # the first token has no context to be predicted from
         following = list(prompt[start + 1 : start + fed + 1])  # the tokens positions start… predict

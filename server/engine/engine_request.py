@@ -37,7 +37,6 @@ class EngineRequest:
     generator: torch.Generator | None = None  # seeded sampling's random state, made on first use
     reported: int = 0  # tokens already handed out in outputs
     kv: RowKV | None = None  # the row's blocks in the KV pool, from admission until it ends
-    prompt_fed: int = 0  # prompt tokens already prefilled (chunked prefill) or found cached
     cached_tokens: int = 0  # prompt tokens found cached at admission (prompt caching)
     next_token: int = 0  # the sampled token its next decode step feeds
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of each generated token (if asked)
@@ -46,9 +45,15 @@ class EngineRequest:
     matcher: GrammarMatcher | None = None  # where the new tokens are in the request's grammar (if any)
 
     @property
+    def num_computed_tokens(self) -> int:
+        """The row's tokens whose keys and values are in the pool, found cached or computed (its prompt's,
+        then the generated ones fed back): the one count of how far it has got."""
+        return self.kv.length if self.kv is not None else 0
+
+    @property
     def prompt_left(self) -> int:
         """Prompt tokens still to prefill."""
-        return len(self.decoder_prompt) - self.prompt_fed
+        return max(0, len(self.decoder_prompt) - self.num_computed_tokens)
 
     @property
     def request_id(self) -> str:

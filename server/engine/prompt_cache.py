@@ -51,7 +51,7 @@ class PromptCache:
     def open(
         self, kv: PagedKVCache, record: EngineRequest, source: tuple[torch.Tensor, torch.Tensor] | None
     ) -> RowKV | None:
-        """The record's row, its prompt's cached blocks already its own (``record.prompt_fed`` past them);
+        """The record's row, its prompt's cached blocks already its own (counted in its ``length``);
         None while another row is computing the first of its prompt's blocks that is not cached yet (ask
         again at the next step: it will be found)."""
         request = record.request
@@ -70,7 +70,7 @@ class PromptCache:
         row = kv.open(
             record.prefix, source, prefix_name=prefix_name, tenant=request.tenant, chain=chain, prompt=prompt
         )
-        record.prompt_fed = record.cached_tokens = row.length
+        record.cached_tokens = row.length
         if chain is not None:
             self.queried_tokens += len(record.decoder_prompt)
             self.hit_tokens += row.length
