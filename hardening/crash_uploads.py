@@ -6,7 +6,8 @@ Each trial starts uploads of several new tasks and a replacement of an existing 
 SIGKILLs the server the moment the first 2xx arrives (others are still in flight). After a restart on
 the same store: every acknowledged upload is there with the acknowledged sha256, its download hashes to
 it and it serves; every upload still in flight at the kill is either absent (or, for the replacement,
-the old version) or complete, never torn.
+the old version) or complete, never torn; and the tenant's usage (what its quota is checked against)
+equals the count and bytes of the records that are there.
 """
 
 from __future__ import annotations
@@ -114,6 +115,21 @@ def run_trial(server: ServerProcess, key: str | None, trial: int, report: CrashR
                 before if task_id == STABLE else None,
                 report,
             )
+        _check_usage(client, report)
+
+
+def _check_usage(client: httpx.Client, report: CrashReport) -> None:
+    """The usage the store kept through the kill matches the records a walk over the pages finds."""
+    records, cursor = [], None
+    while True:
+        page = client.get("/v1/admin/prefixes", params={"cursor": cursor} if cursor else {}).json()
+        records += page["prefixes"]
+        if (cursor := page["next_cursor"]) is None:
+            break
+    counted = {"prefixes": len(records), "bytes": sum(record["bytes"] for record in records)}
+    kept = {name: page["usage"][name] for name in counted}
+    if kept != counted:
+        report.torn.append(f"usage after the restart {kept}, the records {counted}")
 
 
 def _check_task(

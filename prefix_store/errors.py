@@ -41,6 +41,18 @@ class PrefixNotFound(PrefixStoreError):
         self.name = name
 
 
+class QuotaExceeded(PrefixStoreError):
+    """A write would take a tenant past its quota (``what``: "prefixes" or "bytes"; ``limit``; ``usage``,
+    the tenant's figure before the write). Nothing was stored."""
+
+    def __init__(self, what: str, limit: int, usage: int) -> None:
+        noun = "prefixes" if what == "prefixes" else "bytes of prefixes"
+        super().__init__(
+            f"the tenant has {usage} {noun}; this upload would take it past its limit of {limit}"
+        )
+        self.what, self.limit, self.usage = what, limit, usage
+
+
 class VersionMismatch(PrefixStoreError):
     """An ``If-Match`` precondition named a version that is not the current one."""
 

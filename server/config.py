@@ -21,6 +21,8 @@ STORE_SCHEMES = ("file", "redis", "rediss", "unix")  # what prefix_store.open_st
 # options give any; with auth off (one local tenant) those two limits are off unless the options set them
 AUTH_ON_REQUESTS_PER_MINUTE = 600
 AUTH_ON_MAX_CONCURRENT = 64
+AUTH_ON_MAX_PREFIXES = 1000  # a tenant's current prefixes, with auth on
+AUTH_ON_MAX_PREFIX_BYTES = 1 << 30  # their bytes together, with auth on
 
 
 class StartupError(Exception):
@@ -68,6 +70,18 @@ class ServeSettings(BaseSettings):
         ge=0,
         description="requests in flight per tenant without its own limit in the keys file; 0 = no limit; "
         f"none = {AUTH_ON_MAX_CONCURRENT} with auth on, no limit with auth off",
+    )
+    tenant_max_prefixes: int | None = Field(
+        None,
+        ge=0,
+        description="current prefixes per tenant without its own limit in the keys file; 0 = no limit; "
+        f"none = {AUTH_ON_MAX_PREFIXES} with auth on, no limit with auth off",
+    )
+    tenant_max_prefix_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="bytes of a tenant's current prefixes together, for tenants without their own limit in "
+        f"the keys file; 0 = no limit; none = {AUTH_ON_MAX_PREFIX_BYTES} with auth on, no limit with auth off",
     )
     max_prompt_tokens: int = Field(2048, ge=1, description="tokens of a prompt; longer ones get 413")
     max_new_tokens: int | None = Field(

@@ -6,19 +6,27 @@ Layout under the root, built only from validated names:
     tenants/<tenant>/<task_id>.json             the record naming a task's current version
     tenants/<tenant>/<task_id>.deleted          tombstone of a deleted task (keeps its sequence going)
     locks/<tenant>.<task_id>.lock               per-task writer lock (flock)
+    locks/<tenant>.usage-lock                   per-tenant lock of its usage (flock)
     locks/gc.lock, locks/gc.stamp               writers (shared) vs the blob collector (exclusive)
+    usage/<tenant>.json                         the tenant's count and bytes, and the write in progress
 
 Every file is written to a temporary name, fsynced, renamed into place, and its folder fsynced, so an
 acknowledged upload survives a crash and a crash never leaves a torn file: it leaves the old record
 (and perhaps an orphan blob or temporary file, which the collector removes). Writers of one task
 serialise on a lock; writers hold the collector's lock shared from writing the blob to writing the
-record, so a blob a writer is about to reference is never collected. Several processes may share the
+record, so a blob a writer is about to reference is never collected. A tenant's usage (its tasks and
+their bytes, what its quota is checked against) is kept in one small file, updated under the tenant's
+lock in the same critical section as the record: the new figures are written first, with the write in
+progress and the figures before it, then the record; whoever reads the usage next settles it by looking
+at that one record (written: the new figures hold; not: the old ones), so a crash between the two steps
+never leaves a wrong count, and a missing file is rebuilt from the records. Several processes may share the
 folder; the change feed reaches only this process's subscribers (other processes' caches notice
 changes by re-checking, see ``PrefixRegistry``).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import hashlib
@@ -39,7 +47,9 @@ from prefix_store.storage.store import (
     Precondition,
     PrefixRecord,
     PrefixStore,
+    Quota,
     RecordPage,
+    TenantUsage,
     check_page_args,
     make_version,
 )
@@ -47,6 +57,7 @@ from prefix_store.storage.store import (
 log = logging.getLogger(__name__)
 
 _RECORD, _TOMBSTONE, _BLOB = ".json", ".deleted", ".safetensors"
+_MTIME_TICK_S = 0.1  # more than the kernel's coarse clock tick that stamps a folder's mtime
 
 
 class FileStore(PrefixStore):
@@ -62,8 +73,10 @@ class FileStore(PrefixStore):
         self.gc_grace_s = gc_grace_s
         self.gc_interval_s = gc_interval_s
         self._gc_running = threading.Lock()
+        self._listings: dict[Path, tuple[float, list[str]]] = {}  # folder -> (its mtime, task ids)
+        self._listing_lock = threading.Lock()
         try:
-            for folder in (self.root / "blobs", self.root / "tenants", self.root / "locks"):
+            for folder in (self.root / name for name in ("blobs", "tenants", "locks", "usage")):
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create the prefix store folder: {exc.strerror}") from None
@@ -79,6 +92,7 @@ class FileStore(PrefixStore):
         kind: str = "prefix",
         if_match: str | Collection[str] | None = None,
         if_absent: bool = False,
+        quota: Quota | None = None,
     ) -> tuple[PrefixRecord, bool]:
         record_path = self._record_path(tenant, task_id)
         precondition = Precondition.of(if_match, if_absent)
@@ -103,7 +117,13 @@ class FileStore(PrefixStore):
                 source_format=source_format,
                 kind=kind,
             )
-            _atomic_write(record_path, json.dumps(record.to_json()).encode())
+            with self._usage_lock(tenant):
+                usage = self._settled_usage(tenant)
+                after = usage.replaced(previous, len(blob))
+                if quota is not None:
+                    quota.check(usage, after)
+                self._write_usage(tenant, after, pending=(task_id, record.version, usage))
+                _atomic_write(record_path, json.dumps(record.to_json()).encode())
             if previous is not None and previous.sha256 != sha256:
                 self._unreferenced(previous.sha256)
         self._publish(ChangeEvent(tenant, task_id, record.version))
@@ -131,14 +151,9 @@ class FileStore(PrefixStore):
         check_page_args(tenant, cursor, limit)
         folder = self.root / "tenants" / tenant
         with _os_errors("list prefixes"):
-            try:
-                names = sorted(n[: -len(_RECORD)] for n in os.listdir(folder) if n.endswith(_RECORD))
-            except FileNotFoundError:
-                return RecordPage([], None)
+            names = self._task_names(folder)
         records: list[PrefixRecord] = []
-        for task_id in names:
-            if cursor is not None and task_id <= cursor:
-                continue
+        for task_id in names[bisect.bisect_right(names, cursor) if cursor is not None else 0 :]:
             record = self._read_record(folder / f"{task_id}{_RECORD}")
             if record is None:
                 continue  # deleted since the listing
@@ -147,19 +162,48 @@ class FileStore(PrefixStore):
             records.append(record)
         return RecordPage(records, None)
 
+    def _task_names(self, folder: Path) -> list[str]:
+        """The task ids a tenant's folder holds records of, sorted. Kept from the last listing while the
+        folder has not changed since (its mtime, which every record created, replaced or deleted moves),
+        so the pages of a walk over a tenant of 10,000 tasks cost what a page costs; a listing made within
+        ``_MTIME_TICK_S`` of the folder's last change is not kept, as a change in the same clock tick
+        would leave the mtime as it was."""
+        try:
+            changed = folder.stat().st_mtime
+        except FileNotFoundError:
+            return []
+        with self._listing_lock:
+            kept = self._listings.get(folder)
+        if kept is not None and kept[0] == changed:
+            return kept[1]
+        listed_at = time.time()
+        names = sorted(n[: -len(_RECORD)] for n in os.listdir(folder) if n.endswith(_RECORD))
+        if listed_at > changed + _MTIME_TICK_S:
+            with self._listing_lock:
+                self._listings[folder] = (changed, names)
+        return names
+
     def delete(self, tenant: str, task_id: str, *, if_match: str | Collection[str] | None = None) -> None:
         record_path = self._record_path(tenant, task_id)
         precondition = Precondition.of(if_match)
-        with _os_errors("delete a prefix"), self._task_lock(tenant, task_id):
+        # the collector's lock, shared: it removes temporary files, and this writes the usage through one
+        with _os_errors("delete a prefix"), self._task_lock(tenant, task_id), self._gc_lock(shared=True):
             record = self._read_record(record_path)
             _check_precondition(record, precondition)
             if record is None:
                 raise PrefixNotFound(f"no prefix named {task_id!r}", name=task_id)
-            os.replace(record_path, record_path.with_suffix(_TOMBSTONE))  # one atomic step
-            _fsync_folder(record_path.parent)
+            with self._usage_lock(tenant):
+                usage = self._settled_usage(tenant)
+                self._write_usage(tenant, usage.removed(record), pending=(task_id, None, usage))
+                os.replace(record_path, record_path.with_suffix(_TOMBSTONE))  # one atomic step
+                _fsync_folder(record_path.parent)
             self._unreferenced(record.sha256)
         self._publish(ChangeEvent(tenant, task_id, record.version, deleted=True))
         self._maybe_collect_garbage()
+
+    def usage(self, tenant: str) -> TenantUsage:
+        with _os_errors("read a tenant's usage"), self._usage_lock(tenant):
+            return self._settled_usage(tenant)
 
     def collect_garbage(self) -> int:
         """Remove blobs unreferenced for ``gc_grace_s`` and temporary files of crashed writers."""
@@ -199,6 +243,41 @@ class FileStore(PrefixStore):
             return None
         except OSError as exc:
             raise StoreUnavailable(f"cannot read a prefix record: {exc.strerror}") from None
+
+    def _settled_usage(self, tenant: str) -> TenantUsage:
+        """The tenant's usage (under its usage lock): the file's figures, settled against the record of
+        the write it says was in progress, or rebuilt from the records when there is no file."""
+        try:
+            kept = json.loads(self._usage_path(tenant).read_bytes())
+        except FileNotFoundError:
+            return self._counted_usage(tenant)
+        pending = kept.get("pending")
+        if pending is not None:
+            current = self._read_record(self._record_path(tenant, pending["task_id"]))
+            if (current.version if current is not None else None) != pending["version"]:
+                return TenantUsage(**pending["before"])  # the write did not happen
+        return TenantUsage(kept["prefixes"], kept["bytes"])
+
+    def _counted_usage(self, tenant: str) -> TenantUsage:
+        """The tenant's usage counted from its records (once per tenant: no usage file yet)."""
+        records = [self._read_record(path) for path in (self.root / "tenants" / tenant).glob(f"*{_RECORD}")]
+        present = [record for record in records if record is not None]
+        return TenantUsage(len(present), sum(record.bytes for record in present))
+
+    def _write_usage(
+        self, tenant: str, usage: TenantUsage, *, pending: tuple[str, str | None, TenantUsage]
+    ) -> None:
+        """Keep ``usage``, the figures after the write ``pending`` (task id, the version it makes current
+        or None for a delete, the figures before it) that the caller makes next."""
+        task_id, version, before = pending
+        kept = {
+            **usage.__dict__,
+            "pending": {"task_id": task_id, "version": version, "before": before.__dict__},
+        }
+        _atomic_write(self._usage_path(tenant), json.dumps(kept).encode())
+
+    def _usage_path(self, tenant: str) -> Path:
+        return self.root / "usage" / f"{validate_tenant(tenant)}.json"
 
     def _referenced_blobs(self) -> set[str]:
         referenced: set[str] = set()
@@ -245,6 +324,11 @@ class FileStore(PrefixStore):
     def _task_lock(self, tenant: str, task_id: str) -> Iterator[None]:
         name = f"{validate_tenant(tenant)}.{validate_task_id(task_id)}.lock"
         with _flock(self.root / "locks" / name, fcntl.LOCK_EX):
+            yield
+
+    @contextlib.contextmanager
+    def _usage_lock(self, tenant: str) -> Iterator[None]:
+        with _flock(self.root / "locks" / f"{validate_tenant(tenant)}.usage-lock", fcntl.LOCK_EX):
             yield
 
     @contextlib.contextmanager

@@ -5,14 +5,16 @@ Keys (``ns`` = the namespace, default ``prefix-serve``; names are validated, so 
     ns:blob:<sha256>          native prefix bytes, content-addressed; a TTL while unreferenced
     ns:rec:<tenant>:<task>    JSON record naming the task's current version
     ns:idx:<tenant>           sorted set of the tenant's task ids (lexicographic pages)
+    ns:usage:<tenant>         hash: the tenant's current versions and their bytes (its quota's figures)
     ns:refs                   hash sha256 -> number of records naming the blob
     ns:seq                    hash "<tenant>/<task>" -> last upload sequence (survives deletes)
     ns:op:<uuid>              outcome of one put/delete, for replays after a lost reply
     channel ns:changes        JSON change events
 
 A put writes the blob first (``SET NX`` with a TTL, so a writer that dies leaves an orphan that
-expires), then one Lua script checks the precondition (``if_match``, ``if_absent``), bumps the version,
-swaps the pointer, moves the reference counts and publishes the event, atomically. Transport errors
+expires), then one Lua script checks the precondition (``if_match``, ``if_absent``) and the tenant's
+quota, bumps the version, swaps the pointer, updates the tenant's usage, moves the reference counts and
+publishes the event, atomically: replicas sharing the Redis never pass a quota together. Transport errors
 (connection, timeout) are retried with exponential backoff by redis-py; every Redis exception becomes
 ``StoreUnavailable`` here.
 """
@@ -34,7 +36,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from prefix_store.errors import PrefixNotFound, StoreUnavailable, VersionMismatch
+from prefix_store.errors import PrefixNotFound, QuotaExceeded, StoreUnavailable, VersionMismatch
 from prefix_store.storage import redis_scripts
 from prefix_store.storage.changes import ChangeEvent
 from prefix_store.storage.names import validate_task_id, validate_tenant
@@ -43,8 +45,10 @@ from prefix_store.storage.store import (
     Precondition,
     PrefixRecord,
     PrefixStore,
+    Quota,
     RecordPage,
     TaskKey,
+    TenantUsage,
     check_page_args,
 )
 
@@ -99,6 +103,7 @@ class RedisStore(PrefixStore):
         self._origin = uuid.uuid4().hex  # our own events reach our subscribers directly, not via Redis
         self._put_script = self._redis.register_script(redis_scripts.PUT)
         self._delete_script = self._redis.register_script(redis_scripts.DELETE)
+        self._usage_script = self._redis.register_script(redis_scripts.USAGE)
         self._feed_lock = threading.Lock()
         self._feed_thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -114,8 +119,10 @@ class RedisStore(PrefixStore):
         kind: str = "prefix",
         if_match: str | Collection[str] | None = None,
         if_absent: bool = False,
+        quota: Quota | None = None,
     ) -> tuple[PrefixRecord, bool]:
         record_key = self._record_key(tenant, task_id)
+        quota = quota or Quota()
         precondition = Precondition.of(if_match, if_absent)
         sha256 = hashlib.sha256(blob).hexdigest()
         blob_key = f"{self.namespace}:blob:{sha256}"
@@ -126,6 +133,7 @@ class RedisStore(PrefixStore):
             f"{self.namespace}:seq",
             blob_key,
             f"{self.namespace}:op:{uuid.uuid4().hex}",
+            self._usage_key(tenant),
         ]
         args = [
             _condition_arg(precondition),
@@ -141,6 +149,9 @@ class RedisStore(PrefixStore):
             self._channel,
             self._origin,
             kind,
+            self._records_of(tenant),
+            _limit_arg(quota.max_prefixes),
+            _limit_arg(quota.max_bytes),
         ]
         with _redis_errors("store a prefix"):
             for _ in range(3):
@@ -153,6 +164,8 @@ class RedisStore(PrefixStore):
                 raise StoreUnavailable("the uploaded blob keeps disappearing; try again")
         if _text(result[0]) == "MISMATCH":
             raise _mismatch(precondition, result)
+        if _text(result[0]) == "QUOTA":
+            raise QuotaExceeded(_text(result[1]), int(result[2]), int(result[3]))
         record = PrefixRecord.from_json(json.loads(result[1]))
         self._publish(ChangeEvent(tenant, task_id, record.version))
         return record, bool(int(result[2]))
@@ -206,6 +219,7 @@ class RedisStore(PrefixStore):
             f"{self.namespace}:idx:{tenant}",
             f"{self.namespace}:refs",
             f"{self.namespace}:op:{uuid.uuid4().hex}",
+            self._usage_key(tenant),
         ]
         args = [
             _condition_arg(precondition),
@@ -215,6 +229,7 @@ class RedisStore(PrefixStore):
             self.gc_grace_s,
             self._channel,
             self._origin,
+            self._records_of(tenant),
         ]
         with _redis_errors("delete a prefix"):
             result = self._delete_script(keys=keys, args=args)
@@ -224,6 +239,12 @@ class RedisStore(PrefixStore):
         if status == "MISMATCH":
             raise _mismatch(precondition, result)
         self._publish(ChangeEvent(tenant, task_id, _text(result[1]), deleted=True))
+
+    def usage(self, tenant: str) -> TenantUsage:
+        keys = [self._usage_key(tenant), f"{self.namespace}:idx:{tenant}"]
+        with _redis_errors("read a tenant's usage"):
+            prefixes, used = self._usage_script(keys=keys, args=[self._records_of(tenant)])
+        return TenantUsage(int(prefixes), int(used))
 
     def ping(self) -> None:
         with _redis_errors("reach redis"):
@@ -238,7 +259,14 @@ class RedisStore(PrefixStore):
         self._feed_redis.close()
 
     def _record_key(self, tenant: str, task_id: str) -> str:
-        return f"{self.namespace}:rec:{validate_tenant(tenant)}:{validate_task_id(task_id)}"
+        return f"{self._records_of(tenant)}{validate_task_id(task_id)}"
+
+    def _records_of(self, tenant: str) -> str:
+        """What the keys of the tenant's records begin with."""
+        return f"{self.namespace}:rec:{validate_tenant(tenant)}:"
+
+    def _usage_key(self, tenant: str) -> str:
+        return f"{self.namespace}:usage:{validate_tenant(tenant)}"
 
     def _start_feed(self) -> None:
         with self._feed_lock:
@@ -305,6 +333,11 @@ def _condition_arg(precondition: Precondition | None) -> str:
     if precondition.versions is not None:
         condition["versions"] = sorted(precondition.versions)
     return json.dumps(condition)
+
+
+def _limit_arg(limit: int | None) -> str:
+    """A quota limit as the put script reads it ('' for none)."""
+    return "" if limit is None else str(limit)
 
 
 def _mismatch(precondition: Precondition | None, result: list[Any]) -> VersionMismatch:

@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
-from prefix_store.errors import PrefixNotFound, StoreUnavailable, VersionMismatch
+from prefix_store.errors import PrefixNotFound, QuotaExceeded, StoreUnavailable, VersionMismatch
 from prefix_store.storage.changes import ChangeEvent, ChangeFeed, ChangeListener, ResyncListener, Subscription
 from prefix_store.storage.excerpt import excerpt
 from prefix_store.storage.names import validate_task_id, validate_tenant
@@ -81,6 +81,42 @@ class RecordPage:
 
     records: list[PrefixRecord]
     next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one tenant may hold: current versions (tasks) and their bytes together; None: no limit. A
+    write is refused only where it would grow a figure past its limit (a replace by a smaller blob is
+    not, even over a lowered limit)."""
+
+    max_prefixes: int | None = None
+    max_bytes: int | None = None
+
+    def check(self, before: TenantUsage, after: TenantUsage) -> None:
+        """Raise ``QuotaExceeded`` unless the change ``before`` → ``after`` stays within the quota."""
+        for what, limit, old, new in (
+            ("prefixes", self.max_prefixes, before.prefixes, after.prefixes),
+            ("bytes", self.max_bytes, before.bytes, after.bytes),
+        ):
+            if limit is not None and new > limit and new > old:
+                raise QuotaExceeded(what, limit, old)
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """What one tenant holds: its current versions and their bytes, kept by the store with every write."""
+
+    prefixes: int
+    bytes: int
+
+    def replaced(self, previous: PrefixRecord | None, new_bytes: int) -> TenantUsage:
+        """After a put of ``new_bytes`` over ``previous`` (None: a new task)."""
+        old_bytes = previous.bytes if previous is not None else 0
+        return TenantUsage(self.prefixes + (previous is None), self.bytes - old_bytes + new_bytes)
+
+    def removed(self, record: PrefixRecord) -> TenantUsage:
+        """After ``record``'s task was deleted."""
+        return TenantUsage(self.prefixes - 1, self.bytes - record.bytes)
 
 
 @dataclass(frozen=True)
@@ -173,6 +209,7 @@ class PrefixStore(abc.ABC):
         kind: str = "prefix",
         if_match: str | Collection[str] | None = None,
         if_absent: bool = False,
+        quota: Quota | None = None,
     ) -> tuple[PrefixRecord, bool]:
         """Store ``blob`` (a validated native prefix or soft prompt, of ``kind``) as the task's new current
         version, atomically.
@@ -180,8 +217,10 @@ class PrefixStore(abc.ABC):
         Returns the new record and whether it replaced an earlier version. Raises ``VersionMismatch``,
         storing nothing, when ``if_match`` is given and does not name the current version (a version,
         ``ANY_VERSION`` or a collection of versions, see ``Precondition.of``), or when ``if_absent`` is
-        set and the task exists. Once this returns the upload is durable (as durable as the backend is
-        configured to be) and visible to every reader.
+        set and the task exists; ``QuotaExceeded``, storing nothing, when the tenant's usage after the
+        write would pass ``quota`` (checked in the same atomic step as the write, so concurrent writers,
+        in this process or others sharing the backend, never pass it together). Once this returns the
+        upload is durable (as durable as the backend is configured to be) and visible to every reader.
         """
 
     @abc.abstractmethod
@@ -197,6 +236,12 @@ class PrefixStore(abc.ABC):
         self, tenant: str, *, cursor: str | None = None, limit: int = DEFAULT_PAGE_SIZE
     ) -> RecordPage:
         """Up to ``limit`` current records of one tenant with task ids after ``cursor``, sorted by task id."""
+
+    @abc.abstractmethod
+    def usage(self, tenant: str) -> TenantUsage:
+        """The tenant's current versions and their bytes, as the store keeps them with every write (no
+        listing; rebuilt from the records once if the store has none, e.g. a store from an older release
+        or a crash between a write and its count)."""
 
     @abc.abstractmethod
     def delete(self, tenant: str, task_id: str, *, if_match: str | Collection[str] | None = None) -> None:

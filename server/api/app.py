@@ -42,6 +42,8 @@ def build_state(settings: ServeSettings) -> AppState:
         settings.api_keys,
         requests_per_minute=settings.tenant_requests_per_minute,
         max_concurrent=settings.tenant_max_concurrent,
+        max_prefixes=settings.tenant_max_prefixes,
+        max_prefix_bytes=settings.tenant_max_prefix_bytes,
     )
     try:
         source = resolve_model(settings.model)

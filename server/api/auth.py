@@ -20,7 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefix_store.errors import InvalidName
 from prefix_store.storage.names import validate_tenant
-from server.config import AUTH_ON_MAX_CONCURRENT, AUTH_ON_REQUESTS_PER_MINUTE
+from prefix_store.storage.store import Quota
+from server.config import (
+    AUTH_ON_MAX_CONCURRENT,
+    AUTH_ON_MAX_PREFIX_BYTES,
+    AUTH_ON_MAX_PREFIXES,
+    AUTH_ON_REQUESTS_PER_MINUTE,
+)
 from server.engine.config import DEFAULT_TENANT
 
 KEY_PREFIX = "ps-"
@@ -43,26 +49,39 @@ class Caller:
 class TenantLimits:
     """The limits one tenant's calls are held to. None: no limit."""
 
-    max_prefixes: int = 1000
-    max_prefix_bytes: int = 1 << 30  # all of the tenant's current prefixes together
+    max_prefixes: int | None = AUTH_ON_MAX_PREFIXES  # the tenant's current prefixes
+    max_prefix_bytes: int | None = AUTH_ON_MAX_PREFIX_BYTES  # all of the tenant's current prefixes together
     requests_per_minute: int | None = AUTH_ON_REQUESTS_PER_MINUTE
     max_concurrent: int | None = AUTH_ON_MAX_CONCURRENT  # requests of the tenant in the engine at once
+
+    @property
+    def quota(self) -> Quota:
+        """What the store holds the tenant's uploads to."""
+        return Quota(self.max_prefixes, self.max_prefix_bytes)
 
     def describe(self) -> str:
         """``600 requests/minute, 64 in flight, 1000 prefixes, 1024 MiB of prefixes``."""
         rate = f"{self.requests_per_minute} requests/minute" if self.requests_per_minute else "no rate limit"
         in_flight = f"{self.max_concurrent} in flight" if self.max_concurrent else "no concurrency limit"
-        return (
-            f"{rate}, {in_flight}, {self.max_prefixes} prefixes, "
+        count = f"{self.max_prefixes} prefixes" if self.max_prefixes is not None else "no prefix count limit"
+        size = (
             f"{self.max_prefix_bytes / (1 << 20):g} MiB of prefixes"
+            if self.max_prefix_bytes is not None
+            else "no prefix bytes limit"
         )
+        return f"{rate}, {in_flight}, {count}, {size}"
 
 
 def default_tenant_limits(
-    *, auth_enabled: bool, requests_per_minute: int | None = None, max_concurrent: int | None = None
+    *,
+    auth_enabled: bool,
+    requests_per_minute: int | None = None,
+    max_concurrent: int | None = None,
+    max_prefixes: int | None = None,
+    max_prefix_bytes: int | None = None,
 ) -> TenantLimits:
-    """The limits of a tenant without an entry in the keys file. ``requests_per_minute`` and
-    ``max_concurrent`` are the serve options: None = unset, 0 = no limit."""
+    """The limits of a tenant without an entry in the keys file, from the serve options: None = unset (the
+    auth-on default with auth on, no limit with auth off), 0 = no limit."""
 
     def chosen(option: int | None, auth_on_default: int) -> int | None:
         if option is None:
@@ -70,23 +89,27 @@ def default_tenant_limits(
         return option or None
 
     return TenantLimits(
+        max_prefixes=chosen(max_prefixes, AUTH_ON_MAX_PREFIXES),
+        max_prefix_bytes=chosen(max_prefix_bytes, AUTH_ON_MAX_PREFIX_BYTES),
         requests_per_minute=chosen(requests_per_minute, AUTH_ON_REQUESTS_PER_MINUTE),
         max_concurrent=chosen(max_concurrent, AUTH_ON_MAX_CONCURRENT),
     )
 
 
 class _TenantEntry(BaseModel):
-    """A tenant's entry in the keys file; what it leaves out comes from the server's defaults."""
+    """A tenant's entry in the keys file; what it leaves out comes from the server's defaults, and 0 is no
+    limit (as on the command line)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_prefixes: int | None = Field(None, ge=0)
     max_prefix_bytes: int | None = Field(None, ge=0)
-    requests_per_minute: int | None = Field(None, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
+    requests_per_minute: int | None = Field(None, ge=0)
+    max_concurrent: int | None = Field(None, ge=0)
 
     def over(self, defaults: TenantLimits) -> TenantLimits:
-        return replace(defaults, **self.model_dump(exclude_none=True))
+        given = self.model_dump(exclude_none=True)
+        return replace(defaults, **{name: value or None for name, value in given.items()})
 
 
 class _KeyEntry(BaseModel):
@@ -137,17 +160,13 @@ class AuthConfig:
         return found
 
 
-def load_auth_config(
-    path: Path | None, *, requests_per_minute: int | None = None, max_concurrent: int | None = None
-) -> AuthConfig:
-    """Read the keys file; no file means auth off (single tenant). ``requests_per_minute`` and
-    ``max_concurrent`` (the serve options; None = unset, 0 = no limit) are the limits of tenants
-    without their own in the file: see ``default_tenant_limits``."""
+def load_auth_config(path: Path | None, **options: int | None) -> AuthConfig:
+    """Read the keys file; no file means auth off (single tenant). ``options`` (the serve options
+    ``requests_per_minute``, ``max_concurrent``, ``max_prefixes``, ``max_prefix_bytes``; None = unset,
+    0 = no limit) are the limits of tenants without their own in the file: see ``default_tenant_limits``."""
     parsed = _read_keys_file(path) if path is not None else _KeysFile()
     keys = tuple((bytes.fromhex(entry.sha256), Caller(entry.tenant, entry.role)) for entry in parsed.keys)
-    defaults = default_tenant_limits(
-        auth_enabled=bool(keys), requests_per_minute=requests_per_minute, max_concurrent=max_concurrent
-    )
+    defaults = default_tenant_limits(auth_enabled=bool(keys), **options)
     tenant_limits = {name: entry.over(defaults) for name, entry in parsed.tenants.items()}
     return AuthConfig(keys=keys, tenant_limits=tenant_limits, default_limits=defaults)
 

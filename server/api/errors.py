@@ -25,6 +25,7 @@ from prefix_store.errors import (
     PrefixCacheFull,
     PrefixNotFound,
     PrefixValidationError,
+    QuotaExceeded,
     StoreUnavailable,
     VersionMismatch,
 )
@@ -234,6 +235,8 @@ def translate(exc: Exception, *, openai: bool = False) -> ApiError | None:
             return ApiError(404, "not_found", str(exc))
         case VersionMismatch():
             return ApiError(412, "precondition_failed", str(exc))
+        case QuotaExceeded():
+            return ApiError(409 if exc.what == "prefixes" else 413, "quota_exceeded", str(exc))
         case PrefixCacheFull():
             return ApiError(
                 503,
@@ -347,6 +350,7 @@ def install_error_handlers(app: FastAPI) -> None:
         InvalidName,
         PrefixNotFound,
         VersionMismatch,
+        QuotaExceeded,
         StoreUnavailable,
         PrefixCacheFull,
         PromptTooLong,

@@ -99,8 +99,19 @@ class PrefixInfo(BaseModel):
     resident: bool
 
 
+class TenantUsageInfo(BaseModel):
+    """What the tenant holds and may hold (current versions and their bytes; a limit of null: none)."""
+
+    prefixes: int
+    bytes: int
+    max_prefixes: int | None
+    max_prefix_bytes: int | None
+
+
 class PrefixList(BaseModel):
     prefixes: list[PrefixInfo]
+    next_cursor: str | None = Field(description="pass as cursor for the next page; null: this is the last")
+    usage: TenantUsageInfo
 
 
 class UploadResult(BaseModel):

@@ -39,7 +39,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     pull.set_defaults(handler=with_client(_pull))
 
-    ls = commands.add_parser("ls", parents=remote, help="list the tenant's prefixes")
+    ls = commands.add_parser(
+        "ls", parents=remote, help="list the tenant's prefixes, a page at a time as the server sends them"
+    )
+    ls.add_argument(
+        "--page-size", type=int, metavar="N", help="prefixes per request (default: the server's, 100)"
+    )
     ls.set_defaults(handler=with_client(_ls))
 
     rm = commands.add_parser("rm", parents=remote, help="delete a prefix")
@@ -76,13 +81,29 @@ def _pull(client: Client, args: argparse.Namespace) -> int:
 
 
 def _ls(client: Client, args: argparse.Namespace) -> int:
-    prefixes = client.list_prefixes()
+    """Each page is printed as it arrives (a tenant may hold thousands of tasks): table rows, or with
+    ``--json`` one document ``{"prefixes": [...]}`` written item by item."""
+    cursor: str | None = None
+    shown = 0
     if args.json:
-        print_json({"prefixes": prefixes})
-    elif not prefixes:
+        sys.stdout.write('{"prefixes": [')
+    while True:
+        page = client.list_prefixes_page(limit=args.page_size, cursor=cursor)
+        if args.json:
+            for prefix in page.prefixes:
+                sys.stdout.write(("" if shown == 0 else ", ") + prefix.model_dump_json())
+                shown += 1
+        elif page.prefixes:
+            _print_table(page.prefixes, header=shown == 0)
+            shown += len(page.prefixes)
+        sys.stdout.flush()
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    if args.json:
+        print("]}")
+    elif shown == 0:
         print("no prefixes")
-    else:
-        _print_table(prefixes)
     return 0
 
 
@@ -95,11 +116,11 @@ def _rm(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(prefixes: list[PrefixInfo]) -> None:
+def _print_table(prefixes: list[PrefixInfo], *, header: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(box=None, header_style="bold")
+    table = Table(box=None, header_style="bold", show_header=header)
     table.add_column("task", overflow="fold")
     table.add_column("version", no_wrap=True)
     table.add_column("kind")

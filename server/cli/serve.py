@@ -31,6 +31,8 @@ from pydantic_settings import SettingsError
 from server.cli.remote import fail
 from server.config import (
     AUTH_ON_MAX_CONCURRENT,
+    AUTH_ON_MAX_PREFIX_BYTES,
+    AUTH_ON_MAX_PREFIXES,
     AUTH_ON_REQUESTS_PER_MINUTE,
     ENV_PREFIX,
     ServeSettings,
@@ -45,13 +47,19 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-
 
 # the settings that are also command-line options, in the order of the help
 CLI_OPTIONS = ("model", "store", "host", "port", "api_keys", "device", "dtype", "prompt_cache")
-LIMIT_OPTIONS = ("tenant_requests_per_minute", "tenant_max_concurrent")
+LIMIT_OPTIONS = (
+    "tenant_requests_per_minute",
+    "tenant_max_concurrent",
+    "tenant_max_prefixes",
+    "tenant_max_prefix_bytes",
+)
 
 _LIMITS_HELP = (
     "With --api-keys, a tenant without its own limits in the keys file gets these "
-    f"({AUTH_ON_REQUESTS_PER_MINUTE} requests per minute and {AUTH_ON_MAX_CONCURRENT} in flight unless "
-    "set here). Without --api-keys (auth off, the one local tenant "
-    "'default') there are no per-tenant rate or concurrency limits unless set here; the server-wide "
+    f"({AUTH_ON_REQUESTS_PER_MINUTE} requests per minute, {AUTH_ON_MAX_CONCURRENT} in flight, "
+    f"{AUTH_ON_MAX_PREFIXES} prefixes and {AUTH_ON_MAX_PREFIX_BYTES >> 20} MiB of prefixes unless set here; "
+    "0 = no limit). Without --api-keys (auth off, the one local tenant "
+    "'default') there are no per-tenant limits unless set here; the server-wide "
     f"queue ({ENV_PREFIX}MAX_QUEUE) still answers 429 when it is full. The start-up log says which "
     "limits are in force."
 )
@@ -89,6 +97,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     limits.add_argument(
         "--tenant-max-concurrent", type=int, metavar="N", help=describe_setting("tenant_max_concurrent")
+    )
+    limits.add_argument(
+        "--tenant-max-prefixes", type=int, metavar="N", help=describe_setting("tenant_max_prefixes")
+    )
+    limits.add_argument(
+        "--tenant-max-prefix-bytes", type=int, metavar="N", help=describe_setting("tenant_max_prefix_bytes")
     )
     serve.set_defaults(handler=_serve)
 

@@ -220,7 +220,7 @@ def test_sync_and_async_clients_have_the_same_methods() -> None:
     for name in public:
         sync, async_ = getattr(Client, name), getattr(AsyncClient, name)
         if callable(sync):
-            assert inspect.iscoroutinefunction(async_), name
+            assert inspect.iscoroutinefunction(async_) or inspect.isasyncgenfunction(async_), name
             assert inspect.signature(sync).parameters.keys() == inspect.signature(async_).parameters.keys()
             options = [p for p in inspect.signature(sync).parameters.values() if p.name not in POSITIONAL]
             assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in options), name
@@ -259,3 +259,32 @@ def test_soft_prompts_upload_from_a_peft_folder_or_a_native_file_and_say_their_k
             for task in ("sdk-soft", "sdk-soft-copy")
         ]
         assert answers[0] == answers[1] != client.generate(PROMPT, max_new_tokens=6).token_ids
+
+
+def test_listings_come_in_pages_and_the_iterators_walk_them(
+    server: str, keys: Keys, native_prefix: Path
+) -> None:
+    """Five tasks in pages of two: the page call says where the next page starts and the tenant's usage;
+    the sync and async iterators see every task once, in task-id order, a page per request."""
+    recorder = Recorder()
+    with Client(server, keys.admin, http_client=recorder.sync()) as client:
+        names = [f"paged-{i}" for i in range(5)]
+        for name in names:
+            client.upload_prefix(name, native_prefix)
+        first = client.list_prefixes_page(limit=2)
+        assert [p.task_id for p in first.prefixes] == sorted(p.task_id for p in client.list_prefixes())[:2]
+        assert first.next_cursor == first.prefixes[-1].task_id
+        assert first.usage is not None and first.usage.prefixes >= 5 and first.usage.bytes > 0
+        recorder.requests.clear()
+        walked = [p.task_id for p in client.iter_prefixes(page_size=2) if p.task_id.startswith("paged-")]
+        assert walked == names
+        assert all(r.url.params["limit"] == "2" for r in recorder.requests)
+        assert len(recorder.requests) == -(-first.usage.prefixes // 2)
+
+        async def walk() -> list[str]:
+            async with AsyncClient(server, keys.admin) as async_client:
+                return [p.task_id async for p in async_client.iter_prefixes(page_size=2)]
+
+        assert [name for name in asyncio.run(walk()) if name.startswith("paged-")] == names
+        for name in names:
+            client.delete_prefix(name)

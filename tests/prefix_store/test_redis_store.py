@@ -87,6 +87,7 @@ def test_a_replayed_write_returns_its_first_outcome(store: RedisStore) -> None:
         "prefix-serve:seq",
         f"prefix-serve:blob:{sha}",
         "prefix-serve:op:fixed",
+        "prefix-serve:usage:t",
     ]
     args = [
         "",
@@ -101,6 +102,10 @@ def test_a_replayed_write_returns_its_first_outcome(store: RedisStore) -> None:
         60,
         "prefix-serve:changes",
         "x",
+        "prefix",
+        "prefix-serve:rec:t:",
+        "",
+        "",
     ]
     first = store._put_script(keys=keys, args=args)
     replay = store._put_script(keys=keys, args=args)

@@ -35,7 +35,17 @@ from ._exceptions import (
 from ._retry import RetryPolicy
 from ._streaming import AsyncStream, Stream
 from ._version import __version__
-from .types import Generation, Health, PrefixInfo, StreamEnd, TokenEvent, UploadResult, Usage
+from .types import (
+    Generation,
+    Health,
+    PrefixInfo,
+    PrefixPage,
+    StreamEnd,
+    TenantUsage,
+    TokenEvent,
+    UploadResult,
+    Usage,
+)
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -56,6 +66,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PrefixInfo",
+    "PrefixPage",
     "PrefixServeError",
     "RateLimitError",
     "RetryPolicy",
@@ -63,6 +74,7 @@ __all__ = [
     "ServiceUnavailableError",
     "Stream",
     "StreamEnd",
+    "TenantUsage",
     "TokenEvent",
     "UploadResult",
     "Usage",

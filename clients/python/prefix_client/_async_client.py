@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
@@ -16,7 +17,7 @@ from ._exceptions import connection_error, make_status_error
 from ._retry import RetryPolicy
 from ._streaming import AsyncStream
 from ._upload import prepare_upload
-from .types import Generation, Health, PrefixInfo, TokenEvent, UploadResult
+from .types import Generation, Health, PrefixInfo, PrefixPage, TokenEvent, UploadResult
 
 T = TypeVar("T")
 
@@ -65,9 +66,24 @@ class AsyncClient(BaseClient):
         prepared = await asyncio.to_thread(prepare_upload, path)  # reads the files
         return await self._call(_base.upload_prefix(task_id, prepared, if_match, create_only))
 
+    async def list_prefixes_page(self, *, limit: int | None = None, cursor: str | None = None) -> PrefixPage:
+        """See ``Client.list_prefixes_page``."""
+        return await self._call(_base.list_prefixes_page(limit, cursor))
+
+    async def iter_prefixes(self, *, page_size: int | None = None) -> AsyncIterator[PrefixInfo]:
+        """See ``Client.iter_prefixes``."""
+        cursor: str | None = None
+        while True:
+            page = await self.list_prefixes_page(limit=page_size, cursor=cursor)
+            for prefix in page.prefixes:
+                yield prefix
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
     async def list_prefixes(self) -> list[PrefixInfo]:
         """See ``Client.list_prefixes``."""
-        return await self._call(_base.list_prefixes())
+        return [prefix async for prefix in self.iter_prefixes()]
 
     async def get_prefix(self, task_id: str) -> PrefixInfo:
         """See ``Client.get_prefix``."""

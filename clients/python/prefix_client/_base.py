@@ -19,7 +19,7 @@ from ._exceptions import APIResponseValidationError, InvalidInputError
 from ._retry import Replay, RetryPolicy
 from ._upload import Multipart, PreparedUpload
 from ._version import __version__
-from .types import Generation, Health, PrefixInfo, UploadResult
+from .types import Generation, Health, PrefixInfo, PrefixPage, UploadResult
 
 T = TypeVar("T")
 
@@ -63,6 +63,7 @@ class Operation(Generic[T]):
     path: str
     parse: Callable[[httpx.Response], T]
     json: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None  # the query
     files: Multipart | None = None
     headers: dict[str, str] = field(default_factory=dict)
     replay: Replay = Replay.SAFE
@@ -113,6 +114,7 @@ class BaseClient:
             op.method,
             self.base_url + op.path,
             json=op.json,
+            params=op.params,
             files=op.files,
             headers=headers,
             timeout=self.timeout,
@@ -169,12 +171,14 @@ def upload_prefix(
     )
 
 
-def list_prefixes() -> Operation[list[PrefixInfo]]:
-    """``GET /v1/admin/prefixes``."""
+def list_prefixes_page(limit: int | None, cursor: str | None) -> Operation[PrefixPage]:
+    """``GET /v1/admin/prefixes?limit=&cursor=``: one page (the server's default size without ``limit``)."""
+    params = {name: value for name, value in (("limit", limit), ("cursor", cursor)) if value is not None}
     return Operation(
         "GET",
         "/v1/admin/prefixes",
-        lambda response: [PrefixInfo.model_validate(p) for p in response.json()["prefixes"]],
+        lambda response: PrefixPage.model_validate_json(response.content),
+        params=params or None,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
@@ -16,7 +17,7 @@ from ._exceptions import connection_error, make_status_error
 from ._retry import RetryPolicy
 from ._streaming import Stream
 from ._upload import prepare_upload
-from .types import Generation, Health, PrefixInfo, TokenEvent, UploadResult
+from .types import Generation, Health, PrefixInfo, PrefixPage, TokenEvent, UploadResult
 
 T = TypeVar("T")
 
@@ -80,9 +81,25 @@ class Client(BaseClient):
         (412). The file is checked locally first (``InvalidInputError``) and fully by the server."""
         return self._call(_base.upload_prefix(task_id, prepare_upload(path), if_match, create_only))
 
+    def list_prefixes_page(self, *, limit: int | None = None, cursor: str | None = None) -> PrefixPage:
+        """One page of the tenant's prefixes by task id, after ``cursor`` (the previous page's
+        ``next_cursor``; None: the first page), with the tenant's usage."""
+        return self._call(_base.list_prefixes_page(limit, cursor))
+
+    def iter_prefixes(self, *, page_size: int | None = None) -> Iterator[PrefixInfo]:
+        """Every prefix of the tenant, by task id, fetched a page at a time as the iteration goes; a task
+        present throughout the walk is seen exactly once, whatever is uploaded or deleted meanwhile."""
+        cursor: str | None = None
+        while True:
+            page = self.list_prefixes_page(limit=page_size, cursor=cursor)
+            yield from page.prefixes
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
     def list_prefixes(self) -> list[PrefixInfo]:
-        """The tenant's prefixes."""
-        return self._call(_base.list_prefixes())
+        """The tenant's prefixes, every page (``iter_prefixes`` walks them lazily)."""
+        return list(self.iter_prefixes())
 
     def get_prefix(self, task_id: str) -> PrefixInfo:
         """One prefix of the tenant (``NotFoundError`` if there is none)."""

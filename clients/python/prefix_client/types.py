@@ -71,6 +71,23 @@ class PrefixInfo(_Result):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class TenantUsage(_Result):
+    """What the tenant holds and may hold: its tasks and their bytes (a limit of None: none)."""
+
+    prefixes: int
+    bytes: int
+    max_prefixes: int | None = None
+    max_prefix_bytes: int | None = None
+
+
+class PrefixPage(_Result):
+    """One page of the tenant's prefixes, by task id (``GET /v1/admin/prefixes?limit=&cursor=``)."""
+
+    prefixes: list[PrefixInfo]
+    next_cursor: str | None = None  # pass as ``cursor`` for the next page; None: this was the last
+    usage: TenantUsage | None = None  # servers before paging send none
+
+
 class UploadResult(_Result):
     """What an upload stored (``PUT /v1/admin/prefixes/{task_id}``); ``created`` is False for a replace."""
 

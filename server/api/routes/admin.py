@@ -6,17 +6,17 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Annotated, NoReturn
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from starlette.datastructures import FormData, UploadFile
 
 from prefix_store.formats.native import decode_native, encode_native
 from prefix_store.formats.peft import decode_peft
 from prefix_store.soft_prompt import Adapter, kind_of
 from prefix_store.storage.names import validate_task_id
-from prefix_store.storage.store import PrefixRecord
+from prefix_store.storage.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PrefixRecord
 from server.api.conditions import Conditions, delete_conditions, upload_conditions
 from server.api.errors import ApiError, error_responses
-from server.api.schemas import TASK_ID_PATTERN, PrefixInfo, PrefixList, UploadResult
+from server.api.schemas import TASK_ID_PATTERN, PrefixInfo, PrefixList, TenantUsageInfo, UploadResult
 from server.api.state import AppState, CallerDep, StateDep, require_admin
 
 router = APIRouter(
@@ -95,7 +95,6 @@ async def upload_prefix(
     request.state.task_id = task_id
     form = await request.form(max_files=2, max_fields=4)
     adapter, blob, source_format = await _decode_upload(state, form)
-    await asyncio.to_thread(_check_quota, state, who.tenant, task_id, len(blob))
     conditions.refuse_weak_only()
     record, replaced = await asyncio.to_thread(
         state.store.put,
@@ -107,6 +106,7 @@ async def upload_prefix(
         kind=kind_of(adapter),
         if_match=conditions.if_match,
         if_absent=conditions.if_absent,
+        quota=state.auth.limits_for(who.tenant).quota,
     )
     response.status_code = 200 if replaced else 201
     return UploadResult(
@@ -145,23 +145,40 @@ async def _decode_upload(state: AppState, form: FormData) -> tuple[Adapter, byte
     return adapter, blob, source_format
 
 
-def _check_quota(state: AppState, tenant: str, task_id: str, new_bytes: int) -> None:
-    """The tenant's prefix count and total bytes stay within its limits (a replace frees the old one)."""
-    limits = state.auth.limits_for(tenant)
-    others = [record for record in state.store.list(tenant) if record.task_id != task_id]
-    if len(others) + 1 > limits.max_prefixes:
-        raise ApiError(409, "quota_exceeded", f"the tenant already has {len(others)} prefixes, its limit")
-    if sum(record.bytes for record in others) + new_bytes > limits.max_prefix_bytes:
-        raise ApiError(
-            413, "quota_exceeded", f"the tenant's prefixes would exceed {limits.max_prefix_bytes} bytes"
-        )
-
-
-@router.get("", response_model=PrefixList)
-@router.get("/", response_model=PrefixList, include_in_schema=False)  # not the task id "": the list
-async def list_prefixes(state: StateDep, who: CallerDep) -> PrefixList:
-    records = await asyncio.to_thread(state.store.list, who.tenant)
-    return PrefixList(prefixes=[_info(state, record) for record in records])
+@router.get("", response_model=PrefixList, responses=error_responses(400, 422))
+@router.get(  # not the task id "": the list
+    "/", response_model=PrefixList, responses=error_responses(400, 422), include_in_schema=False
+)
+async def list_prefixes(
+    state: StateDep,
+    who: CallerDep,
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_PAGE_SIZE, description="records on this page")
+    ] = DEFAULT_PAGE_SIZE,
+    cursor: Annotated[
+        str | None,
+        Query(
+            description="the previous page's next_cursor (none: the first page); not a task id: 400",
+            # documented here, checked by the store: a bad cursor is a 400 with the naming rule, not a 422
+            json_schema_extra={"pattern": TASK_ID_PATTERN, "minLength": 1, "maxLength": 128},
+        ),
+    ] = None,
+) -> PrefixList:
+    """One page of the tenant's tasks, by task id; ``next_cursor`` asks for the next (null: the last page).
+    Every task present throughout a walk is on exactly one of its pages, whatever is uploaded meanwhile."""
+    page = await asyncio.to_thread(state.store.list_page, who.tenant, cursor=cursor, limit=limit)
+    usage = await asyncio.to_thread(state.store.usage, who.tenant)
+    limits = state.auth.limits_for(who.tenant)
+    return PrefixList(
+        prefixes=[_info(state, record) for record in page.records],
+        next_cursor=page.next_cursor,
+        usage=TenantUsageInfo(
+            prefixes=usage.prefixes,
+            bytes=usage.bytes,
+            max_prefixes=limits.max_prefixes,
+            max_prefix_bytes=limits.max_prefix_bytes,
+        ),
+    )
 
 
 @router.get("/{task_id}", response_model=PrefixInfo, responses=error_responses(400, 404, 422))

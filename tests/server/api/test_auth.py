@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -163,7 +164,8 @@ def test_tenants_are_isolated(server: str, keys, llama_base: BaseModel) -> None:
         missing.json()["error"]["type"],
     )
     assert refused.status_code in (404, 412)
-    assert globex_admin.get("/v1/admin/prefixes").json() == {"prefixes": []}
+    listed = globex_admin.get("/v1/admin/prefixes").json()
+    assert listed["prefixes"] == [] and listed["usage"]["prefixes"] == 0 and listed["next_cursor"] is None
 
     assert (
         _upload(globex_admin, "t", blobs["globex"]).status_code == 201
@@ -241,14 +243,54 @@ def test_concurrent_requests_limit(server: str, keys) -> None:
 
 
 def test_prefix_count_quota(server: str, keys, llama_base: BaseModel) -> None:
+    """A tenant with max_prefixes 1: eight uploads of new tasks at once, exactly one stored; a replace is
+    within the quota; the others get 409 quota_exceeded; the listing says the usage and the limit."""
     _, made = keys
     blob = encode_native(random_prefix(llama_base, 2, seed=1), llama_base.geometry)
-    with _client(server, made["tiny-admin"]) as client:
-        assert _upload(client, "first", blob).status_code == 201
-        assert _upload(client, "first", blob).status_code == 200  # a replace is within the quota
+    with _client(server, made["tiny-admin"]) as client, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: _upload(client, f"racer-{i}", blob), range(8)))
+        assert sorted(a.status_code for a in answers) == [201] + [409] * 7
+        (stored,) = [f"racer-{i}" for i, a in enumerate(answers) if a.status_code == 201]
+        assert _upload(client, stored, blob).status_code == 200  # a replace is within the quota
         refused = _upload(client, "second", blob)
         assert refused.status_code == 409 and refused.json()["error"]["type"] == "quota_exceeded"
-        assert [p["task_id"] for p in client.get("/v1/admin/prefixes").json()["prefixes"]] == ["first"]
+        listed = client.get("/v1/admin/prefixes").json()
+        assert [p["task_id"] for p in listed["prefixes"]] == [stored]
+        assert listed["usage"] == {
+            "prefixes": 1,
+            "bytes": len(blob),
+            "max_prefixes": 1,
+            "max_prefix_bytes": 1 << 30,
+        }
+
+
+def test_listings_come_in_pages(server: str, keys, llama_base: BaseModel) -> None:
+    _, made = keys
+    blob = encode_native(random_prefix(llama_base, 2, seed=2), llama_base.geometry)
+    with _client(server, made["globex-admin"]) as client:
+        names = [f"page-{i}" for i in range(5)]
+        before = client.get("/v1/admin/prefixes").json()["usage"]["prefixes"]  # other tests' tasks
+        for name in names:
+            assert _upload(client, name, blob).status_code == 201
+        seen, cursor, pages = [], None, 0
+        while True:
+            params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+            page = client.get("/v1/admin/prefixes", params=params).json()
+            assert len(page["prefixes"]) <= 2 and page["usage"]["prefixes"] == before + 5
+            seen += [p["task_id"] for p in page["prefixes"]]
+            pages += 1
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert [name for name in seen if name.startswith("page-")] == names
+        assert len(seen) == before + 5 and pages == -(-(before + 5) // 2)
+        bad = client.get("/v1/admin/prefixes", params={"cursor": "../x"})
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request"
+        for limit in (0, 1001):
+            out = client.get("/v1/admin/prefixes", params={"limit": limit})
+            assert out.status_code == 422 and out.json()["error"]["type"] == "validation_error"
+        for name in names:
+            assert client.delete(f"/v1/admin/prefixes/{name}").status_code == 204
 
 
 def test_body_cap_counts_streamed_bytes(server: str, keys) -> None:

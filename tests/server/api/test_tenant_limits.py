@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from prefix_store.formats.native import encode_native
+from prefix_store.storage.store import Quota
 from server.api.auth import (
     AUTH_ON_MAX_CONCURRENT,
     AUTH_ON_REQUESTS_PER_MINUTE,
@@ -217,6 +218,26 @@ def test_default_limits_follow_auth(tmp_path: Path) -> None:
     assert chosen.limits_for("acme") == TenantLimits(requests_per_minute=None, max_concurrent=2)
     set_off = load_auth_config(None, requests_per_minute=10)
     assert (set_off.default_limits.requests_per_minute, set_off.default_limits.max_concurrent) == (10, None)
+
+
+def test_prefix_quotas_have_options_and_zero_is_no_limit_everywhere(tmp_path: Path) -> None:
+    """Auth off holds no quota unless an option sets one; auth on defaults to 1,000 prefixes and 1 GiB;
+    the options set the defaults; 0 in the keys file is no limit, as on the command line."""
+    keys_file = tmp_path / "keys.json"
+    create_key(keys_file, "acme", Role.ADMIN)
+    tenants = {"acme": {"max_prefixes": 0, "requests_per_minute": 0, "max_concurrent": 0}}
+    keys_file.write_text(json.dumps({**json.loads(keys_file.read_text()), "tenants": tenants}))
+
+    off = load_auth_config(None).default_limits
+    assert (off.max_prefixes, off.max_prefix_bytes) == (None, None)
+    assert off.quota == Quota(None, None)
+    on = load_auth_config(keys_file)
+    assert (on.default_limits.max_prefixes, on.default_limits.max_prefix_bytes) == (1000, 1 << 30)
+    acme = on.limits_for("acme")
+    assert (acme.max_prefixes, acme.requests_per_minute, acme.max_concurrent) == (None, None, None)
+    assert acme.max_prefix_bytes == 1 << 30  # left out: the server's default
+    chosen = load_auth_config(keys_file, max_prefixes=20_000, max_prefix_bytes=0).default_limits
+    assert chosen.quota == Quota(max_prefixes=20_000, max_bytes=None)
 
 
 # -- 16 clients at once, and the slot of a tenant with one ---------------------------------------------
