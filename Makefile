@@ -52,7 +52,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 .PHONY: bench
-# the performance report of the README (about 11 minutes on 2 cores): tables, then JSON, CSV and PNG files
+# the performance report of the README (about 30 minutes on 2 cores): tables, then JSON, CSV and PNG files
 bench: $(STAMP)
 	$(BIN)/prefix-serve bench --out bench/results/cpu
 

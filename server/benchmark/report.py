@@ -20,6 +20,7 @@ from server.benchmark.tables import (
     number,
     prompt_cache_table,
     report_tables,
+    scale_table,
     store_rows,
 )
 
@@ -65,6 +66,9 @@ def write_report(report: Mapping[str, Any], out_dir: Path, *, plots: bool = True
     if report.get("prompt_cache"):
         rows = [{"measurement": m, "value": v} for m, v in prompt_cache_table(report["prompt_cache"]).rows]
         written.append(_write_csv(out_dir / "prompt-cache.csv", rows))
+    if report.get("scale"):
+        rows = [{"measurement": m, "value": v} for m, v in scale_table(report["scale"]).rows]
+        written.append(_write_csv(out_dir / "scale.csv", rows))
     if report.get("store"):
         written.append(_write_csv(out_dir / "store.csv", store_rows(report["store"])))
     if report.get("memory"):

@@ -65,6 +65,18 @@ class PromptCacheSpec:
     prefix_tokens: tuple[int, ...] = (200, 1600)
 
 
+@dataclass(frozen=True)
+class ScaleSpec:
+    """The ``scale`` section's workload (``server.benchmark.scale``)."""
+
+    tasks: int = 10_000  # uploaded into one tenant; the traffic's tasks
+    batch: int = 1000  # uploads per timed batch: the first batch's rate is compared with the last's
+    prefix_tokens: int = 1  # virtual tokens of each task (10,000 of the small model: 160 MB)
+    requests: int = 256  # of the traffic runs
+    startup_tasks: int = 100_000  # the store the server starts on
+    startup_tenants: int = 10
+
+
 SECTIONS = (
     "baselines",
     "concurrency",
@@ -74,6 +86,7 @@ SECTIONS = (
     "http",
     "long-prompts",
     "prompt-cache",
+    "scale",
     "store",
     "memory",
 )
@@ -104,6 +117,7 @@ class BenchSettings:
     memory_budget_bytes: int = 4 << 30
     long_prompts: LongPromptSpec = field(default_factory=LongPromptSpec)
     prompt_cache: PromptCacheSpec = field(default_factory=PromptCacheSpec)
+    scale: ScaleSpec = field(default_factory=ScaleSpec)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -126,5 +140,6 @@ QUICK = {  # `--quick`: every section on a tiny model in well under a minute (a 
     "long_prompts": LongPromptSpec(
         short_requests=3, short_tokens=8, long_tokens=300, new_tokens=4, joining_tokens=600, shared_rows=4
     ),
+    "scale": ScaleSpec(tasks=300, batch=100, requests=16, startup_tasks=600, startup_tenants=3),
     "prompt_cache": PromptCacheSpec(rows=4, system_tokens=200, turn_tokens=12, new_tokens=4, chat_turns=3),
 }

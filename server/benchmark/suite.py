@@ -21,6 +21,7 @@ from server.benchmark.models import build_model
 from server.benchmark.over_http import http_vs_in_process
 from server.benchmark.prompt_cache import prompt_cache
 from server.benchmark.remote import RemoteTarget, measure_server, requests_per_point
+from server.benchmark.scale import scale
 from server.benchmark.settings import BenchSettings
 from server.benchmark.store_costs import measure_stores
 from server.benchmark.targets import evaluate
@@ -69,6 +70,8 @@ def run_in_process(settings: BenchSettings, log: Log) -> dict[str, Any]:
             report["long_prompts"] = long_prompts(base, settings, log)
         if "prompt-cache" in sections:
             report["prompt_cache"] = prompt_cache(base, settings, log)
+        if "scale" in sections:
+            report["scale"] = scale(base, settings, workdir, log)
         if "store" in sections:
             urls = {"filesystem": (workdir / "store-costs").as_uri()}
             if settings.redis_url:

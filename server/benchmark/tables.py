@@ -79,6 +79,8 @@ def report_tables(report: Mapping[str, Any]) -> list[ReportTable]:
         tables.append(long_prompt_table(report["long_prompts"]))
     if report.get("prompt_cache"):
         tables.append(prompt_cache_table(report["prompt_cache"]))
+    if report.get("scale"):
+        tables.append(scale_table(report["scale"]))
     if report.get("store"):
         rows = [
             [r["backend"], *(number(v) for k, v in r.items() if k != "backend")]
@@ -281,3 +283,36 @@ def prompt_cache_table(section: Mapping[str, Any]) -> ReportTable:
 
 def _times(shared: Mapping[str, Any], name: str) -> str:
     return f"{number(shared[f'{name}_wall_s'])} / {number(shared[f'{name}_over_alone'])}x"
+
+
+def scale_table(section: Mapping[str, Any]) -> ReportTable:
+    """The ``scale`` section as measurement / value rows."""
+    spec, traffic, startup = section["spec"], section["traffic"], section["startup"]
+    rows = []
+    for backend, uploads in section["uploads"].items():
+        listing = section["listing"][backend]
+        rows += [
+            [
+                f"{backend}: {spec['tasks']} uploads into one tenant, first / last {spec['batch']} per s",
+                f"{number(uploads['first_per_s'])} / {number(uploads['last_per_s'])} "
+                f"({number(uploads['last_over_first'])})",
+            ],
+            [
+                f"{backend}: one page (100) at {spec['tasks']} tasks / at 100 tasks ms",
+                f"{number(listing['page_ms_at_tasks'])} / {number(listing['page_ms_at_100'])} "
+                f"({number(listing['ratio'])})",
+            ],
+        ]
+    rows += [
+        [
+            f"Zipf(1.0) over {traffic['tasks']} tasks, the cache holding {traffic['budget_tasks']} / "
+            "8 resident tok/s",
+            f"{number(traffic['zipf_tokens_per_s'])} / {number(traffic['resident_tokens_per_s'])} "
+            f"({number(traffic['ratio'])})",
+        ],
+        [
+            f"start-up on {startup['tasks']} tasks over {startup['tenants']} tenants / on an empty store s",
+            f"{number(startup['full_s'])} / {number(startup['empty_s'])} ({number(startup['ratio'])})",
+        ],
+    ]
+    return ReportTable("many tasks per tenant (same run)", ["measurement", "value"], rows)

@@ -56,6 +56,7 @@ def evaluate(report: Mapping[str, Any], concurrency: int) -> list[Target]:
         *_throughput_targets(systems, curves, http, concurrency),
         *_long_prompt_targets(report),
         *_prompt_cache_targets(report.get("prompt_cache")),
+        *_scale_targets(report.get("scale")),
     ]
 
 
@@ -182,4 +183,40 @@ def _prompt_cache_targets(section: Mapping[str, Any] | None) -> list[Target]:
         Target("prompts sharing nothing: cache on / off, throughput", value("distinct", "on_over_off"), 0.97),
         Target("rows of one task: 200-token prefix / none, throughput", prefix("200"), 0.9),
         Target("rows of one task: 1,600-token prefix / none, throughput", prefix("1600"), 0.5),
+    ]
+
+
+def _scale_targets(section: Mapping[str, Any] | None) -> list[Target]:
+    """The ``scale`` section's targets (#34), per store backend where they are the store's."""
+    uploads = section["uploads"] if section else {"filesystem": None}
+    listing = section["listing"] if section else {}
+    return [
+        *(
+            Target(
+                f"{backend}: uploads into a full tenant, the last batch's rate / the first's",
+                part["last_over_first"] if part else None,
+                0.8,
+            )
+            for backend, part in uploads.items()
+        ),
+        *(
+            Target(
+                f"{backend}: one page of the many-task tenant / one page of a tenant of 100, time",
+                listing[backend]["ratio"] if section else None,
+                2.0,
+                True,
+            )
+            for backend in uploads
+        ),
+        Target(
+            "Zipf traffic over every task, the cache holding a tenth / 8 resident tasks, throughput",
+            section["traffic"]["ratio"] if section else None,
+            0.9,
+        ),
+        Target(
+            "start-up on the many-task store / on an empty one",
+            section["startup"]["ratio"] if section else None,
+            1.2,
+            True,
+        ),
     ]

@@ -247,6 +247,7 @@ def test_targets_pass_fail_and_not_run() -> None:
         (None, "not run"),  # no tasks curve
         *[(None, "not run")] * 5,  # no long-prompts section
         *[(None, "not run")] * 6,  # no prompt-cache section
+        *[(None, "not run")] * 4,  # no scale section
     ]
 
 
@@ -368,11 +369,34 @@ def test_prompt_cache_targets_bound_the_cost_of_sharing_and_of_the_cache() -> No
         "task_prefix": {"200": rounds(ratio=0.85), "1600": rounds(ratio=0.6)},
     }
     verdicts = [(t.value, t.threshold, t.at_most, t.verdict) for t in evaluate({"prompt_cache": section}, 16)]
-    assert verdicts[-6:] == [
+    assert verdicts[-10:-4] == [
         (2.5, 3.0, True, "PASS"),
         (3.5, 3.0, True, "FAIL"),
         (1.2, 1.5, True, "PASS"),
         (0.98, 0.97, False, "PASS"),
         (0.85, 0.9, False, "FAIL"),
         (0.6, 0.5, False, "PASS"),
+    ]
+
+
+def test_scale_targets_hold_each_store_backend_to_its_bounds() -> None:
+    section = {
+        "spec": {"tasks": 10_000},
+        "uploads": {"filesystem": {"last_over_first": 0.85}, "redis": {"last_over_first": 0.7}},
+        "listing": {"filesystem": {"ratio": 1.5}, "redis": {"ratio": 2.5}},
+        "traffic": {"ratio": 0.95},
+        "startup": {"ratio": 1.3},
+    }
+    verdicts = [(t.name.split(":")[0], t.value, t.verdict) for t in evaluate({"scale": section}, 16)][-6:]
+    assert verdicts == [
+        ("filesystem", 0.85, "PASS"),
+        ("redis", 0.7, "FAIL"),
+        ("filesystem", 1.5, "PASS"),
+        ("redis", 2.5, "FAIL"),
+        (
+            "Zipf traffic over every task, the cache holding a tenth / 8 resident tasks, throughput",
+            0.95,
+            "PASS",
+        ),
+        ("start-up on the many-task store / on an empty one", 1.3, "FAIL"),
     ]

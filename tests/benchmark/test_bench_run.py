@@ -91,7 +91,7 @@ def test_targets_are_the_ratios_of_the_same_run(quick_run: tuple[int, Path]) -> 
     _, out = quick_run
     report = json.loads((out / "report.json").read_text())
     targets = {t["name"]: t for t in report["targets"]}
-    assert len(targets) == 20
+    assert len(targets) == 24
     tps = {name: s["tokens_per_s"] for name, s in report["baselines"].items()}
     mixed_vs_one = next(t for name, t in targets.items() if name.startswith("mixed tasks / one task"))
     assert mixed_vs_one["value"] == pytest.approx(tps["engine-mixed"] / tps["engine-one-task"])
@@ -139,10 +139,12 @@ def test_tables_are_written_as_csv_and_curves_as_plots(quick_run: tuple[int, Pat
     text = (out / "report.md").read_text()
     for title in ("**systems (same run)**", "**curve: cache-budget**", "**prefix memory", "**targets**"):
         assert title in text
-    assert text.count("| PASS |") + text.count("| FAIL |") == 20
+    assert text.count("| PASS |") + text.count("| FAIL |") == 24
     assert "| engine-soft-prompts |" in text and "**soft prompts: keys and values computed once" in text
     with (out / "long-prompts.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 11
+    with (out / "scale.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 4  # uploads and a page on the filesystem, traffic, start-up
     with (out / "prompt-cache.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 6 + len(QUICK["prompt_cache"].prefix_tokens)
 
@@ -188,6 +190,20 @@ def test_the_prompt_cache_section_measures_what_it_says(quick_run: tuple[int, Pa
     assert list(section["task_prefix"]) == [str(n) for n in spec.prefix_tokens]
     ttft = section["ttft"]
     assert ttft["ratio"] == pytest.approx(statistics.median(r["ratio"] for r in ttft["rounds"]))
+
+
+def test_the_scale_section_measures_what_it_says(quick_run: tuple[int, Path]) -> None:
+    _, out = quick_run
+    section = json.loads((out / "report.json").read_text())["scale"]
+    spec = QUICK["scale"]
+    uploads = section["uploads"]["filesystem"]
+    assert len(uploads["batch_s"]) == spec.tasks // spec.batch
+    assert uploads["last_over_first"] == pytest.approx(uploads["batch_s"][0] / uploads["batch_s"][-1])
+    traffic = section["traffic"]
+    assert traffic["tasks"] == spec.tasks and traffic["budget_tasks"] == max(
+        spec.tasks // 10, QUICK["concurrency"]
+    )
+    assert section["startup"]["tasks"] == spec.startup_tasks and section["startup"]["full_s"] > 0
 
 
 def test_store_section_measures_a_real_redis(tmp_path: Path) -> None:

@@ -5,16 +5,19 @@ replaces and deletes, and rebuilt when missing or left behind by a crash between
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from prefix_store.errors import QuotaExceeded
 from prefix_store.storage.filesystem import FileStore
 from prefix_store.storage.redis_store import RedisStore
-from prefix_store.storage.store import PrefixStore, Quota, TenantUsage
+from prefix_store.storage.store import PrefixStore, Quota, TenantUsage, open_store
 from tests.prefix_store.conftest import make_blob, put
 
 BLOB = len(make_blob(1))  # every test blob has the same size
@@ -148,3 +151,44 @@ def test_a_paged_walk_sees_every_task_present_throughout_exactly_once(store: Pre
         done.set()
         churner.join()
     assert seen == sorted(set(seen)) and [name for name in seen if not name.endswith("-x")] == stable
+
+
+_REPLICA = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from prefix_store.errors import QuotaExceeded
+from prefix_store.storage.store import Quota, open_store
+from tests.prefix_store.conftest import make_blob, put
+
+with open_store(sys.argv[1]) as store:
+    def upload(i):
+        try:
+            put(store, "shared", f"{sys.argv[2]}-{i}", make_blob(i % 4), quota=Quota(max_prefixes=25))
+        except QuotaExceeded:
+            return 0
+        return 1
+
+    with ThreadPoolExecutor(8) as pool:
+        print(sum(pool.map(upload, range(40))))
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", ["file", "redis"])
+def test_two_replica_processes_on_one_store_never_pass_a_quota_together(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two processes (replicas) of 8 uploading threads each, 80 new tasks against a limit of 25 on one
+    store: exactly 25 stored, and the usage says so."""
+    url = request.getfixturevalue("redis_url") if backend == "redis" else (tmp_path / "store").as_uri()
+    replicas = [
+        subprocess.Popen(
+            [sys.executable, "-c", _REPLICA, url, name], stdout=subprocess.PIPE, cwd=Path(__file__).parents[2]
+        )
+        for name in ("a", "b")
+    ]
+    stored = sum(int(replica.communicate(timeout=120)[0]) for replica in replicas)
+    with open_store(url) as store:
+        assert stored == 25 and store.usage("shared") == listed_usage(store, "shared") == TenantUsage(
+            25, 25 * BLOB
+        )
