@@ -32,6 +32,9 @@ REPORT_FILES = (
     "curve-*.png",
     "http.*",
     "long-prompts.csv",
+    "prompt-cache.csv",
+    "scale.csv",
+    "encoder-decoder.csv",
     "store.csv",
     "memory.csv",
     "targets.csv",
@@ -66,6 +69,9 @@ def write_report(report: Mapping[str, Any], out_dir: Path, *, plots: bool = True
     if report.get("prompt_cache"):
         rows = [{"measurement": m, "value": v} for m, v in prompt_cache_table(report["prompt_cache"]).rows]
         written.append(_write_csv(out_dir / "prompt-cache.csv", rows))
+    if report.get("encoder_decoder"):
+        rows = [{"system": name, **s} for name, s in report["encoder_decoder"]["systems"].items()]
+        written.append(_write_csv(out_dir / "encoder-decoder.csv", rows))
     if report.get("scale"):
         rows = [{"measurement": m, "value": v} for m, v in scale_table(report["scale"]).rows]
         written.append(_write_csv(out_dir / "scale.csv", rows))

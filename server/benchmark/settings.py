@@ -87,6 +87,7 @@ SECTIONS = (
     "long-prompts",
     "prompt-cache",
     "scale",
+    "encoder-decoder",
     "store",
     "memory",
 )

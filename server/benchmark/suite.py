@@ -15,6 +15,7 @@ import transformers
 
 from server.benchmark.baselines import Log, run_baselines
 from server.benchmark.curves import cache_budget_curve, concurrency_curve, prefix_length_curve, tasks_curve
+from server.benchmark.encoder_decoder import encoder_decoder
 from server.benchmark.long_prompts import long_prompts
 from server.benchmark.memory import memory_table
 from server.benchmark.models import build_model
@@ -70,6 +71,8 @@ def run_in_process(settings: BenchSettings, log: Log) -> dict[str, Any]:
             report["long_prompts"] = long_prompts(base, settings, log)
         if "prompt-cache" in sections:
             report["prompt_cache"] = prompt_cache(base, settings, log)
+        if "encoder-decoder" in sections:
+            report["encoder_decoder"] = encoder_decoder(settings, workdir, log)
         if "scale" in sections:
             report["scale"] = scale(base, settings, workdir, log)
         if "store" in sections:

@@ -81,6 +81,11 @@ def report_tables(report: Mapping[str, Any]) -> list[ReportTable]:
         tables.append(prompt_cache_table(report["prompt_cache"]))
     if report.get("scale"):
         tables.append(scale_table(report["scale"]))
+    if report.get("encoder_decoder"):
+        section = report["encoder_decoder"]
+        rows = [[name, *_summary_cells(s)] for name, s in section["systems"].items()]
+        title = f"encoder-decoder systems (same run; {section['model']})"
+        tables.append(ReportTable(title, ["system", *SUMMARY_COLUMNS], rows))
     if report.get("store"):
         rows = [
             [r["backend"], *(number(v) for k, v in r.items() if k != "backend")]

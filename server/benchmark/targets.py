@@ -57,6 +57,7 @@ def evaluate(report: Mapping[str, Any], concurrency: int) -> list[Target]:
         *_long_prompt_targets(report),
         *_prompt_cache_targets(report.get("prompt_cache")),
         *_scale_targets(report.get("scale")),
+        *_encoder_decoder_targets(report.get("encoder_decoder", {}).get("systems", {}), concurrency),
     ]
 
 
@@ -218,5 +219,27 @@ def _scale_targets(section: Mapping[str, Any] | None) -> list[Target]:
             section["startup"]["ratio"] if section else None,
             1.2,
             True,
+        ),
+    ]
+
+
+def _encoder_decoder_targets(systems: Mapping[str, Any], concurrency: int) -> list[Target]:
+    """The ``encoder-decoder`` section's targets (#20): the decoder-only model's, on a T5."""
+    mixed = systems.get("engine-mixed")
+    return [
+        Target(
+            "T5: mixed tasks / one task, engine throughput",
+            _paired(mixed, systems.get("engine-one-task")),
+            0.95,
+        ),
+        Target(
+            f"T5: engine ({concurrency} clients, mixed) / PEFT one at a time",
+            _paired(mixed, systems.get("peft-serial")),
+            5.0,
+        ),
+        Target(
+            f"T5: engine ({concurrency} clients, mixed) / PEFT grouped by task",
+            _paired(mixed, systems.get("peft-grouped")),
+            1.5,
         ),
     ]

@@ -1,5 +1,5 @@
-"""Encoder-decoder models (T5/mT5 with relative position bias, BART/mBART with learned positions): how the
-engine runs them, in one place.
+"""Encoder-decoder models (T5/mT5 with relative position bias, BART/mBART with learned positions,
+Pegasus/Marian with sinusoidal ones): how the engine runs them, in one place.
 
 A request's prompt is the encoder's source; the decoder starts from the model's decoder start token. At
 admission the row's source goes through the encoder once (``encode``), and each decoder layer's
@@ -11,7 +11,7 @@ role with ``set_role``), so rows of any prefix and any source length share one p
 
 Two things the model would compute from a dense batch are computed per row instead: the decoder's
 positions (a prefix of P tokens puts the first decoder token at position P, as PEFT's cache does; BART's
-learned embedding reads ``PagedAttention.positions``) and T5's relative position bias (``relative_bias``:
+learned or sinusoidal embedding reads ``PagedAttention.positions``) and T5's relative position bias (``relative_bias``:
 from each query's and key's cache position, the prefix at 0…P-1).
 """
 
@@ -30,7 +30,7 @@ from server.engine.model_kind import ModelInputs
 from server.engine.model_support import UnsupportedModel
 from server.engine.paged_attention import AttentionRole, current_pass, reading_pool, set_role
 
-SERVED_FAMILIES = ("t5", "mt5", "bart", "mbart")
+SERVED_FAMILIES = ("t5", "mt5", "bart", "mbart", "pegasus", "marian")
 
 
 def check_encoder_decoder(config: object) -> None:

@@ -248,6 +248,7 @@ def test_targets_pass_fail_and_not_run() -> None:
         *[(None, "not run")] * 5,  # no long-prompts section
         *[(None, "not run")] * 6,  # no prompt-cache section
         *[(None, "not run")] * 4,  # no scale section
+        *[(None, "not run")] * 3,  # no encoder-decoder section
     ]
 
 
@@ -369,7 +370,7 @@ def test_prompt_cache_targets_bound_the_cost_of_sharing_and_of_the_cache() -> No
         "task_prefix": {"200": rounds(ratio=0.85), "1600": rounds(ratio=0.6)},
     }
     verdicts = [(t.value, t.threshold, t.at_most, t.verdict) for t in evaluate({"prompt_cache": section}, 16)]
-    assert verdicts[-10:-4] == [
+    assert verdicts[-13:-7] == [
         (2.5, 3.0, True, "PASS"),
         (3.5, 3.0, True, "FAIL"),
         (1.2, 1.5, True, "PASS"),
@@ -387,7 +388,7 @@ def test_scale_targets_hold_each_store_backend_to_its_bounds() -> None:
         "traffic": {"ratio": 0.95},
         "startup": {"ratio": 1.3},
     }
-    verdicts = [(t.name.split(":")[0], t.value, t.verdict) for t in evaluate({"scale": section}, 16)][-6:]
+    verdicts = [(t.name.split(":")[0], t.value, t.verdict) for t in evaluate({"scale": section}, 16)][-9:-3]
     assert verdicts == [
         ("filesystem", 0.85, "PASS"),
         ("redis", 0.7, "FAIL"),

@@ -91,7 +91,7 @@ def test_targets_are_the_ratios_of_the_same_run(quick_run: tuple[int, Path]) -> 
     _, out = quick_run
     report = json.loads((out / "report.json").read_text())
     targets = {t["name"]: t for t in report["targets"]}
-    assert len(targets) == 24
+    assert len(targets) == 27
     tps = {name: s["tokens_per_s"] for name, s in report["baselines"].items()}
     mixed_vs_one = next(t for name, t in targets.items() if name.startswith("mixed tasks / one task"))
     assert mixed_vs_one["value"] == pytest.approx(tps["engine-mixed"] / tps["engine-one-task"])
@@ -139,10 +139,13 @@ def test_tables_are_written_as_csv_and_curves_as_plots(quick_run: tuple[int, Pat
     text = (out / "report.md").read_text()
     for title in ("**systems (same run)**", "**curve: cache-budget**", "**prefix memory", "**targets**"):
         assert title in text
-    assert text.count("| PASS |") + text.count("| FAIL |") == 24
+    assert text.count("| PASS |") + text.count("| FAIL |") == 27
     assert "| engine-soft-prompts |" in text and "**soft prompts: keys and values computed once" in text
     with (out / "long-prompts.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 11
+    with (out / "encoder-decoder.csv").open() as f:
+        systems = {row["system"] for row in csv.DictReader(f)}
+    assert systems == {"engine-mixed", "engine-one-task", "peft-serial", "peft-grouped"}
     with (out / "scale.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 4  # uploads and a page on the filesystem, traffic, start-up
     with (out / "prompt-cache.csv").open() as f:
@@ -204,6 +207,24 @@ def test_the_scale_section_measures_what_it_says(quick_run: tuple[int, Path]) ->
         spec.tasks // 10, QUICK["concurrency"]
     )
     assert section["startup"]["tasks"] == spec.startup_tasks and section["startup"]["full_s"] > 0
+
+
+def test_the_encoder_decoder_section_runs_every_system_on_the_same_requests(
+    quick_run: tuple[int, Path],
+) -> None:
+    _, out = quick_run
+    report = json.loads((out / "report.json").read_text())
+    systems = report["encoder_decoder"]["systems"]
+    requests, new_tokens = QUICK["workload"].requests, QUICK["workload"].new_tokens[0]
+    for name, summary in systems.items():
+        assert summary["requests"] == requests and summary["tokens"] == requests * new_tokens, name
+    targets = {t["name"]: t for t in report["targets"]}
+    serial = targets[f"T5: engine ({QUICK['concurrency']} clients, mixed) / PEFT one at a time"]
+    assert serial["value"] == pytest.approx(
+        paired_ratio(
+            systems["engine-mixed"]["runs_tokens_per_s"], systems["peft-serial"]["runs_tokens_per_s"]
+        )
+    )
 
 
 def test_store_section_measures_a_real_redis(tmp_path: Path) -> None:

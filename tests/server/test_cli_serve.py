@@ -174,12 +174,12 @@ def test_a_model_whose_attention_cannot_be_paged_is_refused_in_one_line(tmp_path
 def test_an_encoder_decoder_family_the_engine_does_not_serve_is_refused_in_one_line(tmp_path: Path) -> None:
     """Pegasus is an encoder-decoder outside the served families: refused at start, never loaded as a
     causal LM."""
-    model = tmp_path / "tiny-pegasus"
+    model = tmp_path / "tiny-prophetnet"
     tokenizer = build_demo_tokenizer()
     AutoModelForSeq2SeqLM.from_config(unserved_family(len(tokenizer))).save_pretrained(model)
     tokenizer.save_pretrained(model)
     reason = (
-        f"cannot start: --model {model}: cannot serve it: pegasus is an encoder-decoder model of a family"
+        f"cannot start: --model {model}: cannot serve it: prophetnet is an encoder-decoder model of a family"
     )
     assert reason in _start_refusal(model, tmp_path / "store")
 

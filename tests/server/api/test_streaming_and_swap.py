@@ -14,6 +14,7 @@ import pytest
 from prefix_store.formats.native import encode_native
 from server.engine.base_model import BaseModel
 from server.engine.generation import generate
+from testing.waiting import wait_until
 from tests.server.api.live_server import live_server
 from tests.server.engine.helpers import random_prefix, request
 
@@ -106,10 +107,12 @@ def test_hot_swap_under_load(client: httpx.Client, llama_base: BaseModel) -> Non
     with ThreadPoolExecutor(16) as pool:
         workers = [pool.submit(generate_until_stopped) for _ in range(16)]
         for blob in blobs[1:]:
+            answered = len(results)
             version = upload(blob)
             expected[version] = expected_by_blob[blob]
             acknowledged.append(version)
-            threading.Event().wait(0.05)
+            # two answers between swaps, however slow the machine: the swaps interleave with generation
+            wait_until(lambda answered=answered: len(results) >= answered + 2 or failures, "two more answers")
         stop.set()
         for worker in workers:
             worker.result()

@@ -18,10 +18,12 @@ from peft import PeftModel
 from transformers import (
     AutoModelForSeq2SeqLM,
     BartConfig,
+    MarianConfig,
     MBartConfig,
     MT5Config,
     PegasusConfig,
     PretrainedConfig,
+    ProphetNetConfig,
     T5Config,
 )
 
@@ -57,7 +59,9 @@ PROMPTS = ["hi", "the cat sat on the mat today", "Once upon a time there was a l
 NEW_TOKENS = 8
 
 
-def _bart_like(config_class: type[PretrainedConfig]) -> Callable[[int, int], PretrainedConfig]:
+def _bart_like(
+    config_class: type[PretrainedConfig], init_std: float = 0.2
+) -> Callable[[int, int], PretrainedConfig]:
     return lambda vocab, eos: config_class(
         vocab_size=vocab,
         d_model=32,
@@ -68,7 +72,7 @@ def _bart_like(config_class: type[PretrainedConfig]) -> Callable[[int, int], Pre
         encoder_ffn_dim=64,
         decoder_ffn_dim=64,
         max_position_embeddings=128,
-        init_std=0.2,
+        init_std=init_std,
         pad_token_id=eos,
         bos_token_id=eos,
         eos_token_id=eos,
@@ -94,20 +98,23 @@ def _t5_like(config_class: type[PretrainedConfig]) -> Callable[[int, int], Pretr
 FAMILIES: dict[str, Callable[[int, int], PretrainedConfig]] = {
     "bart": _bart_like(BartConfig),
     "mbart": _bart_like(MBartConfig),  # pre-norm layers, a final layer norm
+    "pegasus": _bart_like(PegasusConfig),  # sinusoidal positions, embeddings scaled by sqrt(d_model)
+    # sinusoidal positions, post-norm layers; wider weights: at 0.2 it repeats one token whatever it is told
+    "marian": _bart_like(MarianConfig, init_std=0.5),
     "t5": _t5_like(T5Config),
     "mt5": _t5_like(MT5Config),  # gated GELU feed-forward, untied head
 }
 
 
 def unserved_family(vocab_size: int) -> PretrainedConfig:
-    """A tiny encoder-decoder of a family the engine does not serve (Pegasus: sinusoidal positions)."""
-    return PegasusConfig(
+    """A tiny encoder-decoder of a family the engine does not serve (ProphetNet: n-gram streams)."""
+    return ProphetNetConfig(
         vocab_size=vocab_size,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
+        hidden_size=32,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        num_encoder_attention_heads=4,
+        num_decoder_attention_heads=4,
         encoder_ffn_dim=64,
         decoder_ffn_dim=64,
     )
@@ -215,9 +222,9 @@ def test_soft_prompts_are_refused_on_an_encoder_decoder(
 
 
 def test_an_encoder_decoder_family_the_engine_does_not_serve_is_refused_at_load(tmp_path: Path) -> None:
-    folder = _build(unserved_family(len(build_demo_tokenizer())), tmp_path / "pegasus")
+    folder = _build(unserved_family(len(build_demo_tokenizer())), tmp_path / "prophetnet")
     with pytest.raises(
-        UnsupportedModel, match=r"^pegasus is an encoder-decoder model of a family the engine"
+        UnsupportedModel, match=r"^prophetnet is an encoder-decoder model of a family the engine"
     ) as err:
         load_base_model(folder, device="cpu")
     assert "\n" not in str(err.value)
