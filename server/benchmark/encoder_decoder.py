@@ -16,7 +16,7 @@ of its own beside the prefix).
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from prefix_store.formats.limits import PrefixLimits
 from prefix_store.formats.source import load_prefix_source
 from server.benchmark.baselines import Log, mix_lengths
 from server.benchmark.loops import EngineSystem, Event, closed_loop
+from server.benchmark.peft_baseline import BatchAtATime
 from server.benchmark.settings import BenchSettings
 from server.benchmark.timeline import Timeline, summarize
 from server.benchmark.workload import engine_requests, sample_shapes
@@ -60,24 +61,12 @@ def build_t5(folder: Path, settings: BenchSettings) -> Path:
     return folder
 
 
-class PeftSeq2SeqSystem:
-    """A ``System`` (see ``loops``): each ``advance`` runs one batch to completion with PEFT's forward."""
+class PeftSeq2SeqSystem(BatchAtATime):
+    """An encoder-decoder with PEFT's forward, greedy (its ``generate`` ignores the prefix)."""
 
     def __init__(self, peft_models: dict[str, Any], *, grouped: bool) -> None:
-        self.peft_models, self.grouped = peft_models, grouped
-        self.queue: deque[GenerationRequest] = deque()
-
-    def submit(self, request: GenerationRequest) -> None:
-        self.queue.append(request)
-
-    def advance(self) -> list[Event]:
-        if not self.grouped:
-            return self._run_batch([self.queue.popleft()])
-        by_task: dict[str | None, list[GenerationRequest]] = defaultdict(list)
-        while self.queue:
-            request = self.queue.popleft()
-            by_task[request.task_id].append(request)
-        return [event for group in by_task.values() for event in self._run_batch(group)]
+        super().__init__(grouped=grouped)
+        self.peft_models = peft_models
 
     @torch.inference_mode()
     def _run_batch(self, group: list[GenerationRequest]) -> list[Event]:

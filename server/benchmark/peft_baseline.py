@@ -37,11 +37,13 @@ def peft_tasks(model: PreTrainedModel, lengths: Sequence[int]) -> tuple[dict[str
     return peft_models, prefixes
 
 
-class PeftSystem:
-    """A ``System`` (see ``loops``): each ``advance`` runs one batch to completion."""
+class BatchAtATime:
+    """A ``System`` (see ``loops``) as a PEFT user runs one: each ``advance`` runs batches to completion,
+    one request each, or (``grouped``) one batch per task of everything queued (one PEFT forward takes one
+    prefix). Subclasses run a batch (``_run_batch``)."""
 
-    def __init__(self, model: PreTrainedModel, peft_models: dict[str, object], *, grouped: bool) -> None:
-        self.model, self.peft_models, self.grouped = model, peft_models, grouped
+    def __init__(self, *, grouped: bool) -> None:
+        self.grouped = grouped
         self.queue: deque[GenerationRequest] = deque()
 
     def submit(self, request: GenerationRequest) -> None:
@@ -55,6 +57,17 @@ class PeftSystem:
             request = self.queue.popleft()
             by_task[request.task_id].append(request)
         return [event for group in by_task.values() for event in self._run_batch(group)]
+
+    def _run_batch(self, group: list[GenerationRequest]) -> list[Event]:
+        raise NotImplementedError
+
+
+class PeftSystem(BatchAtATime):
+    """A decoder-only model with PEFT's prefix cache (``get_prompt``) and a KV-cached greedy decode."""
+
+    def __init__(self, model: PreTrainedModel, peft_models: dict[str, object], *, grouped: bool) -> None:
+        super().__init__(grouped=grouped)
+        self.model, self.peft_models = model, peft_models
 
     @torch.inference_mode()
     def _run_batch(self, group: list[GenerationRequest]) -> list[Event]:

@@ -1,8 +1,8 @@
 """Thousands of tasks per tenant (the ``scale`` section), each ratio measured in the same run.
 
 uploads    ``tasks`` uploads into one tenant through the store's put with the tenant's quota (what the
-           admin route runs after validating), a thousand at a time: the rate of the last thousand over
-           the first, on the filesystem store (and Redis with ``--redis-url``)
+           admin route runs after validating), timed a ``batch`` at a time: the rate of the last batch
+           over the first, on the filesystem store (and Redis with ``--redis-url``)
 listing    one page (100) of a tenant of ``tasks`` against one page of a tenant of 100
 traffic    requests over all ``tasks`` tasks drawn by Zipf(1.0), the registry's budget holding a tenth of
            them (misses load from the store while the engine runs), against 8 resident tasks
@@ -77,7 +77,7 @@ def _fill(
 
 
 def measure_uploads(urls: dict[str, str], spec: ScaleSpec, blob: _Blobs, log: Log) -> dict[str, Any]:
-    """Per backend: the seconds of each thousand uploads and the last thousand's rate over the first's."""
+    """Per backend: the seconds of each batch of uploads and the last batch's rate over the first's."""
     result: dict[str, Any] = {}
     for backend, url in urls.items():
         with open_store(url) as store:
@@ -121,8 +121,8 @@ def measure_listing(urls: dict[str, str], spec: ScaleSpec, blob: _Blobs, repeats
 
 
 def measure_traffic(base: BaseModel, settings: BenchSettings, store_url: str, log: Log) -> dict[str, Any]:
-    """Requests over every task of the store's DEFAULT_TENANT tenant drawn by Zipf(1.0), the registry holding
-    a tenth of them, against the same requests over 8 tasks all resident; run in pairs."""
+    """Requests over every task the uploads stored (the default tenant's) drawn by Zipf(1.0), the registry
+    holding a tenth of them, against the same requests over 8 tasks all resident; run in pairs."""
     spec = settings.scale
     names = [f"task-{i:06d}" for i in range(spec.tasks)]
     rng = random.Random(41)
