@@ -81,9 +81,8 @@ def measure_mix(base: BaseModel, spec: LongPromptSpec, repeats: int, log: Log) -
         alone_short, alone_long = run(shorts), run([long])
         rounds.append(
             {
-                "together_s": together.ended - together.started,
-                "apart_s": (alone_short.ended - alone_short.started)
-                + (alone_long.ended - alone_long.started),
+                "together_s": together.wall_s,
+                "apart_s": alone_short.wall_s + alone_long.wall_s,
                 "short_p50_together_s": percentile(_latencies(together, "short"), 50),
                 "short_p50_alone_s": percentile(_latencies(alone_short, "short"), 50),
                 "long_together_s": _latencies(together, "long")[0],

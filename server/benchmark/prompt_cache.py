@@ -25,7 +25,7 @@ from server.benchmark.baselines import Log
 from server.benchmark.loops import EngineSystem, closed_loop
 from server.benchmark.models import random_prefixes
 from server.benchmark.settings import BenchSettings, PromptCacheSpec
-from server.benchmark.timeline import Timeline, percentile
+from server.benchmark.timeline import percentile
 from server.engine.base_model import BaseModel
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -51,14 +51,6 @@ def _engine(base: BaseModel, rows: int, *, prompt_cache: bool = True) -> EngineS
     return EngineSystem(base, max_batch_size=rows, prompt_cache=prompt_cache)
 
 
-def _ttft(timeline: Timeline) -> list[float]:
-    return [timeline.first_token[r] - timeline.submitted[r] for r in timeline.first_token]
-
-
-def _wall(timeline: Timeline) -> float:
-    return timeline.ended - timeline.started
-
-
 def _rounds(repeats: int, measure: Callable[[int], dict[str, float]]) -> dict[str, Any]:
     """``measure(round)`` ``repeats`` times; the median of each figure and the rounds themselves."""
     rounds = [measure(i) for i in range(repeats)]
@@ -74,18 +66,18 @@ def measure_shared_system(base: BaseModel, spec: PromptCacheSpec, repeats: int, 
         turns = [prompts.tokens(spec.turn_tokens) for _ in range(2 * spec.rows)]
         alone = [_ask(f"u{i}", turn, spec.new_tokens) for i, turn in enumerate(turns[: spec.rows])]
         shared = [_ask(f"s{i}", [*system, *turn], spec.new_tokens) for i, turn in enumerate(turns)]
-        plain = _wall(closed_loop(_engine(base, spec.rows), alone, spec.rows))
+        plain = closed_loop(_engine(base, spec.rows), alone, spec.rows).wall_s
         engine = _engine(base, spec.rows)
         cold = closed_loop(engine, shared[: spec.rows], spec.rows)
         warm = closed_loop(engine, shared[spec.rows :], spec.rows)
         figures = {
             "alone_wall_s": plain,
-            "cold_wall_s": _wall(cold),
-            "cached_wall_s": _wall(warm),
-            "cold_ttft_p50_s": percentile(_ttft(cold), 50),
-            "cached_ttft_p50_s": percentile(_ttft(warm), 50),
-            "cold_over_alone": _wall(cold) / plain,
-            "cached_over_alone": _wall(warm) / plain,
+            "cold_wall_s": cold.wall_s,
+            "cached_wall_s": warm.wall_s,
+            "cold_ttft_p50_s": percentile(cold.ttfts(), 50),
+            "cached_ttft_p50_s": percentile(warm.ttfts(), 50),
+            "cold_over_alone": cold.wall_s / plain,
+            "cached_over_alone": warm.wall_s / plain,
         }
         log(f"prompt-cache shared-system {round_ + 1}/{repeats}: {figures['cold_over_alone']:.2f}x cold")
         return figures
@@ -106,7 +98,7 @@ def measure_ttft(base: BaseModel, spec: PromptCacheSpec, repeats: int) -> dict[s
         cached = closed_loop(
             engine, [_ask(f"s{i}", [*system, *t], spec.new_tokens) for i, t in enumerate(turns)], 1
         )
-        short_p50, cached_p50 = percentile(_ttft(short), 50), percentile(_ttft(cached), 50)
+        short_p50, cached_p50 = percentile(short.ttfts(), 50), percentile(cached.ttfts(), 50)
         return {
             "short_ttft_p50_s": short_p50,
             "cached_ttft_p50_s": cached_p50,

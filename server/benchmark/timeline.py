@@ -33,13 +33,21 @@ class Timeline:
         return finished_now
 
     @property
+    def wall_s(self) -> float:
+        return self.ended - self.started
+
+    @property
     def tokens_per_s(self) -> float:
-        return self.tokens / (self.ended - self.started)
+        return self.tokens / self.wall_s
+
+    def ttfts(self) -> list[float]:
+        """Each request's time to first token."""
+        return [self.first_token[r] - self.submitted[r] for r in self.first_token]
 
     def summary(self) -> dict[str, float]:
         """Throughput (new tokens/s), request latency and time to first token (p50, p99), wall time."""
         latency = [self.finished[r] - self.submitted[r] for r in self.finished]
-        ttft = [self.first_token[r] - self.submitted[r] for r in self.first_token]
+        ttft = self.ttfts()
         return {
             "tokens_per_s": self.tokens_per_s,
             "p50_latency_s": percentile(latency, 50),
@@ -48,7 +56,7 @@ class Timeline:
             "p99_ttft_s": percentile(ttft, 99),
             "requests": len(self.finished),
             "tokens": self.tokens,
-            "wall_s": self.ended - self.started,
+            "wall_s": self.wall_s,
         }
 
 
