@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import struct
@@ -18,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from hypothesis import strategies as st
 
-from hardening.prefixes import peft_files, random_prefix
+from hardening.prefixes import lora_files, peft_files, random_lora, random_prefix
 from prefix_store.formats.native import encode_native
 from prefix_store.formats.peft import ADAPTER_CONFIG_NAME, ADAPTER_MODEL_NAME
 from prefix_store.geometry import ModelGeometry
@@ -57,7 +59,11 @@ def safetensors_bytes(
 
 def valid_parts(geometry: ModelGeometry, *, nvt: int = NVT, seed: int = 0) -> tuple[dict[str, Any], bytes]:
     """The header (as a dict) and data section of a valid native prefix file."""
-    blob = encode_native(random_prefix(geometry, nvt, seed), geometry)
+    return _parts(encode_native(random_prefix(geometry, nvt, seed), geometry))
+
+
+def _parts(blob: bytes) -> tuple[dict[str, Any], bytes]:
+    """A safetensors payload's header (a dict) and data section."""
     (length,) = struct.unpack("<Q", blob[:8])
     return json.loads(blob[8 : 8 + length]), blob[8 + length :]
 
@@ -152,9 +158,9 @@ def native_catalogue(geometry: ModelGeometry, *, max_virtual_tokens: int) -> lis
         _file("header length cuts the JSON", safetensors_bytes(header, data, header_length=raw_len - 5)),
         _file("header length 0", safetensors_bytes(header, data, header_length=0)),
         _file(
-            "oversize header (65 KiB)",
+            "oversize header (1 MiB)",
             safetensors_bytes(
-                edited(("__metadata__", None, header["__metadata__"] | {"pad": "x" * 66_000})), data
+                edited(("__metadata__", None, header["__metadata__"] | {"pad": "x" * (1 << 20)})), data
             ),
             _TOO_BIG,
         ),
@@ -327,6 +333,86 @@ def peft_catalogue(geometry: ModelGeometry, *, max_virtual_tokens: int) -> list[
         _peft("adapter_model is a native prefix", files[ADAPTER_CONFIG_NAME], native),
         _peft("adapter_model NaN", files[ADAPTER_CONFIG_NAME], nan_model),
         _peft("adapter_model truncated", files[ADAPTER_CONFIG_NAME], model[:-10]),
+    ]
+
+
+def lora_catalogue(geometry: ModelGeometry) -> list[HostileUpload]:
+    """LoRA tasks that are not plain low-rank updates of this model's projections, PEFT and native."""
+    files = lora_files(geometry)
+    config, model = json.loads(files[ADAPTER_CONFIG_NAME]), files[ADAPTER_MODEL_NAME]
+    tensors = dict(safetensors.torch.load(model))
+    first = sorted(tensors)[0]  # base_model.model.<module>.lora_A.weight
+
+    def with_config(**changes: Any) -> bytes:
+        return json.dumps(config | changes).encode()
+
+    def with_tensors(**changes: torch.Tensor | None) -> bytes:
+        edited = {**tensors, **changes}
+        return safetensors.torch.save({k: v for k, v in edited.items() if v is not None})
+
+    module = first.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    native = encode_native(random_lora(geometry), geometry)
+    native_header, native_data = _parts(native)
+    wrong_rank = dict(native_header)
+    wrong_rank["__metadata__"] = {**native_header["__metadata__"], "r": "5"}
+    return [
+        _peft("LoRA: DoRA", with_config(use_dora=True), model),
+        _peft(
+            "LoRA: DoRA magnitude tensor",
+            files[ADAPTER_CONFIG_NAME],
+            with_tensors(**{first.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(8)}),
+        ),
+        _peft("LoRA: modules_to_save", with_config(modules_to_save=["lm_head"]), model),
+        _peft("LoRA: bias all", with_config(bias="all"), model),
+        _peft("LoRA: lora_bias", with_config(lora_bias=True), model),
+        _peft("LoRA: lm_head target", with_config(target_modules=["lm_head"]), model),
+        _peft(
+            "LoRA: embedding tensor",
+            files[ADAPTER_CONFIG_NAME],
+            with_tensors(**{"base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 8)}),
+        ),
+        _peft(
+            "LoRA: unknown module",
+            files[ADAPTER_CONFIG_NAME],
+            with_tensors(
+                **{
+                    "base_model.model.model.norm.lora_A.weight": torch.ones(4, 8),
+                    "base_model.model.model.norm.lora_B.weight": torch.ones(8, 4),
+                }
+            ),
+        ),
+        _peft(
+            "LoRA: lora_B missing",
+            files[ADAPTER_CONFIG_NAME],
+            with_tensors(**{first.replace("lora_A", "lora_B"): None}),
+        ),
+        _peft(
+            "LoRA: A of the wrong width",
+            files[ADAPTER_CONFIG_NAME],
+            with_tensors(**{first: torch.ones(4, 3)}),
+        ),
+        _peft(
+            "LoRA: NaN",
+            files[ADAPTER_CONFIG_NAME],
+            with_tensors(**{first: torch.full_like(tensors[first], float("nan"))}),
+        ),
+        _peft("LoRA: r 65 (over the limit)", with_config(r=65), model),
+        _peft("LoRA: r 10**9", with_config(r=10**9), model),
+        _peft("LoRA: r differs from the tensors", with_config(r=2), model),
+        _peft("LoRA: rank_pattern not a regex", with_config(rank_pattern={"(": 4}), model),
+        _peft("LoRA: alpha infinite text", with_config(lora_alpha="inf"), model),
+        _peft("LoRA: init pissa", with_config(init_lora_weights="pissa"), model),
+        _peft(
+            "LoRA: prompt embeddings", files[ADAPTER_CONFIG_NAME], peft_files(geometry)[ADAPTER_MODEL_NAME]
+        ),
+        _file("LoRA native: r metadata lies", safetensors_bytes(wrong_rank, native_data)),
+        _file(
+            "LoRA native: a lora_B entry dropped",
+            safetensors_bytes(
+                {k: v for k, v in native_header.items() if not k.endswith(".lora_B") or module not in k},
+                native_data,
+            ),
+        ),
     ]
 
 
@@ -520,6 +606,44 @@ def bad_peft_configs(draw: st.DrawFn, geometry: ModelGeometry) -> bytes:
         if name == "peft_type":
             return value == "PREFIX_TUNING"
         return type(value) is int and value == good
+
+    config[name] = draw(_JSON.filter(lambda v: not acceptable(v)))
+    return json.dumps(config).encode()
+
+
+@st.composite
+def bad_lora_configs(draw: st.DrawFn, geometry: ModelGeometry) -> bytes:
+    """A valid LoRA adapter_config.json with one field set to something the server must refuse."""
+    config = json.loads(lora_files(geometry)[ADAPTER_CONFIG_NAME])
+    name = draw(
+        st.sampled_from(
+            [
+                "r",
+                "lora_alpha",
+                "use_rslora",
+                "use_dora",
+                "bias",
+                "modules_to_save",
+                "rank_pattern",
+                "task_type",
+            ]
+        )
+    )
+
+    def acceptable(value: object) -> bool:  # what the server rightly accepts for the field
+        if name == "r":
+            return value == config["r"] and type(value) is int
+        if name == "lora_alpha":
+            return type(value) in (int, float) and math.isfinite(value) and abs(value) <= 65536
+        if name == "use_rslora":
+            return isinstance(value, bool)
+        if name in ("use_dora", "modules_to_save"):
+            return not value
+        if name == "bias":
+            return value == "none"
+        if name == "rank_pattern":
+            return not value
+        return value in (None, "CAUSAL_LM")
 
     config[name] = draw(_JSON.filter(lambda v: not acceptable(v)))
     return json.dumps(config).encode()

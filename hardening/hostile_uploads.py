@@ -27,16 +27,18 @@ from hypothesis import strategies as st
 from hardening.common import hardening_server, write_result
 from hardening.hostile import (
     HostileUpload,
+    bad_lora_configs,
     bad_peft_configs,
     canary_catalogue,
     corrupted_headers,
     damaged_bytes,
+    lora_catalogue,
     multipart_catalogue,
     native_catalogue,
     non_finite,
     peft_catalogue,
 )
-from hardening.prefixes import model_geometry, native_prefix, peft_files, upload
+from hardening.prefixes import lora_files, model_geometry, native_prefix, peft_files, upload
 from prefix_store.formats.peft import ADAPTER_CONFIG_NAME, ADAPTER_MODEL_NAME
 from prefix_store.geometry import ModelGeometry
 from testing.server_process import ServerProcess
@@ -182,6 +184,7 @@ def catalogue(
     return {
         "native": native_catalogue(geometry, max_virtual_tokens=max_virtual_tokens),
         "peft": peft_catalogue(geometry, max_virtual_tokens=max_virtual_tokens),
+        "lora": lora_catalogue(geometry),
         "multipart": multipart_catalogue(geometry, cap_bytes=cap_bytes),
         "pickle": canary_catalogue(canary),
     }
@@ -191,6 +194,7 @@ def strategies(geometry: ModelGeometry) -> dict[str, st.SearchStrategy[HostileUp
     """Hypothesis strategies of hostile uploads, by family."""
     config = peft_files(geometry)[ADAPTER_CONFIG_NAME]
     model = peft_files(geometry)[ADAPTER_MODEL_NAME]
+    lora_model = lora_files(geometry)[ADAPTER_MODEL_NAME]
 
     def as_file(name: str) -> Callable[[bytes], HostileUpload]:
         return lambda blob: HostileUpload(
@@ -205,12 +209,20 @@ def strategies(geometry: ModelGeometry) -> dict[str, st.SearchStrategy[HostileUp
         files = {"adapter_config": (ADAPTER_CONFIG_NAME, blob), "adapter_model": (ADAPTER_MODEL_NAME, model)}
         return HostileUpload("adapter_config wrong", files=files, statuses=frozenset({400, 413}))
 
+    def as_lora_config(blob: bytes) -> HostileUpload:
+        files = {
+            "adapter_config": (ADAPTER_CONFIG_NAME, blob),
+            "adapter_model": (ADAPTER_MODEL_NAME, lora_model),
+        }
+        return HostileUpload("LoRA adapter_config wrong", files=files, statuses=frozenset({400, 413}))
+
     return {
         "corrupted header": corrupted_headers(geometry).map(as_file("corrupted header")),
         "damaged bytes": damaged_bytes(geometry).map(as_file("damaged bytes")),
         "non-finite values": non_finite(geometry).map(as_file("non-finite values")),
         "damaged adapter_model": damaged_bytes(geometry).map(as_peft_model),
         "wrong adapter_config": bad_peft_configs(geometry).map(as_peft_config),
+        "wrong LoRA adapter_config": bad_lora_configs(geometry).map(as_lora_config),
     }
 
 

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A linear map inside the base model's layers that a LoRA task may adapt."""
+
+    name: str  # its module path in the model, e.g. "model.layers.0.self_attn.q_proj"
+    in_features: int
+    out_features: int
+    transposed: bool = False  # GPT-2's Conv1D keeps its weight [in, out] (PEFT's ``fan_in_fan_out``)
 
 
 @dataclass(frozen=True)
@@ -17,6 +29,8 @@ class ModelGeometry:
     embedding_dim: int | None = None  # width of the input embeddings (a soft prompt's); not fingerprinted
     # T5, BART: the layers, heads and widths above are the decoder's (a prefix goes into its self-attention)
     encoder_decoder: bool = False
+    # the projections a LoRA task may adapt (the loaded model's; none: LoRA tasks are not served)
+    projections: tuple[Projection, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelGeometry:
@@ -45,6 +59,11 @@ class ModelGeometry:
             head_dim=int(head_dim),
             embedding_dim=int(text_config.hidden_size),
         )
+
+    @cached_property
+    def projection_by_name(self) -> Mapping[str, Projection]:
+        """``projections`` by module path."""
+        return {projection.name: projection for projection in self.projections}
 
     @property
     def fingerprint(self) -> str:

@@ -10,6 +10,7 @@ import torch
 from prefix_store.errors import PrefixValidationError
 from prefix_store.formats.safetensors_check import all_finite
 from prefix_store.geometry import ModelGeometry
+from prefix_store.lora import LoraAdapter
 from prefix_store.prefix import Prefix
 
 
@@ -45,10 +46,14 @@ class SoftPrompt:
         return placed
 
 
-Adapter = Prefix | SoftPrompt  # what a task conditions its rows with
-AdapterKind = Literal["prefix", "soft_prompt"]
+Adapter = Prefix | SoftPrompt | LoraAdapter  # what a task conditions its rows with
+Resident = Prefix | LoraAdapter  # what a task's rows read on the device (a soft prompt's are a prefix)
+AdapterKind = Literal["prefix", "soft_prompt", "lora"]
 
 
 def kind_of(adapter: Adapter) -> AdapterKind:
-    """The ``kind`` docs/API.md names: ``prefix`` (keys and values of every layer) or ``soft_prompt``."""
+    """The ``kind`` docs/API.md names: ``prefix`` (keys and values of every layer), ``soft_prompt`` or
+    ``lora`` (low-rank updates of projections)."""
+    if isinstance(adapter, LoraAdapter):
+        return "lora"
     return "soft_prompt" if isinstance(adapter, SoftPrompt) else "prefix"

@@ -107,6 +107,9 @@ class ServeSettings(BaseSettings):
     )
     max_request_bytes: int = Field(1024 * 1024, ge=1024, description="any other request body")
     max_virtual_tokens: int = Field(512, ge=1, description="virtual tokens of an uploaded prefix")
+    max_lora_rank: int = Field(
+        64, ge=1, le=4096, description="the rank of any module of an uploaded LoRA task"
+    )
     max_stop_sequences: int = Field(8, ge=0, description="stop sequences of a request")
     max_stop_sequence_chars: int = Field(64, ge=1, description="characters of one stop sequence")
     prefix_cache_bytes: int | None = Field(
@@ -178,7 +181,11 @@ class ServeSettings(BaseSettings):
     @property
     def prefix_limits(self) -> PrefixLimits:
         """What an uploaded (or stored) prefix may make big."""
-        return PrefixLimits(max_file_bytes=self.max_upload_bytes, max_virtual_tokens=self.max_virtual_tokens)
+        return PrefixLimits(
+            max_file_bytes=self.max_upload_bytes,
+            max_virtual_tokens=self.max_virtual_tokens,
+            max_lora_rank=self.max_lora_rank,
+        )
 
     def engine_config(self) -> EngineConfig:
         """The engine these settings ask for: the one place a setting reaches the engine."""

@@ -1,5 +1,5 @@
-"""PEFT as the reference implementation of prefix tuning and soft prompts, for tests of any Hugging Face
-causal LM.
+"""PEFT as the reference implementation of prefix tuning, soft prompts and LoRA, for tests of any Hugging
+Face causal LM.
 
 Stock ``PeftModel.generate`` silently ignores prefix-tuning adapters with transformers 5.24 (it passes
 its own empty cache; the prefix PEFT passes under the deprecated ``past_key_values`` name is dropped),
@@ -11,8 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from peft import (
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 
 def make_peft_adapter(
@@ -66,6 +74,37 @@ def make_peft_soft_prompt(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(base_model, configs[method]())
+    peft_model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def make_peft_lora(
+    base_model: PreTrainedModel,
+    out_dir: Path,
+    *,
+    target_modules: list[str] | str,
+    r: int = 8,
+    lora_alpha: float = 16,
+    seed: int = 0,
+    scale: float = 0.3,
+    **options: object,
+) -> Path:
+    """Save a PEFT ``LORA`` adapter for ``base_model`` into ``out_dir`` with random ``A`` and ``B`` (PEFT
+    starts ``B`` at zero, an update of nothing: here both are drawn, times ``scale``, so the task changes
+    the tokens). ``options`` go to ``LoraConfig`` (``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
+    ``fan_in_fan_out``, …). Seeded like ``make_peft_adapter``; the base model's weights are left as they
+    were (PEFT wraps its modules: build the adapter on a copy you do not need afterwards)."""
+    options.setdefault("fan_in_fan_out", any(isinstance(m, Conv1D) for m in base_model.modules()))
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=lora_alpha, target_modules=target_modules, **options
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(base_model, config)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    parameter.copy_(torch.randn_like(parameter) * scale)
     peft_model.save_pretrained(str(out_dir))
     return out_dir
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from prefix_store.cache.residency import VersionKey
-from prefix_store.prefix import Prefix
+from prefix_store.soft_prompt import Resident
 
 
 class HostTier:
@@ -18,19 +18,19 @@ class HostTier:
         self.budget_bytes = max(0, budget_bytes)
         self.bytes = 0
         self.evictions = 0
-        self._prefixes: OrderedDict[VersionKey, Prefix] = OrderedDict()
+        self._prefixes: OrderedDict[VersionKey, Resident] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
         return self.budget_bytes > 0
 
-    def get(self, vkey: VersionKey) -> Prefix | None:
+    def get(self, vkey: VersionKey) -> Resident | None:
         prefix = self._prefixes.get(vkey)
         if prefix is not None:
             self._prefixes.move_to_end(vkey)
         return prefix
 
-    def put(self, vkey: VersionKey, prefix: Prefix) -> None:
+    def put(self, vkey: VersionKey, prefix: Resident) -> None:
         """Keep ``prefix`` if it fits in the budget, evicting least recently used ones."""
         if prefix.nbytes > self.budget_bytes or vkey in self._prefixes:
             return

@@ -1,4 +1,4 @@
-"""The two steps of bringing a prefix version onto the device, kept apart because they fail differently:
+"""The two steps of bringing a task version (a prefix, or a LoRA task's updates) onto the device, kept apart because they fail differently:
 ``fetch_prefix`` (storage: ``StoreUnavailable``, ``PrefixNotFound``; content: ``PrefixValidationError``)
 and ``place_prefix`` (device memory: ``PrefixCacheFull``)."""
 
@@ -12,8 +12,9 @@ from prefix_store.errors import PrefixCacheFull, PrefixValidationError
 from prefix_store.formats.limits import PrefixLimits
 from prefix_store.formats.native import decode_native
 from prefix_store.geometry import ModelGeometry
+from prefix_store.lora import LoraAdapter
 from prefix_store.prefix import Prefix
-from prefix_store.soft_prompt import SoftPrompt
+from prefix_store.soft_prompt import Resident, SoftPrompt, kind_of
 from prefix_store.storage.store import PrefixRecord, PrefixStore
 
 DEFAULT_CPU_BUDGET_BYTES = 1 << 30
@@ -38,11 +39,11 @@ def fetch_prefix(
     limits: PrefixLimits,
     dtype: torch.dtype,
     encode_soft_prompt: SoftPromptEncoder | None = None,
-) -> Prefix:
+) -> Resident:
     """Read a version's blob and validate it fully (a store is trusted with bytes, not with their
     meaning; values are held to the magnitude bound of ``dtype``, ``PrefixLimits.for_dtype``), cast it to
     the model dtype on the CPU; a soft prompt becomes the keys and values its virtual tokens give
-    (``encode_soft_prompt``, a CPU prefix in the model dtype)."""
+    (``encode_soft_prompt``, a CPU prefix in the model dtype); a LoRA task stays itself."""
     blob = store.get_blob(record)
     adapter = decode_native(blob, geometry, limits.for_dtype(dtype)).to("cpu", dtype)
     if isinstance(adapter, SoftPrompt):
@@ -53,6 +54,10 @@ def fetch_prefix(
         prefix = encode_soft_prompt(adapter)
     else:
         prefix = adapter
+    if (record.kind == "lora") != isinstance(adapter, LoraAdapter):
+        raise PrefixValidationError(
+            f"the stored blob of {record.task_id!r} holds a {kind_of(adapter)} but its record says {record.kind}"
+        )
     if prefix.num_virtual_tokens != record.num_virtual_tokens:
         raise PrefixValidationError(
             f"the stored prefix of {record.task_id!r} has {prefix.num_virtual_tokens} virtual tokens "
@@ -61,11 +66,14 @@ def fetch_prefix(
     return prefix
 
 
-def place_prefix(cpu: Prefix, device: torch.device) -> Prefix:
-    """Copy a CPU prefix (already in the model dtype) to the device; on the CPU it is used as it is."""
+def place_prefix(cpu: Resident, device: torch.device) -> Resident:
+    """Copy a CPU prefix or LoRA task (already in the model dtype) to the device; on the CPU it is used as
+    it is."""
     if device.type == "cpu":
         return cpu
     try:
+        if isinstance(cpu, LoraAdapter):
+            return cpu.to(device, next(iter(cpu.modules.values())).a.dtype)
         return Prefix(cpu.keys.to(device), cpu.values.to(device))
     except torch.cuda.OutOfMemoryError as exc:
         raise PrefixCacheFull("the device is out of memory for a prefix; try again") from exc

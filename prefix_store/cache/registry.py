@@ -41,7 +41,9 @@ from prefix_store.cache.residency import CacheEntry, LoadState, ResidentSet
 from prefix_store.errors import PrefixCacheFull, PrefixNotFound, PrefixStoreError, StoreUnavailable
 from prefix_store.formats.limits import PrefixLimits
 from prefix_store.geometry import ModelGeometry
+from prefix_store.lora import LoraAdapter
 from prefix_store.prefix import Prefix
+from prefix_store.soft_prompt import Resident
 from prefix_store.storage.names import validate_task_id, validate_tenant
 from prefix_store.storage.store import PrefixRecord, PrefixStore, TaskKey
 
@@ -59,17 +61,33 @@ log = logging.getLogger(__name__)
 
 
 class PrefixHandle:
-    """A pinned prefix of one fixed version, on the device in the model dtype. Give it back with
-    ``PrefixRegistry.release`` exactly once, however the request that holds it ends, and drop every
-    reference to ``prefix`` then: the budget counts a released version as free memory once evicted."""
+    """A pinned task of one fixed version — a prefix (a soft prompt's keys and values are one) or a LoRA
+    task — on the device in the model dtype. Give it back with ``PrefixRegistry.release`` exactly once,
+    however the request that holds it ends, and drop every reference to its value then: the budget counts
+    a released version as free memory once evicted."""
 
-    __slots__ = ("_entry", "_released", "prefix", "record")
+    __slots__ = ("_entry", "_released", "record", "value")
 
-    def __init__(self, record: PrefixRecord, prefix: Prefix, entry: CacheEntry | None = None) -> None:
+    def __init__(self, record: PrefixRecord, value: Resident, entry: CacheEntry | None = None) -> None:
         self.record = record
-        self.prefix = prefix
+        self.value = value
         self._entry = entry
         self._released = False
+
+    @property
+    def prefix(self) -> Prefix | None:
+        """The task's prefix; None for a LoRA task."""
+        return self.value if isinstance(self.value, Prefix) else None
+
+    @property
+    def lora(self) -> LoraAdapter | None:
+        """The task's LoRA updates; None for a prefix task."""
+        return self.value if isinstance(self.value, LoraAdapter) else None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Tokens the task puts before its rows' prompts (0 for a LoRA task)."""
+        return self.value.num_virtual_tokens
 
     def __repr__(self) -> str:
         return f"PrefixHandle({self.record.tenant}/{self.record.task_id}@{self.record.version})"
@@ -146,8 +164,8 @@ class PrefixRegistry:
             else:
                 entry.settled.wait()
             if entry.state is LoadState.READY:
-                assert entry.prefix is not None
-                return PrefixHandle(entry.record, entry.prefix, entry)
+                assert entry.value is not None
+                return PrefixHandle(entry.record, entry.value, entry)
             error = entry.error
             assert error is not None
             if isinstance(error, PrefixNotFound):  # the blob went: was the task replaced meanwhile?
@@ -170,7 +188,7 @@ class PrefixRegistry:
                 raise ValueError(f"{handle!r} was released: it cannot be shared")
             if handle._entry is not None:
                 handle._entry.pins += 1
-            return PrefixHandle(handle.record, handle.prefix, handle._entry)
+            return PrefixHandle(handle.record, handle.value, handle._entry)
 
     def release(self, handle: PrefixHandle) -> None:
         """Unpin ``handle``. A second release of the same handle is ignored (and logged)."""
@@ -351,7 +369,7 @@ class PrefixRegistry:
         with self._room:
             if self._host.enabled:
                 self._host.put(entry.vkey, cpu)
-            entry.prefix, entry.state = placed, LoadState.READY
+            entry.value, entry.state = placed, LoadState.READY
             self._latency.add(time.perf_counter() - started)
             if entry.stale and entry.pins == 0:  # superseded while loading, and nobody waits for it
                 self._residents.remove(entry)
@@ -377,7 +395,8 @@ class PrefixRegistry:
     def _check_fits(self, nbytes: int, entry: CacheEntry) -> None:
         if nbytes > self._residents.budget_bytes:
             raise PrefixCacheFull(
-                f"a prefix of {entry.record.num_virtual_tokens} virtual tokens needs {nbytes} bytes, "
+                f"{entry.record.task_id!r} (a {entry.record.kind} of {entry.record.bytes} stored bytes) needs "
+                f"{nbytes} bytes, "
                 f"more than the whole prefix cache ({self._residents.budget_bytes} bytes)"
             )
 

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from prefix_store.prefix import Prefix
+from prefix_store.soft_prompt import Resident
 from prefix_store.storage.store import PrefixRecord, TaskKey, version_sequence
 
 VersionKey = tuple[str, str, str]  # (tenant, task_id, version)
@@ -31,7 +31,7 @@ class CacheEntry:
 
     record: PrefixRecord
     state: LoadState = LoadState.LOADING
-    prefix: Prefix | None = None  # on the device once READY
+    value: Resident | None = None  # on the device once READY
     nbytes: int = 0  # device bytes charged to the budget (charged before placement)
     pins: int = 0  # handles given out, plus acquirers waiting for the load
     stale: bool = False  # no longer the task's current version: dropped as soon as unpinned

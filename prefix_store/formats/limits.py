@@ -45,7 +45,10 @@ class PrefixLimits:
     a value over the magnitude bound of the server's dtype (``max_abs_value``) with 400."""
 
     max_file_bytes: int = 64 * _MIB  # a native file or a PEFT adapter_model.safetensors
-    max_header_bytes: int = 64 * _KIB  # the JSON header of a safetensors file
+    # the JSON header of a safetensors file (a LoRA task on every projection of a 30-layer model lists 420
+    # tensors, about 60 KiB)
+    max_header_bytes: int = _MIB
+    max_lora_rank: int = 64  # of any module of a LoRA task
     max_virtual_tokens: int = 512
     min_virtual_tokens: int = 1
     max_config_bytes: int = 64 * _KIB  # a PEFT adapter_config.json
@@ -59,7 +62,13 @@ class PrefixLimits:
                 f"PrefixLimits.serving_dtype is {self.serving_dtype!r}; "
                 f"it must be one of {', '.join(MAX_ABS_VALUE)}"
             )
-        for name in ("max_file_bytes", "max_header_bytes", "max_config_bytes", "min_virtual_tokens"):
+        for name in (
+            "max_file_bytes",
+            "max_header_bytes",
+            "max_config_bytes",
+            "min_virtual_tokens",
+            "max_lora_rank",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"PrefixLimits.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_virtual_tokens < self.min_virtual_tokens:

@@ -2,7 +2,9 @@
 
 - a prefix (``kind`` absent or ``prefix``): ``keys``/``values``
   ``[num_layers, num_kv_heads, num_virtual_tokens, head_dim]``;
-- a soft prompt (``kind`` = ``soft_prompt``): ``embeddings`` ``[num_virtual_tokens, embedding_dim]``.
+- a soft prompt (``kind`` = ``soft_prompt``): ``embeddings`` ``[num_virtual_tokens, embedding_dim]``;
+- a LoRA task (``kind`` = ``lora``): ``<module>.lora_A`` / ``<module>.lora_B`` per adapted projection
+  (``lora_format``).
 
 Metadata ``format`` = ``prefix-serve/1``, ``num_virtual_tokens``, ``base_model`` = the geometry's
 fingerprint (a soft prompt's width is checked against the model's embeddings too).
@@ -13,13 +15,19 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import safetensors.torch
 import torch
 
 from prefix_store.errors import PrefixValidationError
 from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.lora_format import (
+    LORA_KIND,
+    decode_native_lora,
+    encode_native_lora,
+    native_lora_names,
+)
 from prefix_store.formats.safetensors_check import (
     TensorEntry,
     check_safetensors,
@@ -28,6 +36,7 @@ from prefix_store.formats.safetensors_check import (
     load_checked_tensors,
 )
 from prefix_store.geometry import ModelGeometry
+from prefix_store.lora import LoraAdapter
 from prefix_store.prefix import Prefix
 from prefix_store.soft_prompt import Adapter, SoftPrompt, kind_of
 from prefix_store.storage.excerpt import excerpt_int
@@ -48,9 +57,14 @@ _DECIMAL = re.compile(r"[0-9]{1,9}")
 
 
 def require_fits(adapter: Adapter, geometry: ModelGeometry) -> None:
-    """Refuse to serialise a prefix or soft prompt whose tensors do not have the geometry's shape."""
+    """Refuse to serialise a task whose tensors do not have the geometry's shapes."""
     if adapter.fits(geometry):
         return
+    if isinstance(adapter, LoraAdapter):
+        raise PrefixValidationError(
+            f"a LoRA task of modules {sorted(adapter.modules)[:3]}… does not fit the projections of the base "
+            f"model {geometry.fingerprint}"
+        )
     if isinstance(adapter, SoftPrompt):
         raise PrefixValidationError(
             f"a soft prompt of embeddings {format_shape(adapter.embeddings.shape)} does not fit the base "
@@ -63,14 +77,17 @@ def require_fits(adapter: Adapter, geometry: ModelGeometry) -> None:
 
 
 def encode_native(adapter: Adapter, geometry: ModelGeometry) -> bytes:
-    """Serialise a prefix or a soft prompt as a native file for the base model of ``geometry``."""
+    """Serialise a prefix, a soft prompt or a LoRA task as a native file for the base model of ``geometry``."""
     require_fits(adapter, geometry)
     metadata = {
         "format": NATIVE_FORMAT,
         "num_virtual_tokens": str(adapter.num_virtual_tokens),
         "base_model": geometry.fingerprint,
     }
-    if isinstance(adapter, SoftPrompt):
+    if isinstance(adapter, LoraAdapter):
+        tensors, lora_metadata = encode_native_lora(adapter)
+        metadata |= lora_metadata
+    elif isinstance(adapter, SoftPrompt):
         tensors = {SOFT_PROMPT_TENSOR: adapter.embeddings}
         metadata["kind"] = kind_of(adapter)
     else:
@@ -95,7 +112,7 @@ def canonical_header(data: bytes) -> bytes:
 
 
 def decode_native(data: bytes, geometry: ModelGeometry, limits: PrefixLimits) -> Adapter:
-    """Validate an untrusted native file fully, then build its prefix or soft prompt.
+    """Validate an untrusted native file fully, then build its prefix, soft prompt or LoRA task.
 
     Raises ``PrefixValidationError`` (status 400, or 413 for oversize) naming what is wrong. The tensors
     keep the file's floating dtype (keys and values promoted to a common one); callers cast with ``to``.
@@ -104,6 +121,8 @@ def decode_native(data: bytes, geometry: ModelGeometry, limits: PrefixLimits) ->
         data, expected_names=_tensors_of_kind, limits=limits, source=_SOURCE, misplaced=_MISPLACED
     )
     _check_format_and_base_model(header.metadata, geometry)
+    if header.metadata.get("kind") == LORA_KIND:
+        return decode_native_lora(data, header, geometry, limits)
     soft = SOFT_PROMPT_TENSOR in header.tensors
     if soft:
         num_virtual_tokens = check_soft_prompt_shape(
@@ -120,11 +139,13 @@ def decode_native(data: bytes, geometry: ModelGeometry, limits: PrefixLimits) ->
     return Prefix(keys=tensors["keys"].to(dtype), values=tensors["values"].to(dtype))
 
 
-def _tensors_of_kind(metadata: Mapping[str, str]) -> tuple[str, ...]:
+def _tensors_of_kind(metadata: Mapping[str, str], found: Collection[str]) -> Collection[str]:
     kind = metadata.get("kind", "prefix")
+    if kind == LORA_KIND:
+        return native_lora_names(found)
     if kind not in _TENSORS_OF_KIND:
         raise PrefixValidationError(
-            f"{_SOURCE} has metadata kind {excerpt(kind)}; expected 'prefix' or 'soft_prompt'"
+            f"{_SOURCE} has metadata kind {excerpt(kind)}; expected 'prefix', 'soft_prompt' or 'lora'"
         )
     return _TENSORS_OF_KIND[kind]
 

@@ -1,4 +1,5 @@
-"""PEFT prompt-learning adapters (``adapter_config.json`` + ``adapter_model.safetensors``): read, write.
+"""PEFT adapters (``adapter_config.json`` + ``adapter_model.safetensors``): read, write. ``LORA`` adapters
+are ``lora_format``'s; this module reads the prompt-learning ones and sends ``LORA`` there.
 
 PEFT saves one tensor, ``prompt_embeddings``, for every prompt-learning method:
 
@@ -29,6 +30,7 @@ import torch
 
 from prefix_store.errors import PrefixValidationError
 from prefix_store.formats.limits import PrefixLimits
+from prefix_store.formats.lora_format import decode_peft_lora, encode_peft_lora
 from prefix_store.formats.native import NATIVE_TENSOR_NAMES, check_soft_prompt_shape, require_fits
 from prefix_store.formats.safetensors_check import (
     check_safetensors,
@@ -37,6 +39,7 @@ from prefix_store.formats.safetensors_check import (
     load_checked_tensors,
 )
 from prefix_store.geometry import ModelGeometry
+from prefix_store.lora import LoraAdapter
 from prefix_store.prefix import Prefix
 from prefix_store.soft_prompt import Adapter, SoftPrompt
 from prefix_store.storage.excerpt import excerpt_int
@@ -45,7 +48,7 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_MODEL_NAME = "adapter_model.safetensors"
 PROMPT_EMBEDDINGS = "prompt_embeddings"
 SOFT_PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
-ACCEPTED_TYPES = ("PREFIX_TUNING", *SOFT_PROMPT_TYPES)
+ACCEPTED_TYPES = ("PREFIX_TUNING", *SOFT_PROMPT_TYPES, "LORA")
 
 _MISPLACED = {
     frozenset(NATIVE_TENSOR_NAMES): (
@@ -57,13 +60,16 @@ _MISPLACED = {
 def decode_peft(
     adapter_config: bytes, adapter_model: bytes, geometry: ModelGeometry, limits: PrefixLimits
 ) -> Adapter:
-    """Validate an untrusted PEFT prompt-learning adapter fully, then convert it: a ``Prefix`` for
-    ``PREFIX_TUNING``, a ``SoftPrompt`` for ``PROMPT_TUNING`` and ``P_TUNING``.
+    """Validate an untrusted PEFT adapter fully, then convert it: a ``Prefix`` for ``PREFIX_TUNING``, a
+    ``SoftPrompt`` for ``PROMPT_TUNING`` and ``P_TUNING``, a ``LoraAdapter`` for ``LORA``.
 
     Raises ``PrefixValidationError`` (400, or 413 for oversize) naming the file and what is wrong.
     The tensors keep the file's floating dtype.
     """
-    peft_type, num_virtual_tokens = _check_config(adapter_config, geometry, limits)
+    config = _parse_config(adapter_config, geometry, limits)
+    if config["peft_type"] == "LORA":
+        return decode_peft_lora(config, adapter_model, geometry, limits)
+    peft_type, num_virtual_tokens = _check_config(config, geometry, limits)
     header = check_safetensors(
         adapter_model,
         expected_names=(PROMPT_EMBEDDINGS,),
@@ -107,12 +113,14 @@ def encode_peft(
     adapter: Adapter, geometry: ModelGeometry, base_model_name_or_path: str = ""
 ) -> dict[str, bytes]:
     """The files of an inference-mode PEFT adapter holding ``adapter``, by file name: ``PREFIX_TUNING`` for
-    a prefix, ``PROMPT_TUNING`` for a soft prompt.
+    a prefix, ``PROMPT_TUNING`` for a soft prompt, ``LORA`` for a LoRA task.
 
     ``PeftModel.from_pretrained(base_model, folder)`` loads them; a prefix is written as already
     projected, so the config says ``prefix_projection: false`` whatever the prefix was trained with.
     """
     require_fits(adapter, geometry)
+    if isinstance(adapter, LoraAdapter):
+        return encode_peft_lora(adapter, geometry, base_model_name_or_path)
     config: dict[str, Any] = {
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path or None,
@@ -193,8 +201,8 @@ def write_peft_folder(
     return out_dir
 
 
-def _check_config(adapter_config: bytes, geometry: ModelGeometry, limits: PrefixLimits) -> tuple[str, int]:
-    """Check ``adapter_config.json`` against the geometry; return its ``peft_type`` and ``num_virtual_tokens``."""
+def _parse_config(adapter_config: bytes, geometry: ModelGeometry, limits: PrefixLimits) -> dict[str, Any]:
+    """``adapter_config.json`` as an object of an accepted ``peft_type`` and ``task_type``."""
     limits.check_config_size(len(adapter_config), ADAPTER_CONFIG_NAME)
     try:
         config = json.loads(adapter_config.decode("utf-8"))
@@ -208,15 +216,23 @@ def _check_config(adapter_config: bytes, geometry: ModelGeometry, limits: Prefix
     if peft_type not in ACCEPTED_TYPES:
         got = "has no 'peft_type'" if peft_type is None else f"is a {_shown(peft_type)} adapter"
         raise PrefixValidationError(
-            f"{ADAPTER_CONFIG_NAME} {got}; only PEFT prompt-learning adapters are accepted "
+            f"{ADAPTER_CONFIG_NAME} {got}; only PEFT prompt-learning and LoRA adapters are accepted "
             f"({', '.join(ACCEPTED_TYPES)})"
         )
-    task_type, submodules = ("SEQ_2_SEQ_LM", 2) if geometry.encoder_decoder else ("CAUSAL_LM", 1)
+    task_type = "SEQ_2_SEQ_LM" if geometry.encoder_decoder else "CAUSAL_LM"
     if config.get("task_type") not in (None, task_type):
         raise PrefixValidationError(
             f"{ADAPTER_CONFIG_NAME}: task_type is {_shown(config['task_type'])}; this base model takes "
             f"{task_type} adapters"
         )
+    return config
+
+
+def _check_config(config: dict[str, Any], geometry: ModelGeometry, limits: PrefixLimits) -> tuple[str, int]:
+    """Check a prompt-learning ``adapter_config.json`` against the geometry; return its ``peft_type`` and
+    ``num_virtual_tokens``."""
+    peft_type = config["peft_type"]
+    task_type, submodules = ("SEQ_2_SEQ_LM", 2) if geometry.encoder_decoder else ("CAUSAL_LM", 1)
     if config.get("num_transformer_submodules") not in (None, submodules):
         raise PrefixValidationError(
             f"{ADAPTER_CONFIG_NAME}: num_transformer_submodules is "

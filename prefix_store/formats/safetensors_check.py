@@ -68,7 +68,7 @@ def _quoted(names: Collection[str]) -> str:
 def check_safetensors(
     data: bytes,
     *,
-    expected_names: Collection[str] | Callable[[Mapping[str, str]], Collection[str]],
+    expected_names: Collection[str] | Callable[[Mapping[str, str], Collection[str]], Collection[str]],
     limits: PrefixLimits,
     source: str,
     misplaced: Mapping[frozenset[str], str] | None = None,
@@ -77,7 +77,7 @@ def check_safetensors(
 
     Checks, in order: total size (413), pickle / zip checkpoints, the header length (413 over
     ``limits.max_header_bytes``), the header JSON, the exact tensor names (``expected_names``, or a
-    function of the metadata giving them: a format whose kinds hold different tensors), floating dtypes,
+    function of the metadata and the names found giving them: a format whose kinds hold different tensors), floating dtypes,
     and that every tensor's ``data_offsets`` tile the data section exactly. ``source`` names the payload in
     messages ("prefix file"). ``misplaced`` maps a set of tensor names that belongs to another format
     to an explanation shown instead of the generic wrong-names message.
@@ -87,7 +87,7 @@ def check_safetensors(
     header = _parse_header_json(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + header_length], source)
     metadata = _metadata(header.pop("__metadata__", None), source)
     tensors = {name: _tensor_entry(name, entry, source) for name, entry in header.items()}
-    expected = expected_names(metadata) if callable(expected_names) else expected_names
+    expected = expected_names(metadata, set(tensors)) if callable(expected_names) else expected_names
     _check_names(set(tensors), set(expected), source, misplaced or {})
     for name, entry in tensors.items():
         _check_dtype_and_size(name, entry, source)

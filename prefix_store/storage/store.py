@@ -46,7 +46,7 @@ class PrefixRecord:
     bytes: int  # size of the native blob
     created_at: float  # unix seconds
     source_format: str  # "native" or "peft": what the uploader sent
-    kind: str = "prefix"  # "prefix" or "soft_prompt": what the blob holds (records from before say neither)
+    kind: str = "prefix"  # "prefix", "soft_prompt" or "lora": what the blob holds (records from before: none)
 
     @property
     def key(self) -> TaskKey:

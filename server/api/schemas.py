@@ -85,14 +85,15 @@ class GenerateResponse(BaseModel):
 
 
 AdapterKindField = Field(
-    description="prefix: keys and values for every attention layer; soft_prompt: input embeddings before the prompt"
+    description="prefix: keys and values for every attention layer; soft_prompt: input embeddings before the "
+    "prompt; lora: low-rank updates of the model's projections (no virtual tokens)"
 )
 
 
 class PrefixInfo(BaseModel):
     task_id: str
     version: str
-    kind: Literal["prefix", "soft_prompt"] = AdapterKindField
+    kind: Literal["prefix", "soft_prompt", "lora"] = AdapterKindField
     num_virtual_tokens: int
     bytes: int
     created_at: datetime = Field(description="when this version was stored: ISO 8601, UTC")
@@ -117,7 +118,7 @@ class PrefixList(BaseModel):
 class UploadResult(BaseModel):
     task_id: str
     version: str
-    kind: Literal["prefix", "soft_prompt"] = AdapterKindField
+    kind: Literal["prefix", "soft_prompt", "lora"] = AdapterKindField
     num_virtual_tokens: int
     bytes: int
     sha256: str

@@ -4,6 +4,7 @@ speed does not depend on the weights' values, so a benchmark needs no download."
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -13,7 +14,7 @@ from prefix_store.prefix import Prefix
 from prefix_store.soft_prompt import SoftPrompt
 from server.benchmark.settings import GEOMETRIES
 from server.demo_model import build_demo_tokenizer
-from server.engine.base_model import BaseModel
+from server.engine.base_model import BaseModel, lora_projections
 
 
 def build_model(
@@ -49,7 +50,7 @@ def build_model(
         model_id=f"bench-{geometry}",
         model=model,
         tokenizer=tokenizer,
-        geometry=ModelGeometry.from_config(config),
+        geometry=replace(ModelGeometry.from_config(config), projections=lora_projections(model)),
         device=torch.device(device),
         dtype=dtype,
         max_positions=config.max_position_embeddings,

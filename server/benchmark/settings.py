@@ -86,6 +86,7 @@ SECTIONS = (
     "http",
     "long-prompts",
     "prompt-cache",
+    "lora",
     "scale",
     "encoder-decoder",
     "store",

@@ -17,6 +17,7 @@ from server.benchmark.baselines import Log, run_baselines
 from server.benchmark.curves import cache_budget_curve, concurrency_curve, prefix_length_curve, tasks_curve
 from server.benchmark.encoder_decoder import encoder_decoder
 from server.benchmark.long_prompts import long_prompts
+from server.benchmark.lora_mix import lora_mix
 from server.benchmark.memory import memory_table
 from server.benchmark.models import build_model
 from server.benchmark.over_http import http_vs_in_process
@@ -71,6 +72,8 @@ def run_in_process(settings: BenchSettings, log: Log) -> dict[str, Any]:
             report["long_prompts"] = long_prompts(base, settings, log)
         if "prompt-cache" in sections:
             report["prompt_cache"] = prompt_cache(base, settings, log)
+        if "lora" in sections:
+            report["lora"] = lora_mix(base, settings, log)
         if "encoder-decoder" in sections:
             report["encoder_decoder"] = encoder_decoder(settings, workdir, log)
         if "scale" in sections:

@@ -107,6 +107,8 @@ def report_tables(report: Mapping[str, Any]) -> list[ReportTable]:
                 "prefix store: 20-token prefixes of this model, load on a miss (same run)", columns, rows
             )
         )
+    if report.get("lora"):
+        tables.append(_lora(report["lora"]))
     if report.get("memory"):
         tables.append(_memory(report["memory"]))
     if report.get("targets"):
@@ -152,6 +154,28 @@ def _soft_prompt_load(summary: Mapping[str, Any]) -> ReportTable:
     return ReportTable("soft prompts: keys and values computed once at load (same run)", columns, [row], 0)
 
 
+def _lora(section: Mapping[str, Any]) -> ReportTable:
+    """The ``lora`` section: each system's throughput, the paired ratios and one task's bytes."""
+    systems = section["systems"]
+    pad = [""] * (len(SUMMARY_COLUMNS) - 1)
+    rows = [[name, *_summary_cells(summary)] for name, summary in systems.items()]
+    rows.append(["half LoRA / all base (paired)", number(section["lora_over_base"]), *pad])
+    rows.append(["half LoRA / half prefix (paired)", number(section["lora_over_prefix"]), *pad])
+    bytes_row = f"{size(section['lora_bytes'])} / {size(section['prefix_bytes'])}"
+    rows.append(
+        [
+            f"one LoRA task (r={section['rank']}) / one {section['prefix_tokens']}-token prefix",
+            bytes_row,
+            *pad,
+        ]
+    )
+    return ReportTable(
+        f"LoRA tasks in the same batches ({section['clients']} clients, every other row on a task; same run)",
+        ["system", *SUMMARY_COLUMNS],
+        rows,
+    )
+
+
 def _memory(rows: Sequence[Mapping[str, Any]]) -> ReportTable:
     columns = [
         "model",
@@ -161,6 +185,8 @@ def _memory(rows: Sequence[Mapping[str, Any]]) -> ReportTable:
         "20-token prefix",
         "share of weights",
         "prefixes in budget",
+        "LoRA r=16 q/k/v/o",
+        "LoRA tasks in budget",
     ]
     cells = [
         [
@@ -171,10 +197,17 @@ def _memory(rows: Sequence[Mapping[str, Any]]) -> ReportTable:
             size(row["bytes_per_prefix"]),
             f"{row['prefix_share_of_weights']:.4%}",
             f"{row['prefixes_in_budget']:,}",
+            size(row["bytes_per_lora"]),
+            f"{row['loras_in_budget']:,}",
         ]
         for row in rows
     ]
-    return ReportTable("prefix memory (keys + values of every layer)", columns, cells, text_columns=3)
+    return ReportTable(
+        "task memory (a prefix's keys + values of every layer; a LoRA task's A and B)",
+        columns,
+        cells,
+        text_columns=3,
+    )
 
 
 def _summary_cells(summary: Mapping[str, Any]) -> list[str]:

@@ -56,6 +56,7 @@ def evaluate(report: Mapping[str, Any], concurrency: int) -> list[Target]:
         *_throughput_targets(systems, curves, http, concurrency),
         *_long_prompt_targets(report),
         *_prompt_cache_targets(report.get("prompt_cache")),
+        *_lora_targets(report.get("lora")),
         *_scale_targets(report.get("scale")),
         *_encoder_decoder_targets(report.get("encoder_decoder", {}).get("systems", {}), concurrency),
     ]
@@ -149,6 +150,18 @@ def _long_prompt_targets(report: Mapping[str, Any]) -> list[Target]:
             value("decode", "dense_over_paged"),
             0.95,
         ),
+    ]
+
+
+def _lora_targets(section: Mapping[str, Any] | None) -> list[Target]:
+    """The ``lora`` section's target (#35)."""
+    clients = section["clients"] if section else 16
+    return [
+        Target(
+            f"{clients} clients, half the rows on four LoRA tasks (r=16, q/k/v/o) / all on the base model",
+            section["lora_over_base"] if section else None,
+            0.85,
+        )
     ]
 
 

@@ -17,8 +17,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 
-from prefix_store.geometry import ModelGeometry
+from prefix_store.geometry import ModelGeometry, Projection
 from server.engine.encoder_decoder import EncoderDecoder, check_encoder_decoder
 from server.engine.model_kind import DecoderOnly, ModelKind
 from server.engine.model_support import check_attention_layout
@@ -83,6 +84,22 @@ def max_positions_of(config: PretrainedConfig) -> int | None:
     return int(positions) if positions else None
 
 
+def lora_projections(model: PreTrainedModel) -> tuple[Projection, ...]:
+    """The linear maps of a causal LM that a LoRA task may adapt: every ``nn.Linear`` and GPT-2 ``Conv1D``
+    but the output embedding (``lm_head``)."""
+    output = model.get_output_embeddings()
+    projections = []
+    for name, module in model.named_modules():
+        if module is output:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            projections.append(Projection(name, module.in_features, module.out_features))
+        elif isinstance(module, Conv1D):  # weight [in, out]
+            in_features, out_features = module.weight.shape
+            projections.append(Projection(name, int(in_features), int(out_features), transposed=True))
+    return tuple(projections)
+
+
 def load_base_model(
     model_path: str | Path,
     *,
@@ -111,7 +128,9 @@ def load_base_model(
         model=model,
         tokenizer=tokenizer,
         geometry=replace(
-            ModelGeometry.from_config(config), embedding_dim=model.get_input_embeddings().embedding_dim
+            ModelGeometry.from_config(config),
+            embedding_dim=model.get_input_embeddings().embedding_dim,
+            projections=() if encoder_decoder else lora_projections(model),
         ),
         device=torch_device,
         dtype=torch_dtype,

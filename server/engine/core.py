@@ -158,7 +158,7 @@ class EngineCore:
             record = self.scheduler.get(request_id)
             if record is None:
                 return False
-            prefix_length = pin.prefix.num_virtual_tokens
+            prefix_length = pin.num_virtual_tokens
             try:
                 check_fits(self.base, record.request, prefix_length)
                 shared_key = f"{record.tenant}|{conditioning(pin, None)}"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prefix_store.cache.registry import PrefixHandle
+from prefix_store.lora import LoraAdapter
 from prefix_store.prefix import Prefix
 from server.engine.grammar import GrammarMatcher
 from server.engine.lifecycle import RequestStatus
@@ -74,19 +75,27 @@ class EngineRequest:
     @property
     def conditioning(self) -> str:
         """What conditions the row's keys and values besides the base model and its tokens (``conditioning``)."""
-        return conditioning(self.pin, self.request.prefix)
+        return conditioning(self.pin, self.request.prefix, self.request.lora)
 
     @property
     def prefix(self) -> Prefix | None:
         """The pinned task's prefix, else the one an in-process caller gave, else None (the base model)."""
         return self.pin.prefix if self.pin is not None else self.request.prefix
 
+    @property
+    def lora(self) -> LoraAdapter | None:
+        """The pinned task's LoRA updates, else the ones an in-process caller gave, else None."""
+        return self.pin.lora if self.pin is not None else self.request.lora
 
-def conditioning(pin: PrefixHandle | None, prefix: Prefix | None) -> str:
+
+def conditioning(pin: PrefixHandle | None, prefix: Prefix | None, lora: LoraAdapter | None = None) -> str:
     """A row's conditioning by content: a pinned task version's kind and sha256 (never the task's name: a
-    hot swap keeps the name and changes the content), an in-process prefix's digest, or "base"."""
+    hot swap keeps the name and changes the content), an in-process prefix's or LoRA task's digest (a LoRA
+    changes every layer's keys and values), or "base"."""
     if pin is not None:
         return f"{pin.record.kind}:{pin.record.sha256}"
     if prefix is not None:
         return f"prefix:{prefix.digest}"
+    if lora is not None:
+        return f"lora:{lora.digest}"
     return "base"

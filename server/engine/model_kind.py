@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
+from server.engine.lora_rows import LoraRows
 from server.engine.paged_attention import PagedAttention
 
 
@@ -24,6 +25,7 @@ class ModelInputs(Protocol):
 
     cache: Cache
     paged: PagedAttention | None  # what attention reads from the KV pool; None: the cache holds it all
+    lora: LoraRows | None  # the rows' LoRA updates (``lora_rows``); None: no row is on a LoRA task
 
     @property
     def input_ids(self) -> torch.Tensor: ...  # [B, Q]

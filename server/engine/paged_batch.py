@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from prefix_store.lora import LoraAdapter
 from prefix_store.prefix import Prefix
 from server.engine.block_manager import BlockName, RowChain
 from server.engine.kv_pool import SCRATCH_BLOCK, KVPool
+from server.engine.lora_rows import LoraRows
 from server.engine.paged_attention import AttentionGroup, PagedAttention
 from server.engine.prefill_groups import length_groups, pass_groups
 from server.engine.shared_head import SharedHead
@@ -54,6 +56,7 @@ class RowKV:
     prefix_name: BlockName | None = None  # what names the prefix's blocks (None: no prefix)
     chain: RowChain | None = None  # how its own full blocks are named (prompt caching); None: they are not
     computing: list[BlockName] = field(default_factory=list)  # its prompt blocks other rows may wait for
+    lora: LoraAdapter | None = None  # the row's LoRA task (its projections' updates), if it is on one
 
     @property
     def prefix_length(self) -> int:
@@ -134,6 +137,7 @@ class PagedBatch:
         write_slots = own_blocks[row_of, own_index // bs] * bs + own_index % bs  # [N]
         self.input_positions = (prefix_lengths[row_of] + own_index)[None].to(device)  # [1, N]
         self.last_inputs = (first + fed - 1).to(device)  # [B] the packed index each row's logits are read at
+        self.lora = LoraRows.of([row.lora for row in rows], self.fed, device)  # None: no LoRA row
 
         tables = [row.table for row in rows]
         groups = pass_groups(tables, self.fed, bs, -(-MIN_SHARED_HEAD_TOKENS // bs))

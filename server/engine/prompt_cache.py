@@ -4,7 +4,8 @@ tenants' resets (the blocks themselves are the block manager's: ``block_manager`
 A row's names start from a root of what conditions every number of its keys and values: the base model
 (its name, geometry and dtype), the tenant (a server-side salt: tenants never share), the conditioning's
 content — a task's stored version by its sha256 and kind (never its name: a hot swap keeps the name and
-changes the content), an in-process prefix by its digest, or "base" — and the request's ``cache_salt``.
+changes the content; a LoRA task's too, as it changes every layer's keys and values), an in-process prefix
+or LoRA task by its digest, or "base" — and the request's ``cache_salt``.
 A task's prefix blocks are named from the same root without the salt. Encoder-decoder rows are not
 cached: their decoder's prompt is its start token, and their source's blocks are the row's own. Rows
 that ask for their prompt's logprobs compute every prompt position (the logprobs come from the pass
@@ -70,6 +71,7 @@ class PromptCache:
         row = kv.open(
             record.prefix, source, prefix_name=prefix_name, tenant=request.tenant, chain=chain, prompt=prompt
         )
+        row.lora = record.lora
         record.cached_tokens = row.length
         if chain is not None:
             self.queried_tokens += len(record.decoder_prompt)

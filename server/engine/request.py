@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prefix_store.lora import LoraAdapter
 from prefix_store.prefix import Prefix
 from server.engine.base_model import BaseModel
 from server.engine.grammar import Grammar
@@ -52,6 +53,8 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the request (finish reason ``stop``)
     grammar: Grammar | None = None  # structured output: the new tokens follow it (compiled off the loop)
     cache_salt: str | None = None  # only rows of the same salt share cached prompt blocks (None: no salt)
+    # a resident LoRA task given by an in-process caller (like ``prefix``; a server's tasks are pinned)
+    lora: LoraAdapter | None = None
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class PrefillBatch:
     input_mask: torch.Tensor  # [B, Q] bool: False for left padding of shorter prompts
     input_positions: torch.Tensor  # [B, Q] long: position id of each input token (0 for padding)
     paged: ClassVar[None] = None  # nothing in a KV pool: the cache holds every key and value
+    lora: ClassVar[None] = None  # no LoRA rows
     last_inputs: ClassVar[int] = 1  # each row's last column holds its last real input
 
     @classmethod

@@ -247,6 +247,7 @@ def test_targets_pass_fail_and_not_run() -> None:
         (None, "not run"),  # no tasks curve
         *[(None, "not run")] * 5,  # no long-prompts section
         *[(None, "not run")] * 6,  # no prompt-cache section
+        (None, "not run"),  # no lora section
         *[(None, "not run")] * 4,  # no scale section
         *[(None, "not run")] * 3,  # no encoder-decoder section
     ]
@@ -297,6 +298,9 @@ def test_memory_table_matches_the_published_shapes() -> None:
     assert rows["Llama-3.1-70B"].bytes_per_virtual_token == 2 * 80 * 8 * 128 * 2
     assert rows["demo"].dtype == "float32" and rows["demo"].bytes_per_virtual_token == 2 * 4 * 2 * 16 * 4
     assert all(row.prefix_share_of_weights < 0.05 for row in rows.values())
+    # rank 16 on q (4096 -> 4096), k and v (4096 -> 1024), o (4096 -> 4096), 32 layers, bfloat16
+    assert llama8b.bytes_per_lora == 32 * 16 * (8192 + 2 * 5120 + 8192) * 2
+    assert llama8b.loras_in_budget == (4 << 30) // llama8b.bytes_per_lora
 
 
 def test_a_report_folder_holds_one_run(tmp_path: Path) -> None:
@@ -311,6 +315,8 @@ def test_a_report_folder_holds_one_run(tmp_path: Path) -> None:
             "bytes_per_prefix": 160,
             "prefix_share_of_weights": 0.5,
             "prefixes_in_budget": 3,
+            "bytes_per_lora": 64,
+            "loras_in_budget": 8,
         }
     ]
     written = write_report({"mode": "remote", "url": "u", "memory": memory}, tmp_path)
@@ -370,7 +376,7 @@ def test_prompt_cache_targets_bound_the_cost_of_sharing_and_of_the_cache() -> No
         "task_prefix": {"200": rounds(ratio=0.85), "1600": rounds(ratio=0.6)},
     }
     verdicts = [(t.value, t.threshold, t.at_most, t.verdict) for t in evaluate({"prompt_cache": section}, 16)]
-    assert verdicts[-13:-7] == [
+    assert verdicts[-14:-8] == [
         (2.5, 3.0, True, "PASS"),
         (3.5, 3.0, True, "FAIL"),
         (1.2, 1.5, True, "PASS"),
@@ -378,6 +384,13 @@ def test_prompt_cache_targets_bound_the_cost_of_sharing_and_of_the_cache() -> No
         (0.85, 0.9, False, "FAIL"),
         (0.6, 0.5, False, "PASS"),
     ]
+
+
+def test_the_lora_target_is_the_paired_ratio_to_the_base_model() -> None:
+    section = {"clients": 16, "lora_over_base": 0.9, "lora_over_prefix": 1.1}
+    (target,) = [t for t in evaluate({"lora": section}, 16) if "LoRA" in t.name]
+    assert (target.value, target.threshold, target.verdict) == (0.9, 0.85, "PASS")
+    assert target.name.startswith("16 clients, half the rows on four LoRA tasks")
 
 
 def test_scale_targets_hold_each_store_backend_to_its_bounds() -> None:

@@ -91,7 +91,7 @@ def test_targets_are_the_ratios_of_the_same_run(quick_run: tuple[int, Path]) -> 
     _, out = quick_run
     report = json.loads((out / "report.json").read_text())
     targets = {t["name"]: t for t in report["targets"]}
-    assert len(targets) == 27
+    assert len(targets) == 28
     tps = {name: s["tokens_per_s"] for name, s in report["baselines"].items()}
     mixed_vs_one = next(t for name, t in targets.items() if name.startswith("mixed tasks / one task"))
     assert mixed_vs_one["value"] == pytest.approx(tps["engine-mixed"] / tps["engine-one-task"])
@@ -137,9 +137,9 @@ def test_tables_are_written_as_csv_and_curves_as_plots(quick_run: tuple[int, Pat
         assert _png_size(out / f"curve-{name}.png") == (1000, 400)
     assert _png_size(out / "http.png") == (600, 400)
     text = (out / "report.md").read_text()
-    for title in ("**systems (same run)**", "**curve: cache-budget**", "**prefix memory", "**targets**"):
+    for title in ("**systems (same run)**", "**curve: cache-budget**", "**task memory", "**targets**"):
         assert title in text
-    assert text.count("| PASS |") + text.count("| FAIL |") == 27
+    assert text.count("| PASS |") + text.count("| FAIL |") == 28
     assert "| engine-soft-prompts |" in text and "**soft prompts: keys and values computed once" in text
     with (out / "long-prompts.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 11
@@ -193,6 +193,25 @@ def test_the_prompt_cache_section_measures_what_it_says(quick_run: tuple[int, Pa
     assert list(section["task_prefix"]) == [str(n) for n in spec.prefix_tokens]
     ttft = section["ttft"]
     assert ttft["ratio"] == pytest.approx(statistics.median(r["ratio"] for r in ttft["rounds"]))
+
+
+def test_the_lora_section_measures_what_it_says(quick_run: tuple[int, Path]) -> None:
+    _, out = quick_run
+    section = json.loads((out / "report.json").read_text())["lora"]
+    systems = section["systems"]
+    assert list(systems) == ["base", "lora-half", "prefix-half"]
+    assert {s["requests"] for s in systems.values()} == {QUICK["workload"].requests}
+    assert section["lora_over_base"] == pytest.approx(
+        statistics.median(
+            a / b
+            for a, b in zip(
+                systems["lora-half"]["runs_tokens_per_s"], systems["base"]["runs_tokens_per_s"], strict=True
+            )
+        )
+    )
+    # rank 16 on q (128 -> 128), k and v (128 -> 64), o (128 -> 128) of the tiny model's 2 layers, float32
+    assert section["lora_bytes"] == 2 * 16 * (256 + 2 * 192 + 256) * 4
+    assert section["prefix_bytes"] == section["prefix_tokens"] * 2 * 2 * 2 * 32 * 4
 
 
 def test_the_scale_section_measures_what_it_says(quick_run: tuple[int, Path]) -> None:

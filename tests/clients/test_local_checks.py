@@ -50,16 +50,21 @@ def test_upload_refuses_what_cannot_be_a_prefix(
     shutil.copy(peft_adapter / "adapter_model.safetensors", no_config)
     _refused(client, recorder, no_config, "no adapter_config.json")
 
-    lora = tmp_path / "lora"
-    shutil.copytree(peft_adapter, lora)
-    config = json.loads((lora / "adapter_config.json").read_text())
-    (lora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
+    adalora = tmp_path / "adalora"
+    shutil.copytree(peft_adapter, adalora)
+    config = json.loads((adalora / "adapter_config.json").read_text())
+    (adalora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "ADALORA"}))
     _refused(
         client,
         recorder,
-        lora,
-        "peft_type is 'LORA'; PrefixServe serves PREFIX_TUNING, PROMPT_TUNING, P_TUNING adapters only",
+        adalora,
+        "peft_type is 'ADALORA'; PrefixServe serves PREFIX_TUNING, PROMPT_TUNING, P_TUNING, LORA adapters only",
     )
+
+    lora = tmp_path / "lora"
+    shutil.copytree(peft_adapter, lora)
+    (lora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
+    _refused(client, recorder, lora, r"a LORA adapter holds '….lora_A.weight' and '….lora_B.weight' tensors")
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -117,12 +122,12 @@ def test_upload_refuses_what_cannot_be_a_prefix(
         (
             _safetensors(
                 {
-                    "__metadata__": {"kind": "lora"},
+                    "__metadata__": {"kind": "ia3"},
                     "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
                 },
                 b"\0" * 4,
             ),
-            "metadata kind 'lora' is neither 'prefix' nor 'soft_prompt'",
+            "metadata kind 'ia3' is not 'prefix', 'soft_prompt' or 'lora'",
         ),
     ],
 )

@@ -38,36 +38,36 @@ def _url(store: PrefixStore) -> str:
 
 
 def _kill_writers_at(url: str, plan: dict[str, tuple[str, int]], folder: Path) -> dict[str, str]:
-    """Start one writer per task (``task -> (point, seed)``), wait until each reports its point, kill -9
-    them all; return each task's first line (``AT <point>`` or ``ACK <version>``)."""
-    for task, (_, seed) in plan.items():
-        (folder / f"{task}.blob").write_bytes(make_blob(seed))
-    processes = {
-        task: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.prefix_store.crashing_writer",
-                url,
-                point,
-                str(folder / f"{task}.blob"),
-                task,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for task, (point, seed) in plan.items()
-    }
+    """Start one writer per task (``task -> (point, seed)``), in the plan's order, each once the one before
+    has reported its point (a writer stopped inside the tenant's usage lock holds it until it is killed:
+    one started after it would wait there for ever); kill -9 them all; return each task's first line
+    (``AT <point>`` or ``ACK <version>``)."""
     lines: dict[str, str] = {}
+    processes: list[subprocess.Popen[str]] = []
     try:
-        for task, process in processes.items():
+        for task, (point, seed) in plan.items():
+            (folder / f"{task}.blob").write_bytes(make_blob(seed))
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.prefix_store.crashing_writer",
+                    url,
+                    point,
+                    str(folder / f"{task}.blob"),
+                    task,
+                ],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            processes.append(process)
             assert process.stdout is not None
             lines[task] = process.stdout.readline().strip()
             if lines[task].startswith("ACK"):  # it stops right after acknowledging
                 assert process.stdout.readline().strip() == "AT acked"
     finally:
-        for process in processes.values():
+        for process in processes:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
     return lines
@@ -80,7 +80,7 @@ def test_killed_writers_leave_previous_versions_and_acknowledged_uploads_survive
     points = CRASH_POINTS[backend]
     previous = {point: put(store, "t", point, make_blob(10 + i))[0] for i, point in enumerate(points)}
     put(store, "t", "acked", make_blob(1))
-    plan = {point: (point, 20 + i) for i, point in enumerate(points)} | {"acked": ("acked", 2)}
+    plan = {"acked": ("acked", 2)} | {point: (point, 20 + i) for i, point in enumerate(points)}
 
     lines = _kill_writers_at(_url(store), plan, tmp_path)
 

@@ -225,9 +225,9 @@ def test_trailing_bytes_after_the_tensors_are_refused() -> None:
 
 def test_oversize_header_is_refused_with_413() -> None:
     prefix = random_prefix()
-    data = native_file(prefix.keys, prefix.values, padding="x" * (70 * 1024))
+    data = native_file(prefix.keys, prefix.values, padding="x" * (1024 * 1024 + 10))
 
-    refused(data, r"the safetensors header is \d+ bytes, over the limit of 65536 bytes", status=413)
+    refused(data, r"the safetensors header is \d+ bytes, over the limit of 1048576 bytes", status=413)
 
 
 def test_oversize_file_is_refused_with_413_before_parsing() -> None:

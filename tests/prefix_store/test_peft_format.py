@@ -260,21 +260,23 @@ def test_peft_greedy_tokens_stops_after_eos_and_needs_eval_mode(llama_adapter: P
 # --- adapter_config.json errors -----------------------------------------------------------------
 
 
-def test_a_real_lora_adapter_is_refused_naming_its_type(tmp_path: Path) -> None:
+def test_a_real_adalora_adapter_is_refused_naming_its_type(tmp_path: Path) -> None:
     lora = get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
     lora.save_pretrained(tmp_path)
+    config, model = read_adapter(tmp_path)
 
     refused(
-        *read_adapter(tmp_path),
-        r"adapter_config\.json is a 'LORA' adapter; only PEFT prompt-learning adapters are accepted "
-        r"\(PREFIX_TUNING, PROMPT_TUNING, P_TUNING\)",
+        json.dumps({**json.loads(config), "peft_type": "ADALORA"}).encode(),
+        model,
+        r"adapter_config\.json is a 'ADALORA' adapter; only PEFT prompt-learning and LoRA adapters are "
+        r"accepted \(PREFIX_TUNING, PROMPT_TUNING, P_TUNING, LORA\)",
     )
 
 
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"peft_type": None}, r"adapter_config\.json has no 'peft_type'; only PEFT prompt-learning"),
+        ({"peft_type": None}, r"adapter_config\.json has no 'peft_type'; only PEFT prompt-learning and LoRA"),
         ({"peft_type": "ADALORA"}, r"is a 'ADALORA' adapter"),
         (
             {"task_type": "SEQ_2_SEQ_LM"},

@@ -102,8 +102,8 @@ def _native(tensors: dict[str, torch.Tensor], **metadata: str) -> bytes:
         ),
         (_native({"embeddings": torch.zeros(3, 2, 64)}, kind="soft_prompt"), r"shape \[3, 2, 64\]"),
         (
-            _native({"embeddings": torch.zeros(3, WIDTH)}, kind="lora"),
-            r"metadata kind 'lora'; expected 'prefix' or 'soft_prompt'",
+            _native({"embeddings": torch.zeros(3, WIDTH)}, kind="ia3"),
+            r"metadata kind 'ia3'; expected 'prefix', 'soft_prompt' or 'lora'",
         ),
         (
             _native({"embeddings": torch.zeros(3, WIDTH)}),

@@ -1,7 +1,7 @@
 """What an upload sends, checked locally first as far as that is possible without torch.
 
-A native prefix or soft prompt is one ``.safetensors`` file; a PEFT adapter is a folder with
-``adapter_config.json`` (``peft_type`` ``PREFIX_TUNING``, ``PROMPT_TUNING`` or ``P_TUNING``) and
+A native prefix, soft prompt or LoRA task is one ``.safetensors`` file; a PEFT adapter is a folder with
+``adapter_config.json`` (``peft_type`` ``PREFIX_TUNING``, ``PROMPT_TUNING``, ``P_TUNING`` or ``LORA``) and
 ``adapter_model.safetensors``. Here we check the structure (the
 safetensors header, the config's type, the tensor names) so that common mistakes fail at once with a
 clear message; shapes, dtypes and values are checked against the base model by the server.
@@ -20,7 +20,7 @@ from ._exceptions import InvalidInputError
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_MODEL_NAME = "adapter_model.safetensors"
 _NATIVE_TENSORS = {"prefix": ("keys", "values"), "soft_prompt": ("embeddings",)}  # by metadata kind
-PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")  # the prompt-learning methods served
+PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "LORA")  # the methods served
 NATIVE_FORMAT = "prefix-serve/1"
 
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own bound
@@ -66,8 +66,14 @@ def _prepare_native_file(path: Path) -> PreparedUpload:
         )
     kind = metadata.get("kind", "prefix")
     expected = _NATIVE_TENSORS.get(kind)
-    if expected is None:
-        raise InvalidInputError(f"{path}: metadata kind {kind!r} is neither 'prefix' nor 'soft_prompt'")
+    if kind == "lora":
+        expected = ()
+        if not tensors or not all(name.endswith((".lora_A", ".lora_B")) for name in tensors):
+            raise InvalidInputError(
+                f"{path}: a native LoRA task holds '<module>.lora_A' and '<module>.lora_B' tensors only"
+            )
+    elif expected is None:
+        raise InvalidInputError(f"{path}: metadata kind {kind!r} is not 'prefix', 'soft_prompt' or 'lora'")
     missing = [name for name in expected if name not in tensors]
     if missing:
         raise InvalidInputError(
@@ -101,7 +107,13 @@ def _prepare_peft_folder(folder: Path) -> PreparedUpload:
         raise InvalidInputError(f"{folder}: no {PEFT_MODEL_NAME}{hint}")
     model_bytes = _read(model_path)
     tensors, _ = check_safetensors(model_bytes, str(model_path))
-    if "prompt_embeddings" not in tensors:
+    if peft_type == "LORA":
+        if not any(name.endswith((".lora_A.weight", ".lora_B.weight")) for name in tensors):
+            found = ", ".join(sorted(tensors)[:5]) or "none"
+            raise InvalidInputError(
+                f"{model_path}: a LORA adapter holds '….lora_A.weight' and '….lora_B.weight' tensors; found: {found}"
+            )
+    elif "prompt_embeddings" not in tensors:
         found = ", ".join(sorted(tensors)[:5]) or "none"
         raise InvalidInputError(
             f"{model_path}: a {peft_type} adapter holds the tensor 'prompt_embeddings'; found: {found}"

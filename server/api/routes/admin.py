@@ -41,7 +41,10 @@ _UPLOAD_BODY = {  # the multipart body upload_prefix reads itself (so that nothi
             "schema": {
                 "type": "object",
                 "properties": {
-                    "file": {**_BINARY, "description": "a native prefix or soft prompt (.safetensors)"},
+                    "file": {
+                        **_BINARY,
+                        "description": "a native prefix, soft prompt or LoRA task (.safetensors)",
+                    },
                     "adapter_config": {**_BINARY, "description": "a PEFT adapter_config.json"},
                     "adapter_model": {**_BINARY, "description": "a PEFT adapter_model.safetensors"},
                 },
@@ -121,8 +124,8 @@ async def upload_prefix(
 
 
 async def _decode_upload(state: AppState, form: FormData) -> tuple[Adapter, bytes, str]:
-    """The uploaded prefix or soft prompt, its native bytes and the format it came in; raises on anything
-    invalid."""
+    """The uploaded prefix, soft prompt or LoRA task, its native bytes and the format it came in; raises on
+    anything invalid."""
     file, config, model = form.get("file"), form.get("adapter_config"), form.get("adapter_model")
     geometry, limits = state.base.geometry, state.settings.prefix_limits.for_dtype(state.base.dtype)
     if isinstance(file, UploadFile) and config is None and model is None:
@@ -138,8 +141,8 @@ async def _decode_upload(state: AppState, form: FormData) -> tuple[Adapter, byte
         raise ApiError(
             400,
             "invalid_request",
-            "send multipart field 'file' (a native prefix or soft prompt) or both "
-            "'adapter_config' and 'adapter_model' (a PEFT PREFIX_TUNING, PROMPT_TUNING or P_TUNING adapter)",
+            "send multipart field 'file' (a native prefix, soft prompt or LoRA task) or both "
+            "'adapter_config' and 'adapter_model' (a PEFT PREFIX_TUNING, PROMPT_TUNING, P_TUNING or LORA adapter)",
         )
     adapter.to("cpu", state.base.dtype)  # refuse values the server's dtype cannot hold, before storing
     return adapter, blob, source_format
