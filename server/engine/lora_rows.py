@@ -36,8 +36,9 @@ class LoraRows:
     """Which packed tokens of a pass each distinct adapter owns."""
 
     adapters: tuple[LoraAdapter, ...]  # G distinct adapters, in the order of their first row
-    gather: torch.Tensor  # [G, S] packed token indices, each adapter's tokens then padding (index 0)
-    real: torch.Tensor  # [n] positions in the flattened [G * S] that are tokens, not padding
+    gather: torch.Tensor  # [G * S] packed token indices: each adapter's S, its tokens then padding (index 0)
+    width: int  # S, the most tokens any adapter has
+    real: torch.Tensor | None  # [n] positions in ``gather`` that are tokens, not padding; None: no padding
     targets: torch.Tensor  # [n] the packed index of each of those tokens
     segments: tuple[torch.Tensor, ...]  # per adapter, its packed token indices
     stacked: bool  # whether the stacked product is used (else one product pair per adapter)
@@ -68,8 +69,9 @@ class LoraRows:
         real = torch.tensor([g * width + k for g, t in enumerate(tokens) for k in range(len(t))])  # [n]
         return cls(
             adapters=tuple(owners),
-            gather=gather.to(device),
-            real=real.to(device),
+            gather=gather.view(-1).to(device),
+            width=width,
+            real=real.to(device) if kept < len(owners) * width else None,
             targets=gather.view(-1)[real].to(device),
             segments=tuple(torch.tensor(t, device=device) for t in tokens),
             stacked=len(owners) * width <= MAX_PADDING_FACTOR * kept,
@@ -162,12 +164,15 @@ def _add_updates(rows: LoraRows, stack: _Stack, x: torch.Tensor, output: torch.T
     flat_x = x.reshape(-1, x.shape[-1])  # [N, in]
     flat_out = output.view(-1, output.shape[-1])  # [N, out]
     if rows.stacked:
-        gathered = flat_x[rows.gather]  # [G, S, in]
+        gathered = flat_x.index_select(0, rows.gather).view(len(rows.adapters), rows.width, -1)  # [G, S, in]
         updates = torch.bmm(torch.bmm(gathered, stack.a), stack.b) * stack.scaling  # [G, S, out]
-        flat_out.index_add_(0, rows.targets, updates.view(-1, updates.shape[-1])[rows.real])
+        updates = updates.view(-1, updates.shape[-1])  # [G * S, out]
+        flat_out.index_add_(
+            0, rows.targets, updates if rows.real is None else updates.index_select(0, rows.real)
+        )
         return output
     for segment, module in zip(rows.segments, stack.modules, strict=True):
         if module is not None:
             a, b, scaling = module
-            flat_out.index_add_(0, segment, (flat_x[segment] @ a.T) @ b.T * scaling)
+            flat_out.index_add_(0, segment, (flat_x.index_select(0, segment) @ a.T) @ b.T * scaling)
     return output
