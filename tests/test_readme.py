@@ -133,6 +133,8 @@ def test_the_sdk_and_cli_examples_run_as_written(server_url: str, workdir: Path)
     ]
     listed = listing if isinstance(listing, list) else listing["prefixes"]
     assert "summarize" not in {p["task_id"] for p in listed}  # `rm` came before `ls --json`
+    peft_config = json.loads((workdir / "peft-copy" / "adapter_config.json").read_text())
+    assert peft_config["peft_type"] == "PREFIX_TUNING"  # `pull --peft`: the PEFT form
     report = json.loads((workdir / "bench-out" / "report.json").read_text())
     assert report["mode"] != "in-process"
 

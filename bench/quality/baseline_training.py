@@ -12,7 +12,7 @@ differs. It then writes what the server can serve:
   after them, so the frozen model run once on the prompt embeddings gives a deep prefix that conditions
   the prompt exactly as the soft prompt does (keys after the rotary embedding of positions ``0…P-1``;
   the prompt then takes positions ``P…``, as for a prefix). Also ``peft/``, PEFT's own adapter.
-- LoRA: ``model/``, the base with the adapter merged into its weights (a model folder to serve).
+- LoRA: ``peft/``, PEFT's own ``LORA`` adapter (unmerged), which uploads to the server as a task.
 - full fine-tuning: ``model/``, the trained model.
 
 And ``training.json``: trained parameters, steps, seconds, losses.
@@ -113,8 +113,10 @@ def export(model: torch.nn.Module, tokenizer, args: argparse.Namespace) -> None:
         (args.out / "prefix.safetensors").write_bytes(encode_native(soft_prompt_as_prefix(model), geometry))
         model.save_pretrained(args.out / "peft")
         return
-    served = model.merge_and_unload() if args.method == "lora" else model
-    served.save_pretrained(args.out / "model")
+    if args.method == "lora":
+        model.save_pretrained(args.out / "peft")
+        return
+    model.save_pretrained(args.out / "model")
     tokenizer.save_pretrained(args.out / "model")
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-# How the trained result is served: a task's prefix on the shared base model (one server for all of
-# them), its own model folder (a server of its own), or no training at all (the base model prompted).
-Served = Literal["prefix", "model", "prompted"]
+# How the trained result is served: a task on the shared base model (a prefix, soft prompt or LoRA: one
+# server for all of them), its own model folder (a server of its own), or no training at all (the base
+# model prompted).
+Served = Literal["task", "model", "prompted"]
 
 # Instruction for the prompted base model, and the text that prefix and prompt tuning start from
 # (real-word initialisation, Li & Liang §7.2): the same words for both.
@@ -30,6 +31,7 @@ class Method:
     label: str  # the table's name for it
     served: Served
     lr: float = 0.0  # peak AdamW learning rate (0: not trained)
+    upload: str = "prefix.safetensors"  # a task's file or folder in the training output, uploaded as it is
 
     def train_command(self, model: str, data: Path, out: Path, *, epochs: int, batch_size: int) -> list[str]:
         """The command that trains this method into ``out`` (``served`` says what it leaves there)."""
@@ -47,9 +49,9 @@ class Method:
 
 METHODS = (
     Method("prompted", "base model, instruction + 3 examples", "prompted"),
-    Method("prompt-tuning", "PEFT prompt tuning (10 tokens)", "prefix", lr=3e-2),
-    Method("prefix", "prefix-tuning, prefix-serve train (10 tokens)", "prefix", lr=5e-2),
-    Method("prefix-mlp", "prefix-tuning + MLP (--prefix-projection)", "prefix", lr=5e-4),
-    Method("lora", f"PEFT LoRA (r={LORA_RANK}, q/k/v/o)", "model", lr=1e-3),
+    Method("prompt-tuning", "PEFT prompt tuning (10 tokens)", "task", lr=3e-2),
+    Method("prefix", "prefix-tuning, prefix-serve train (10 tokens)", "task", lr=5e-2),
+    Method("prefix-mlp", "prefix-tuning + MLP (--prefix-projection)", "task", lr=5e-4),
+    Method("lora", f"PEFT LoRA (r={LORA_RANK}, q/k/v/o)", "task", lr=1e-3, upload="peft"),
     Method("full", "full fine-tuning", "model", lr=5e-5),
 )

@@ -4,9 +4,9 @@ Li & Liang (2021) report that prefix-tuning, learning 0.1% of the parameters, is
 fine-tuning on table-to-text with the full data set and better with little data. This run repeats that
 comparison on SmolLM2-135M-Instruct with an E2E-style data set (``e2e_data``): for each setting (full
 data; low data) every method of ``methods.METHODS`` is trained with the same step budget, then the test
-set is generated through the server — the base model and all prefix and soft-prompt tasks on one server,
-their requests in one stream so that batches mix tasks; each fine-tuned model folder on a server of its
-own — and scored with BLEU (sacrebleu, several references) and slot coverage. Writes ``quality.json``,
+set is generated through the server — the base model and all prefix, soft-prompt and LoRA tasks on one
+server, their requests in one stream so that batches mix tasks; the fully fine-tuned model folder on a
+server of its own — and scored with BLEU (sacrebleu, several references) and slot coverage. Writes ``quality.json``,
 ``quality.csv``, ``quality.md`` and ``quality.png`` to ``--out``.
 """
 
@@ -117,10 +117,10 @@ def evaluate_all(
         with Client(server.url) as client:
             for method in METHODS:
                 for setting in settings:
-                    if method.served == "prefix":
+                    if method.served == "task":
                         key = f"{method.name}/{setting.name}"
                         task = f"{method.name}-{setting.name}"
-                        client.upload_prefix(task, Path(runs[key]["out"]) / "prefix.safetensors")
+                        client.upload_prefix(task, Path(runs[key]["out"]) / method.upload)
                         shared.append(System(key, task_id=task))
         print(f"evaluating {len(shared)} systems on one server, {len(splits.test)} examples each", flush=True)
         _collect(evaluate(server.url, shared, splits.test), outputs, timings, "shared")

@@ -29,13 +29,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     push.set_defaults(handler=with_client(_push))
 
-    pull = commands.add_parser("pull", parents=remote, help="download a prefix as a native .safetensors file")
+    pull = commands.add_parser(
+        "pull",
+        parents=remote,
+        help="download a task as a native .safetensors file, or as a PEFT adapter folder",
+    )
     pull.add_argument("task_id", metavar="TASK_ID")
     pull.add_argument(
         "path",
         metavar="PATH",
         help="the file to write; an existing folder, or a path ending in '/', is a folder (created if "
-        "needed) that gets TASK_ID.safetensors",
+        "needed) that gets TASK_ID.safetensors; with --peft, the adapter folder to write",
+    )
+    pull.add_argument(
+        "--peft",
+        action="store_true",
+        help="write a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) instead",
     )
     pull.set_defaults(handler=with_client(_pull))
 
@@ -72,7 +81,7 @@ def _push(client: Client, args: argparse.Namespace) -> int:
 
 
 def _pull(client: Client, args: argparse.Namespace) -> int:
-    written = client.download_prefix(args.task_id, args.path)
+    written = client.download_prefix(args.task_id, args.path, peft=args.peft)
     if args.json:
         print_json({"task_id": args.task_id, "path": str(written)})
     else:

@@ -33,19 +33,22 @@ _CONFIG_OPTIONS = (
     "init_text",
     "init_std",
     "max_steps",
+    "lora_r",
+    "lora_alpha",
+    "target_modules",
 )
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
-        help="train a prefix (prefix tuning) or a soft prompt (prompt tuning) on the frozen base model, "
-        "export it, optionally push it",
+        help="train a prefix (prefix tuning), a soft prompt (prompt tuning) or a LoRA on the frozen base "
+        "model, export it, optionally push it",
         description=(
-            "Train a prefix (Li & Liang, 2021), or with --method prompt-tuning a soft prompt (Lester et al., "
-            "2021), with the base model frozen. FILE.jsonl holds one "
+            "Train a prefix (Li & Liang, 2021), with --method prompt-tuning a soft prompt (Lester et al., "
+            "2021), or with --method lora a LoRA (Hu et al., 2021), with the base model frozen. FILE.jsonl holds one "
             '{"prompt": str, "completion": str} per line; the loss is on completion tokens only. Writes '
-            "DIR/prefix.safetensors (native), DIR/peft/ (a PEFT PREFIX_TUNING adapter, or PROMPT_TUNING), "
+            "DIR/prefix.safetensors (native), DIR/peft/ (a PEFT PREFIX_TUNING adapter, or PROMPT_TUNING, or LORA), "
             "DIR/training.json and DIR/checkpoint.safetensors (per epoch; --resume continues from it)."
         ),
     )
@@ -69,10 +72,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     hyper.add_argument(
         "--method",
         choices=METHODS,
-        help="what is learned: prefix (keys and values in every layer) or prompt-tuning (a soft prompt: "
+        help="what is learned: prefix (keys and values in every layer), prompt-tuning (a soft prompt: "
         "input embeddings before the prompt, initialised from the embeddings of --init-text's tokens, "
         "else of tokens sampled from the vocabulary, as PEFT's TEXT and SAMPLE_VOCAB; exported as a PEFT "
-        "PROMPT_TUNING adapter) (default: prefix)",
+        "PROMPT_TUNING adapter) or lora (low-rank updates of the projections, PEFT's LoraConfig: A "
+        "Kaiming-uniform, B zero; exported as a PEFT LORA adapter) (default: prefix)",
+    )
+    hyper.add_argument("--lora-r", type=int, help="--method lora: the rank of every update (default: 8)")
+    hyper.add_argument(
+        "--lora-alpha", type=float, help="--method lora: updates are scaled by alpha / r (default: 16)"
+    )
+    hyper.add_argument(
+        "--target-modules",
+        type=_names,
+        metavar="NAME[,NAME...]",
+        help="--method lora: the projections to adapt, as PEFT's target_modules (a module whose path is a "
+        "NAME or ends in .NAME), e.g. q_proj,v_proj (default: every projection of the attention blocks)",
     )
     hyper.add_argument(
         "--num-virtual-tokens",
@@ -161,6 +176,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--api-key", help="an admin key of the tenant (default: env PREFIX_SERVE_API_KEY, else none)"
     )
     train.set_defaults(handler=_train)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(","))
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,7 @@ from prefix_store.lora import LoraAdapter
 
 # a stacked product may compute up to this many times the tokens it keeps (padding), else by adapter
 MAX_PADDING_FACTOR = 2
+_Hook = Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class LoraProjections:
             for handle in handles:
                 handle.remove()
 
-    def _hook(self, rows: LoraRows, stacks: dict[str, _Stack], name: str):
+    def _hook(self, rows: LoraRows, stacks: dict[str, _Stack], name: str) -> _Hook:
         def add_updates(
             _module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
         ) -> torch.Tensor:
@@ -161,6 +162,7 @@ def _stack(adapters: Sequence[LoraAdapter], name: str) -> _Stack:
 def _add_updates(rows: LoraRows, stack: _Stack, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """``output`` (the projection's ``[1, N, out]`` over packed inputs ``x`` ``[1, N, in]``) with each LoRA
     token's update added in place: ``scaling · (x A^T) B^T``, as PEFT's ``lora_B(lora_A(x)) * scaling``."""
+    output = output if output.is_contiguous() else output.contiguous()
     flat_x = x.reshape(-1, x.shape[-1])  # [N, in]
     flat_out = output.view(-1, output.shape[-1])  # [N, out]
     if rows.stacked:

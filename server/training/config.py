@@ -7,11 +7,28 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 LrSchedule = Literal["constant", "linear"]
-Method = Literal["prefix", "prompt-tuning"]
-METHODS: tuple[Method, ...] = ("prefix", "prompt-tuning")
+Method = Literal["prefix", "prompt-tuning", "lora"]
+METHODS: tuple[Method, ...] = ("prefix", "prompt-tuning", "lora")
 
 # Options of the prefix method alone: a soft prompt has no projection MLP and starts from token embeddings.
 PREFIX_ONLY = ("prefix_projection", "projection_hidden", "init_std")
+# Options of the virtual-token methods (a LoRA adds no tokens), and of the LoRA method alone.
+VIRTUAL_TOKEN_ONLY = ("num_virtual_tokens", "init_text")
+LORA_ONLY = ("lora_r", "lora_alpha", "target_modules")
+_METHOD_OPTIONS = (  # options, the methods they belong to, why another method refuses them
+    (
+        PREFIX_ONLY,
+        ("prefix",),
+        "options of the prefix method only (a soft prompt has no projection MLP and starts from token "
+        "embeddings; a LoRA has no prefix)",
+    ),
+    (
+        VIRTUAL_TOKEN_ONLY,
+        ("prefix", "prompt-tuning"),
+        "options of the virtual-token methods (a LoRA adds no tokens)",
+    ),
+    (LORA_ONLY, ("lora",), "options of the lora method only"),
+)
 
 # A run that gives no warm-up warms up over a tenth of its steps, at most this many: long runs keep the
 # old fixed 10 steps, short ones still reach the peak learning rate (4 steps: no warm-up at all).
@@ -25,7 +42,7 @@ RESUMABLE_CHANGES = frozenset({"epochs", "max_steps"})
 class TrainConfig:
     """Hyperparameters of a training run. Defaults suit small tasks on the demo model."""
 
-    method: Method = "prefix"  # what is learned: a prefix (keys, values per layer) or a soft prompt
+    method: Method = "prefix"  # what is learned: a prefix (keys, values per layer), a soft prompt or a LoRA
     num_virtual_tokens: int = 20  # P: prefix length per layer, or the soft prompt's
     epochs: int = 3  # passes over the training data (the total, counting resumed epochs)
     lr: float = 1e-2  # peak learning rate of AdamW
@@ -40,9 +57,13 @@ class TrainConfig:
     init_text: str | None = None  # from the frozen model's K/V (soft prompt: embeddings) of this text
     init_std: float = 1.0  # std of a random prefix (PEFT's nn.Embedding default)
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimiser steps in total
+    lora_r: int = 8  # --method lora: the rank of every update
+    lora_alpha: float = 16.0  # --method lora: the updates are scaled by lora_alpha / lora_r
+    # --method lora: projections by name, as PEFT's target_modules list (None: the attention projections)
+    target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        positive = ("num_virtual_tokens", "epochs", "batch_size", "projection_hidden")
+        positive = ("num_virtual_tokens", "epochs", "batch_size", "projection_hidden", "lora_r")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -62,14 +83,15 @@ class TrainConfig:
             raise ValueError("init_text must not be empty")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method == "prompt-tuning":
-            defaults = {field.name: field.default for field in fields(self)}
-            changed = [name for name in PREFIX_ONLY if getattr(self, name) != defaults[name]]
-            if changed:
-                raise ValueError(
-                    f"{', '.join(changed)}: options of the prefix method only (a soft prompt has no projection "
-                    "MLP and starts from token embeddings); leave them out with method prompt-tuning"
-                )
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
+        if self.target_modules is not None and not all(name.strip() for name in self.target_modules):
+            raise ValueError("target_modules must name projections (no empty names)")
+        defaults = {field.name: field.default for field in fields(self)}
+        for options, owners, why in _METHOD_OPTIONS:  # given to another method, they would be ignored
+            changed = [name for name in options if getattr(self, name) != defaults[name]]
+            if self.method not in owners and changed:
+                raise ValueError(f"{', '.join(changed)}: {why}; leave them out with method {self.method}")
 
     def steps_per_epoch(self, num_examples: int) -> int:
         return math.ceil(num_examples / self.batch_size)
@@ -87,7 +109,10 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainConfig:
         known = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        values = {key: value for key, value in data.items() if key in known}
+        if values.get("target_modules") is not None:
+            values["target_modules"] = tuple(values["target_modules"])  # JSON keeps a list
+        return cls(**values)
 
 
 def default_warmup_steps(total_steps: int) -> int:

@@ -41,6 +41,7 @@ from server.training.errors import CheckpointError, TrainingError
 from server.training.export import NATIVE_NAME, PEFT_DIR_NAME, export_adapter, write_summary
 from server.training.init_text import init_text_token_ids, prefix_from_text
 from server.training.loop import PrefixTrainer, build_optimizer
+from server.training.lora_params import build_trainable_lora
 from server.training.model_facts import ModelFacts
 from server.training.prefix_params import build_trainable_prefix
 from server.training.sizes import prefix_parameter_count
@@ -77,7 +78,7 @@ class RunResult:
     config: TrainConfig
     state: TrainState
     finished: bool  # all epochs done (False: stopped by max_steps; resume to continue)
-    adapter: Adapter  # the exported prefix or soft prompt (--method prompt-tuning), float32 on the CPU
+    adapter: Adapter  # the exported prefix, soft prompt (--method prompt-tuning) or LoRA, float32 on the CPU
     native_path: Path  # out_dir/prefix.safetensors
     peft_dir: Path  # out_dir/peft
     summary: dict[str, Any]  # what out_dir/training.json holds
@@ -164,7 +165,7 @@ def _tokenize(file: RecordFile, model: ModelFacts, config: TrainConfig) -> Datas
     return tokenize_records(
         file,
         model.tokenizer,
-        num_virtual_tokens=config.num_virtual_tokens,
+        num_virtual_tokens=0 if config.method == "lora" else config.num_virtual_tokens,
         max_positions=model.max_positions,
     )
 
@@ -273,8 +274,16 @@ def _check_identity(saved: RunIdentity, current: RunIdentity) -> None:
 
 
 def _trained_params(base: BaseModel, config: TrainConfig, *, fresh: bool) -> TrainedParams:
-    """The run's trained parameters (the method's prefix or soft prompt) on the model's device; initialised
-    from ``--init-text`` only for a fresh run (a resumed one is overwritten by its checkpoint)."""
+    """The run's trained parameters (the method's prefix, soft prompt or LoRA) on the model's device;
+    initialised from ``--init-text`` only for a fresh run (a resumed one is overwritten by its checkpoint)."""
+    if config.method == "lora":
+        try:
+            lora = build_trainable_lora(
+                base, config.target_modules, rank=config.lora_r, alpha=config.lora_alpha, seed=config.seed
+            )
+        except ValueError as exc:
+            raise TrainingError(f"--target-modules: {exc}") from None
+        return lora.to(device=base.device, dtype=torch.float32)
     init_ids = None
     if fresh and config.init_text is not None:
         init_ids = init_text_token_ids(base.tokenizer, config.init_text, config.num_virtual_tokens)
@@ -305,8 +314,12 @@ def _summary(
     threads: int,
 ) -> dict[str, Any]:
     config, train, evaluation = run.config, run.train, run.evaluation
-    # the keys and values served: a soft prompt is served as the prefix its virtual tokens leave
-    prefix_parameters = prefix_parameter_count(base.geometry, config.num_virtual_tokens)
+    # the numbers served: a soft prompt is served as the prefix its virtual tokens leave, a LoRA as itself
+    prefix_parameters = (
+        module.num_trainable_parameters
+        if config.method == "lora"
+        else prefix_parameter_count(base.geometry, config.num_virtual_tokens)
+    )
     base_parameters = sum(p.numel() for p in base.model.parameters())
     return {
         "model": run.paths.model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from bench.quality.baseline_training import main as train_baseline
 from bench.quality.baseline_training import right_padded
 from prefix_store.formats.limits import PrefixLimits
 from prefix_store.formats.source import load_prefix_source
+from prefix_store.lora import LoraAdapter
 from server.engine.base_model import load_base_model
 from server.engine.generation import generate
 from server.training.data import Example
@@ -64,10 +66,28 @@ def test_a_soft_prompt_served_as_a_prefix_matches_peft(
     assert results[0].token_ids != results[2].token_ids  # the soft prompt changed what the model says
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_a_fine_tuned_model_is_saved_as_a_servable_folder(
-    method: str, demo_model_dir: Path, data: Path, tmp_path: Path
+def test_a_lora_is_saved_as_a_peft_adapter_the_engine_serves_as_peft_runs_it(
+    demo_model_dir: Path, data: Path, tmp_path: Path
 ) -> None:
+    summary = _train("lora", demo_model_dir, data, tmp_path)
+    base = load_base_model(demo_model_dir, device="cpu", dtype="float32")
+    original = sum(p.numel() for p in base.model.parameters())
+    assert 0 < summary["trainable_parameters"] < original // 10
+    lora, source_format = load_prefix_source(tmp_path / "peft", base.geometry, PrefixLimits())
+    assert source_format == "peft" and isinstance(lora, LoraAdapter)
+    assert {name.rsplit(".", 1)[-1] for name in lora.modules} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    rows = [replace(request_for(base, f"lora-{i}", p, None), lora=lora) for i, p in enumerate(PROMPTS)]
+    results = generate(base, [*rows, request_for(base, "bare", PROMPTS[0], None)])
+    reference = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype="float32").eval()
+    peft_model = PeftModel.from_pretrained(reference, tmp_path / "peft").eval()
+    for row, result in zip(rows, results, strict=False):
+        assert result.token_ids == peft_greedy_tokens(peft_model, list(row.prompt_ids), 12)
+
+
+def test_a_fine_tuned_model_is_saved_as_a_servable_folder(
+    demo_model_dir: Path, data: Path, tmp_path: Path
+) -> None:
+    method = "full"
     summary = _train(method, demo_model_dir, data, tmp_path)
     trained = load_base_model(tmp_path / "model", device="cpu", dtype="float32")
     original = load_base_model(demo_model_dir, device="cpu", dtype="float32")
@@ -79,11 +99,7 @@ def test_a_fine_tuned_model_is_saved_as_a_servable_folder(
         if not torch.equal(new, old)
     }
     assert changed, "training changed no weight"
-    if method == "lora":  # merged into the attention projections, nothing else
-        assert all(name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for name in changed)
-        assert summary["trainable_parameters"] < sum(p.numel() for p in original.model.parameters()) // 10
-    else:
-        assert summary["trainable_parameters"] == sum(p.numel() for p in original.model.parameters())
+    assert summary["trainable_parameters"] == sum(p.numel() for p in original.model.parameters())
 
 
 def request_for(base, request_id: str, prompt: str, prefix):

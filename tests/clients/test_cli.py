@@ -3,6 +3,7 @@ exit codes and one-line errors."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sys
@@ -97,6 +98,13 @@ def test_push_ls_generate_pull_rm(
     code, out, _ = _run(capsys, "pull", "summarize", str(tmp_path / "copy.bin"), *admin, "--json")
     assert (code, json.loads(out)) == (0, {"task_id": "summarize", "path": str(tmp_path / "copy.bin")})
     assert (tmp_path / "copy.bin").read_bytes() == pulled.read_bytes()
+    code, out, _ = _run(capsys, "pull", "summarize", str(tmp_path / "as-peft"), *admin, "--peft")
+    assert (code, out) == (0, f"saved summarize to {tmp_path / 'as-peft'}\n")
+    config = json.loads((tmp_path / "as-peft" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["num_virtual_tokens"]) == ("PREFIX_TUNING", 6)
+    code, out, _ = _run(capsys, "push", "round-trip", str(tmp_path / "as-peft"), *admin, "--json")
+    assert code == 0 and json.loads(out)["sha256"] == hashlib.sha256(pulled.read_bytes()).hexdigest()
+    assert _run(capsys, "rm", "round-trip", *admin)[0] == 0
 
     assert _run(capsys, "rm", "summarize", *admin) == (0, "deleted summarize\n", "")
     code, out, _ = _run(capsys, "rm", "native-task", *admin, "--if-match", pushed["version"], "--json")

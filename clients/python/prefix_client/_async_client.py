@@ -89,9 +89,11 @@ class AsyncClient(BaseClient):
         """See ``Client.get_prefix``."""
         return await self._call(_base.get_prefix(task_id))
 
-    async def download_prefix(self, task_id: str, path: str | os.PathLike[str]) -> Path:
+    async def download_prefix(
+        self, task_id: str, path: str | os.PathLike[str], *, peft: bool = False
+    ) -> Path:
         """See ``Client.download_prefix``."""
-        return await self._call(_base.download_prefix(task_id, path))
+        return await self._call(_base.download_prefix(task_id, path, peft=peft))
 
     async def delete_prefix(self, task_id: str, *, if_match: str | None = None) -> None:
         """See ``Client.delete_prefix``."""

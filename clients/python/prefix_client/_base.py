@@ -5,9 +5,11 @@ operations (and sleep between retries) in their own way; everything else is here
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,12 +194,22 @@ def get_prefix(task_id: str) -> Operation[PrefixInfo]:
     )
 
 
-def download_prefix(task_id: str, path: str | os.PathLike[str]) -> Operation[Path]:
+def download_prefix(task_id: str, path: str | os.PathLike[str], *, peft: bool = False) -> Operation[Path]:
     """``GET /v1/admin/prefixes/{task_id}/download``, written to ``path``; returns the path written.
 
-    ``path`` is a folder, created if needed, that gets ``<task_id>.safetensors`` when it is an existing
-    folder or ends in a separator (``backup/``); otherwise it is the file to write."""
+    Native: ``path`` is a folder, created if needed, that gets ``<task_id>.safetensors`` when it is an
+    existing folder or ends in a separator (``backup/``); otherwise it is the file to write. With ``peft``:
+    ``path`` is the PEFT adapter folder to write (created if needed), ``adapter_config.json`` and
+    ``adapter_model.safetensors`` in it."""
     validate_task_id(task_id)
+    if peft:
+        return Operation(
+            "GET",
+            f"/v1/admin/prefixes/{task_id}/download",
+            lambda response: _write_peft_folder(Path(path), response.content),
+            params={"format": "peft"},
+            headers=_task_header(task_id),
+        )
     target = _download_target(task_id, path)
     return Operation(
         "GET",
@@ -205,6 +217,18 @@ def download_prefix(task_id: str, path: str | os.PathLike[str]) -> Operation[Pat
         lambda response: _write_atomically(target, response.content),
         headers=_task_header(task_id),
     )
+
+
+_PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _write_peft_folder(folder: Path, archive: bytes) -> Path:
+    """The two files of a PEFT adapter archive written into ``folder``; any other member is ignored (names
+    are never taken from the archive as paths)."""
+    with zipfile.ZipFile(io.BytesIO(archive)) as members:
+        for name in _PEFT_FILES:
+            _write_atomically(folder / name, members.read(name))
+    return folder
 
 
 def _download_target(task_id: str, path: str | os.PathLike[str]) -> Path:

@@ -105,10 +105,11 @@ class Client(BaseClient):
         """One prefix of the tenant (``NotFoundError`` if there is none)."""
         return self._call(_base.get_prefix(task_id))
 
-    def download_prefix(self, task_id: str, path: str | os.PathLike[str]) -> Path:
-        """Save the current version as a native prefix file at ``path``, or as ``<task_id>.safetensors``
-        in the folder ``path`` when it is one or ends in ``/`` (created if needed); returns the file."""
-        return self._call(_base.download_prefix(task_id, path))
+    def download_prefix(self, task_id: str, path: str | os.PathLike[str], *, peft: bool = False) -> Path:
+        """Save the current version as a native file at ``path``, or as ``<task_id>.safetensors`` in the
+        folder ``path`` when it is one or ends in ``/`` (created if needed); returns the file. With ``peft``,
+        as a PEFT adapter folder at ``path`` (``PeftModel.from_pretrained`` loads it); returns the folder."""
+        return self._call(_base.download_prefix(task_id, path, peft=peft))
 
     def delete_prefix(self, task_id: str, *, if_match: str | None = None) -> None:
         """Delete a prefix (only if its current version is ``if_match``, when given)."""

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import zipfile
 from datetime import UTC, datetime
-from typing import Annotated, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from starlette.datastructures import FormData, UploadFile
 
 from prefix_store.formats.native import decode_native, encode_native
-from prefix_store.formats.peft import decode_peft
+from prefix_store.formats.peft import decode_peft, encode_peft
 from prefix_store.soft_prompt import Adapter, kind_of
 from prefix_store.storage.names import validate_task_id
 from prefix_store.storage.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PrefixRecord
@@ -195,24 +197,46 @@ async def get_prefix(task_id: TaskIdPath, state: StateDep, who: CallerDep) -> Pr
     response_class=Response,
     responses={
         200: {
-            "description": "the native .safetensors bytes",
-            "content": {"application/octet-stream": {"schema": _BINARY}},
+            "description": "format=native: the stored .safetensors bytes; format=peft: a zip archive of a PEFT "
+            "adapter folder (adapter_config.json, adapter_model.safetensors)",
+            "content": {
+                "application/octet-stream": {"schema": _BINARY},
+                "application/zip": {"schema": _BINARY},
+            },
             "headers": {"ETag": {"description": "the version, quoted", "schema": {"type": "string"}}},
         },
         **error_responses(400, 404, 422),
     },
 )
-async def download_prefix(task_id: TaskIdPath, state: StateDep, who: CallerDep) -> Response:
+async def download_prefix(
+    task_id: TaskIdPath,
+    state: StateDep,
+    who: CallerDep,
+    format: Annotated[
+        Literal["native", "peft"],
+        Query(description="native (the stored file) or peft (a PEFT adapter, zipped)"),
+    ] = "native",
+) -> Response:
     record = await asyncio.to_thread(state.store.head, who.tenant, validate_task_id(task_id))
     blob = await asyncio.to_thread(state.store.get_blob, record)
-    return Response(
-        blob,
-        media_type="application/octet-stream",
-        headers={
-            "Content-Disposition": f'attachment; filename="{task_id}.safetensors"',
-            "ETag": f'"{record.version}"',
-        },
-    )
+    headers = {"ETag": f'"{record.version}"'}
+    if format == "native":
+        headers["Content-Disposition"] = f'attachment; filename="{task_id}.safetensors"'
+        return Response(blob, media_type="application/octet-stream", headers=headers)
+    archive = await asyncio.to_thread(_peft_archive, state, blob)
+    headers["Content-Disposition"] = f'attachment; filename="{task_id}.zip"'
+    return Response(archive, media_type="application/zip", headers=headers)
+
+
+def _peft_archive(state: AppState, blob: bytes) -> bytes:
+    """A stored task as a zipped PEFT adapter folder (``PrefixValidationError`` where it has no PEFT form)."""
+    geometry, limits = state.base.geometry, state.settings.prefix_limits.for_dtype(state.base.dtype)
+    files = encode_peft(decode_native(blob, geometry, limits), geometry, state.base.model_id)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in sorted(files.items()):
+            archive.writestr(name, content)
+    return buffer.getvalue()
 
 
 @router.delete("/{task_id}", status_code=204, responses=error_responses(400, 404, 412, 422))

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from peft import PeftModel
+from prefix_client import Client
 from transformers import AutoModelForCausalLM
 
 from prefix_store.formats.native import encode_native
@@ -94,6 +95,13 @@ def test_a_peft_lora_serves_pefts_tokens_lists_as_lora_and_downloads_as_a_native
     )
     assert copy.json()["sha256"] == body["sha256"]  # the same content: the same blob
     assert _generate(server, "lora-copy")["token_ids"] == expected
+
+    with Client(str(server.base_url)) as client:  # the PEFT form, through the SDK: PEFT loads it as it is
+        folder = client.download_prefix("lora-task", tmp_path / "back", peft=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert _peft_tokens(llama_base, demo_model_dir, folder) == expected
+    again = server.put("/v1/admin/prefixes/lora-back", files=_files(folder))
+    assert again.status_code == 201 and again.json()["sha256"] == body["sha256"]
 
 
 def test_a_task_hot_swaps_between_a_prefix_and_a_lora_without_reusing_cached_blocks(

@@ -1,7 +1,7 @@
 """Decoder families beyond the suite's Llama, GPT-2 and Qwen2, each a tiny random model built here: every
 case of a family in one mixed batch (rows with PEFT prefixes of different lengths, with a PEFT soft prompt
-(PROMPT_TUNING) and base rows, prompts of different lengths), each row's greedy tokens equal to PEFT's
-forward loop. The sliding-window families
+(PROMPT_TUNING), with a PEFT LoRA on every projection the model has, and base rows, prompts of different
+lengths), each row's greedy tokens equal to PEFT's forward loop. The sliding-window families
 have windows shorter than prefix + prompt + output, so a local layer's window leaves the prefix (PEFT's
 semantics: the model's own mask over the prefix slots at cache positions 0…P-1)."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ from transformers.models.qwen3_next import Qwen3NextConfig
 
 from prefix_store.formats.limits import PrefixLimits
 from prefix_store.formats.source import load_prefix_source
+from prefix_store.lora import LoraAdapter
 from prefix_store.soft_prompt import SoftPrompt
 from server.demo_model import build_demo_tokenizer
 from server.engine.base_model import BaseModel, load_base_model
@@ -51,7 +53,12 @@ from server.engine.generation import generate
 from server.engine.model_support import UnsupportedModel, check_attention_layout
 from server.engine.paged_attention import use_paged_attention
 from server.engine.soft_prompts import soft_prompt_prefix
-from testing.peft_reference import make_peft_adapter, make_peft_soft_prompt, peft_greedy_tokens
+from testing.peft_reference import (
+    make_peft_adapter,
+    make_peft_lora,
+    make_peft_soft_prompt,
+    peft_greedy_tokens,
+)
 from tests.server.engine.helpers import request
 
 PREFIX_LENGTHS = (3, 9)  # one inside the smallest window, one longer than it
@@ -203,13 +210,17 @@ def test_a_mixed_batch_equals_pefts_forward_loop(family: tuple[BaseModel, Path],
     made.append(
         make_peft_soft_prompt(fresh(), tmp_path / "soft", num_virtual_tokens=SOFT_PROMPT_LENGTH, seed=40)
     )
+    made.append(make_peft_lora(fresh(), tmp_path / "lora", target_modules=_lora_targets(base), r=4, seed=50))
     for adapter in made:
         loaded, _ = load_prefix_source(adapter, base.geometry, PrefixLimits())
-        prefix = soft_prompt_prefix(base, loaded) if isinstance(loaded, SoftPrompt) else loaded
+        conditioning = {
+            "prefix": soft_prompt_prefix(base, loaded) if isinstance(loaded, SoftPrompt) else loaded
+        }
+        if isinstance(loaded, LoraAdapter):
+            conditioning = {"prefix": None, "lora": loaded}
         for j, prompt in enumerate(PROMPTS):
-            cases.append(
-                (adapter, request(base, f"{adapter.name}-{j}", prompt, prefix, max_new_tokens=NEW_TOKENS))
-            )
+            plain = request(base, f"{adapter.name}-{j}", prompt, max_new_tokens=NEW_TOKENS)
+            cases.append((adapter, replace(plain, **conditioning)))
     cases += [
         (None, request(base, f"base-{j}", prompt, max_new_tokens=NEW_TOKENS))
         for j, prompt in enumerate(PROMPTS)
@@ -220,6 +231,16 @@ def test_a_mixed_batch_equals_pefts_forward_loop(family: tuple[BaseModel, Path],
         reference = PeftModel.from_pretrained(model, adapter).eval() if adapter is not None else model
         want = _greedy(reference, list(engine_request.prompt_ids))
         assert result.token_ids == want, engine_request.request_id
+
+
+def _lora_targets(base: BaseModel) -> str:
+    """Every projection of the model, as one expression of exact paths; on a model with fused MoE experts
+    (3-D parameters), the attention projections: there PEFT maps MLP names onto the experts' parameters too
+    (``target_parameters``), which the server refuses."""
+    projections = base.geometry.projections
+    if any(parameter.dim() == 3 for parameter in base.model.parameters()):
+        projections = tuple(p for p in projections if any("attn" in part for part in p.name.split(".")))
+    return "(?:" + "|".join(re.escape(p.name) for p in projections) + ")"
 
 
 def _greedy(model: torch.nn.Module, prompt_ids: list[int]) -> list[int]:

@@ -154,7 +154,7 @@ def test_the_cli_writes_both_outputs(demo_model_dir: Path, data: Path, tmp_path:
 def test_the_cli_refuses_an_unknown_method(demo_model_dir: Path, data: Path, tmp_path: Path, capsys) -> None:
     argv = ["train", "--model", str(demo_model_dir), "--data", str(data), "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exited:
-        main([*argv, "--method", "lora"])
+        main([*argv, "--method", "ia3"])
     assert exited.value.code == 2
-    assert "argument --method: invalid choice: 'lora'" in capsys.readouterr().err
+    assert "argument --method: invalid choice: 'ia3'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
