@@ -26,6 +26,7 @@ from server.benchmark.tables import (
 
 REPORT_FILES = (
     "report.json",
+    "roofline.json",
     "report.md",
     "baselines.csv",
     "curve-*.csv",
@@ -79,6 +80,9 @@ def write_report(report: Mapping[str, Any], out_dir: Path, *, plots: bool = True
         written.append(_write_csv(out_dir / "store.csv", store_rows(report["store"])))
     if report.get("memory"):
         written.append(_write_csv(out_dir / "memory.csv", report["memory"]))
+    if report.get("roofline"):
+        written.append(out_dir / "roofline.json")
+        written[-1].write_text(json.dumps(report["roofline"], indent=2))
     if report.get("targets"):
         written.append(_write_csv(out_dir / "targets.csv", report["targets"]))
     return written

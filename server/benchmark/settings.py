@@ -91,7 +91,20 @@ SECTIONS = (
     "encoder-decoder",
     "store",
     "memory",
+    "roofline",
 )
+
+
+@dataclass(frozen=True)
+class RooflineSpec:
+    """The ``roofline`` section's runs (``server.benchmark.roofline``)."""
+
+    batches: tuple[int, ...] = (1, 16, 64)
+    prompt_tokens: int = 128
+    prefix_tokens: int = 24  # rows' prefixes: 0, a third, two thirds and all of it, in turn
+    warmup_steps: int = 3
+    steps: int = 16  # decode steps timed per batch (the median counts)
+    copy_mib: int = 256  # the device-to-device copy that measures the bandwidth
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,7 @@ class BenchSettings:
     long_prompts: LongPromptSpec = field(default_factory=LongPromptSpec)
     prompt_cache: PromptCacheSpec = field(default_factory=PromptCacheSpec)
     scale: ScaleSpec = field(default_factory=ScaleSpec)
+    roofline: RooflineSpec = field(default_factory=RooflineSpec)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -144,4 +158,7 @@ QUICK = {  # `--quick`: every section on a tiny model in well under a minute (a 
     ),
     "scale": ScaleSpec(tasks=300, batch=100, requests=16, startup_tasks=600, startup_tenants=3),
     "prompt_cache": PromptCacheSpec(rows=4, system_tokens=200, turn_tokens=12, new_tokens=4, chat_turns=3),
+    "roofline": RooflineSpec(
+        batches=(1, 4), prompt_tokens=16, prefix_tokens=6, warmup_steps=1, steps=4, copy_mib=16
+    ),
 }

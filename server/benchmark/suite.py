@@ -23,6 +23,7 @@ from server.benchmark.models import build_model
 from server.benchmark.over_http import http_vs_in_process
 from server.benchmark.prompt_cache import prompt_cache
 from server.benchmark.remote import RemoteTarget, measure_server, requests_per_point
+from server.benchmark.roofline import roofline
 from server.benchmark.scale import scale
 from server.benchmark.settings import BenchSettings
 from server.benchmark.store_costs import measure_stores
@@ -93,6 +94,8 @@ def run_in_process(settings: BenchSettings, log: Log) -> dict[str, Any]:
             )
     if "memory" in sections:
         report["memory"] = _memory(settings)
+    if "roofline" in sections:
+        report["roofline"] = roofline(base, settings, log)
     report["targets"] = [target.to_json() for target in evaluate(report, settings.concurrency)]
     return report
 

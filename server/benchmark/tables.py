@@ -111,6 +111,8 @@ def report_tables(report: Mapping[str, Any]) -> list[ReportTable]:
         tables.append(_lora(report["lora"]))
     if report.get("memory"):
         tables.append(_memory(report["memory"]))
+    if report.get("roofline"):
+        tables.append(_roofline(report["roofline"]))
     if report.get("targets"):
         rows = [
             [
@@ -174,6 +176,19 @@ def _lora(section: Mapping[str, Any]) -> ReportTable:
         ["system", *SUMMARY_COLUMNS],
         rows,
     )
+
+
+def _roofline(section: Mapping[str, Any]) -> ReportTable:
+    """Decode steps against the memory-bandwidth floor."""
+    rows = [
+        [number(r["batch"]), number(r["step_ms"]), number(r["floor_ms"]), f"{r['fraction']:.3f}"]
+        for r in section["rows"]
+    ]
+    title = (
+        f"roofline: decode steps on {section['device']} ({section['geometry']}, {section['dtype']}; "
+        f"{section['bandwidth_gbps']:.1f} GB/s copy bandwidth, {size(section['weight_bytes'])} of weights)"
+    )
+    return ReportTable(title, ["batch", "step ms", "floor ms", "floor / step"], rows)
 
 
 def _memory(rows: Sequence[Mapping[str, Any]]) -> ReportTable:

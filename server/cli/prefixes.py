@@ -44,7 +44,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     pull.add_argument(
         "--peft",
         action="store_true",
-        help="write a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) instead",
+        help="write a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) instead "
+        "(default: a native .safetensors file)",
     )
     pull.set_defaults(handler=with_client(_pull))
 

@@ -17,7 +17,8 @@ from prefix_store.cache.registry import PrefixHandle, PrefixRegistry
 from prefix_store.errors import InvalidName, PrefixCacheFull, PrefixNotFound, PrefixValidationError
 from prefix_store.formats.limits import PrefixLimits
 from prefix_store.formats.native import encode_native
-from prefix_store.geometry import ModelGeometry
+from prefix_store.geometry import ModelGeometry, Projection
+from prefix_store.lora import LoraAdapter, LoraModule
 from prefix_store.prefix import Prefix
 from prefix_store.soft_prompt import SoftPrompt
 from prefix_store.storage.filesystem import FileStore
@@ -442,3 +443,70 @@ def test_a_soft_prompt_is_encoded_once_per_load_into_the_prefix_its_rows_attend_
         pytest.raises(PrefixValidationError, match="is a soft prompt, and this cache cannot encode one"),
     ):
         plain.acquire("acme", "soft")
+
+
+LORA_GEOMETRY = replace(
+    GEOMETRY,
+    projections=(
+        Projection("layers.0.q", 8, 8),
+        Projection("layers.0.v", 8, 4),
+        Projection("layers.1.q", 8, 8),
+    ),
+)
+
+
+def _lora_blob(seed: int, rank: int = 2) -> tuple[bytes, LoraAdapter]:
+    generator = torch.Generator().manual_seed(seed)
+    modules = {
+        p.name: LoraModule(
+            torch.randn(rank, p.in_features, generator=generator),
+            torch.randn(p.out_features, rank, generator=generator),
+            alpha=4.0,
+        )
+        for p in LORA_GEOMETRY.projections
+    }
+    lora = LoraAdapter(modules)
+    return encode_native(lora, LORA_GEOMETRY), lora
+
+
+def test_lora_tasks_are_held_budgeted_evicted_and_hot_swapped_like_prefixes(
+    store: GatedStore, make_registry: Callable[..., PrefixRegistry]
+) -> None:
+    """A LoRA task is pinned as itself (no prefix), charged its bytes in the model dtype, evicted when the
+    budget needs room, served from the host tier after an eviction, and swaps to and from a prefix."""
+    (one, lora_one), (two, _) = _lora_blob(1), _lora_blob(2)
+    lora_bytes = lora_one.nbytes // 2  # bfloat16 on the device
+    for task, blob in (("one", one), ("two", two)):
+        store.put("acme", task, blob, num_virtual_tokens=0, source_format="native", kind="lora")
+    registry = PrefixRegistry(
+        store,
+        LORA_GEOMETRY,
+        device="cpu",
+        dtype=torch.bfloat16,
+        limits=PrefixLimits(),
+        budget_bytes=PREFIX_BYTES // 2,  # one LoRA task (176 bytes) or one prefix (256), not two
+        host_budget_bytes=4 * lora_bytes,
+    )
+    try:
+        handle = registry.acquire("acme", "one")
+        assert handle.prefix is None and handle.num_virtual_tokens == 0 and handle.record.kind == "lora"
+        assert isinstance(handle.lora, LoraAdapter) and set(handle.lora.modules) == set(lora_one.modules)
+        module = handle.lora.modules["layers.0.v"]
+        assert module.a.dtype == torch.bfloat16 and module.alpha == 4.0
+        torch.testing.assert_close(module.b, lora_one.modules["layers.0.v"].b.to(torch.bfloat16))
+        assert registry.stats().resident_bytes == lora_bytes
+        with pytest.raises(PrefixCacheFull):  # "one" is pinned and the budget holds one LoRA
+            registry.acquire("acme", "two")
+        registry.release(handle)
+        registry.release(registry.acquire("acme", "two"))  # evicts "one"
+        reads = store.blob_reads
+        registry.release(registry.acquire("acme", "one"))  # back from the host tier, not the store
+        assert store.blob_reads == reads and registry.stats().evictions == 2
+
+        put(store, "acme", "one", make_blob(3))  # hot swap to a prefix (the GEOMETRY's)
+        registry.reconcile()
+        swapped = registry.acquire("acme", "one")
+        assert swapped.lora is None and swapped.prefix is not None and swapped.record.kind == "prefix"
+        registry.release(swapped)
+    finally:
+        registry.close()
