@@ -1,5 +1,6 @@
 """The device registry: ``acquire(tenant, task_id)`` pins a device-resident prefix of the task's current
-version; ``release`` gives the pin back. The engine calls ``acquire`` from a worker thread when it admits
+version (or a LoRA task's weights, held by the same rules: ``PrefixHandle.value``); ``release`` gives the
+pin back. The engine calls ``acquire`` from a worker thread when it admits
 a request and ``release`` exactly once when the request ends, however it ends.
 
 - **Version check on every acquire**: the task's small record is read first, so an acquire that starts

@@ -81,6 +81,11 @@ def test_a_peft_lora_serves_pefts_tokens_lists_as_lora_and_downloads_as_a_native
     expected = _peft_tokens(llama_base, demo_model_dir, adapter)
     answer = _generate(server, "lora-task")
     assert answer["token_ids"] == expected and answer["prefix_version"] == body["version"]
+    completion = server.post(  # the OpenAI route names the task as its model
+        "/v1/completions",
+        json={"model": "lora-task", "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0},
+    ).json()
+    assert completion["choices"][0]["text"] == answer["text"]
     assert answer["usage"]["prompt_tokens"] == len(llama_base.tokenizer(PROMPT).input_ids)
 
     page = server.get("/v1/admin/prefixes").json()
