@@ -24,6 +24,7 @@ import torch
 from hypothesis import strategies as st
 
 from hardening.prefixes import lora_files, peft_files, random_lora, random_prefix
+from prefix_store.formats.lora_format import PEFT_PREFIX
 from prefix_store.formats.native import encode_native
 from prefix_store.formats.peft import ADAPTER_CONFIG_NAME, ADAPTER_MODEL_NAME
 from prefix_store.geometry import ModelGeometry
@@ -340,7 +341,11 @@ def lora_catalogue(geometry: ModelGeometry) -> list[HostileUpload]:
     """LoRA tasks that are not plain low-rank updates of this model's projections, PEFT and native."""
     files = lora_files(geometry)
     config, model = json.loads(files[ADAPTER_CONFIG_NAME]), files[ADAPTER_MODEL_NAME]
-    tensors = dict(safetensors.torch.load(model))
+    tensors = {  # the adapter model's tensors, from the adapter lora_files wrote (nothing read back)
+        f"{PEFT_PREFIX}{name}.lora_{part}.weight": weight
+        for name, module in random_lora(geometry).modules.items()
+        for part, weight in (("A", module.a), ("B", module.b))
+    }
     first = sorted(tensors)[0]  # base_model.model.<module>.lora_A.weight
 
     def with_config(**changes: Any) -> bytes:
